@@ -1,0 +1,1 @@
+"""The asyncio daemon: one module per concern, composed in node.daemon."""

@@ -1,0 +1,491 @@
+"""The only module that imports trio or libp2p: a libp2p host in its own trio thread.
+
+The asyncio side awaits ``Libp2pBridge`` methods; each one runs a small trio
+function in the host's nursery and settles an asyncio future with the result.
+Gossip is pumped from trio subscriptions into bounded asyncio queues, and
+inbound streams are handed to asyncio handlers as ``FramedStream`` objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import struct
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import multiaddr
+import trio
+
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+
+T = TypeVar("T")
+log = logging.getLogger("p2p_node.libp2p")
+
+GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.2.0"), TProtocol("/meshsub/1.1.0")]
+_FRAME_HEADER = struct.Struct(">I")
+
+
+class BridgeError(RuntimeError):
+    """A libp2p operation failed; ``str()`` says which and why."""
+
+
+class StreamClosed(BridgeError):
+    """The remote end closed or reset the stream before a whole frame arrived."""
+
+
+class FrameTooLarge(BridgeError):
+    """The peer announced a frame above the reader's limit."""
+
+
+@dataclass(frozen=True)
+class GossipSettings:
+    degree: int = 6
+    degree_low: int = 4
+    degree_high: int = 12
+    heartbeat_interval_s: float = 1.0
+    max_message_bytes: int = 64 * 1024
+    inbound_queue: int = 4096
+
+
+@dataclass(frozen=True)
+class GossipMessage:
+    topic: str
+    data: bytes
+    source: str
+
+
+@dataclass
+class BridgeStats:
+    gossip_dropped_full_queue: int = 0
+    handler_errors: int = 0
+    dials_failed: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+StreamHandler = Callable[["FramedStream"], Awaitable[None]]
+
+
+class FramedStream:
+    """A libp2p stream carrying length-prefixed frames, driven from asyncio."""
+
+    def __init__(self, bridge: Libp2pBridge, stream: Any, peer_id: str) -> None:
+        self._bridge = bridge
+        self._stream = stream
+        self.peer_id = peer_id
+
+    async def write_frame(self, payload: bytes, timeout: float) -> None:
+        data = _FRAME_HEADER.pack(len(payload)) + payload
+        await self._bridge.call(self._stream.write, data, timeout=timeout)
+
+    async def read_frame(self, max_size: int, timeout: float) -> bytes:
+        return await self._bridge.call(_read_frame, self._stream, max_size, timeout=timeout)
+
+    async def close(self) -> None:
+        await self._bridge.call(_close_quietly, self._stream, timeout=5.0)
+
+    async def reset(self) -> None:
+        await self._bridge.call(_reset_quietly, self._stream, timeout=5.0)
+
+
+async def _read_exactly(stream: Any, size: int) -> bytes:
+    parts: list[bytes] = []
+    remaining = size
+    while remaining:
+        try:
+            part = await stream.read(remaining)
+        except Exception as exc:  # StreamEOF, StreamReset, connection errors: all mean "gone"
+            raise StreamClosed(f"stream ended: {type(exc).__name__}") from None
+        if not part:
+            raise StreamClosed("stream ended")
+        parts.append(part)
+        remaining -= len(part)
+    return b"".join(parts)
+
+
+async def _read_frame(stream: Any, max_size: int) -> bytes:
+    (size,) = _FRAME_HEADER.unpack(await _read_exactly(stream, _FRAME_HEADER.size))
+    if size > max_size:
+        raise FrameTooLarge(f"frame of {size} bytes > limit {max_size}")
+    return await _read_exactly(stream, size) if size else b""
+
+
+async def _close_quietly(stream: Any) -> None:
+    try:
+        await stream.close()
+    except Exception:  # closing an already-reset stream is not an error worth surfacing
+        pass
+
+
+async def _reset_quietly(stream: Any) -> None:
+    try:
+        await stream.reset()
+    except Exception:
+        pass
+
+
+class Libp2pBridge:
+    """A libp2p host (noise + yamux, gossipsub, optional Kademlia and mDNS) in a trio thread."""
+
+    def __init__(
+        self,
+        key_seed: bytes,
+        listen: list[str],
+        *,
+        announce: list[str] | None = None,
+        gossip: GossipSettings = GossipSettings(),
+        kademlia: bool = True,
+        mdns: bool = False,
+    ) -> None:
+        self._key_pair = create_new_key_pair(key_seed)
+        self.peer_id = ID.from_pubkey(self._key_pair.public_key).to_base58()
+        self._listen = [multiaddr.Multiaddr(a) for a in listen]
+        self._announce = [multiaddr.Multiaddr(a) for a in (announce or [])]
+        self._gossip_settings = gossip
+        self._kademlia = kademlia
+        self._mdns = mdns
+        self.stats = BridgeStats()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self._host: Any = None
+        self._pubsub: Pubsub | None = None
+        self._dht: KadDHT | None = None
+        self._stop_event: trio.Event | None = None
+        self._handlers: dict[str, StreamHandler] = {}
+        self.done: asyncio.Future[None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Start the trio thread and wait until the host listens; raise BridgeError if it cannot."""
+        self._loop = asyncio.get_running_loop()
+        self.done = self._loop.create_future()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._thread_main, args=(ready,), name="libp2p-trio", daemon=True
+        )
+        self._thread.start()
+        try:
+            await asyncio.wait_for(asyncio.shield(ready), timeout)
+        except TimeoutError:
+            raise BridgeError(f"libp2p host did not start within {timeout:.0f} s") from None
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop the host and wait for the trio thread to finish its cleanup."""
+        if self._thread is None:
+            return
+        token, stop_event = self._token, self._stop_event
+        if token is not None and stop_event is not None:
+            try:
+                token.run_sync_soon(stop_event.set)
+            except trio.RunFinishedError:
+                pass
+        thread = self._thread
+        await asyncio.to_thread(thread.join, timeout)
+        if thread.is_alive():
+            log.warning("libp2p thread did not stop within %.1f s", timeout)
+        self._thread = None
+
+    def _thread_main(self, ready: asyncio.Future[None]) -> None:
+        assert self._loop is not None and self.done is not None
+        loop, done = self._loop, self.done
+        error: BaseException | None = None
+        try:
+            trio.run(self._trio_main, ready)
+        except BaseException as exc:  # anything that ends the run is reported, never swallowed
+            error = exc
+
+        def settle() -> None:
+            if not ready.done():
+                ready.set_exception(BridgeError(f"libp2p host failed to start: {error!r}"))
+            if not done.done():
+                if error is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(BridgeError(f"libp2p trio run ended: {error!r}"))
+
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(settle)
+
+    async def _trio_main(self, ready: asyncio.Future[None]) -> None:
+        settings = self._gossip_settings
+        host = new_host(
+            key_pair=self._key_pair,
+            sec_opt={
+                TProtocol(NOISE_PROTOCOL_ID): NoiseTransport(
+                    self._key_pair, noise_privkey=create_new_x25519_key_pair().private_key
+                )
+            },
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+            listen_addrs=self._listen,
+            announce_addrs=self._announce or None,
+            enable_mDNS=self._mdns,
+        )
+        gossipsub = GossipSub(
+            protocols=GOSSIP_PROTOCOLS,
+            degree=settings.degree,
+            degree_low=settings.degree_low,
+            degree_high=settings.degree_high,
+            heartbeat_interval=settings.heartbeat_interval_s,  # type: ignore[arg-type]
+            heartbeat_initial_delay=0.1,
+            # The library's spam guard also throttles our own publishes (LIBP2P_NOTES.md);
+            # the daemon rate-limits by record validation and per-peer counters instead.
+            spam_protection_enabled=False,
+        )
+        pubsub = Pubsub(host, gossipsub, strict_signing=True, max_inbound_rpc_size=settings.max_message_bytes * 4)
+        self._host, self._pubsub = host, pubsub
+        self._stop_event = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+        async with host.run(listen_addrs=self._listen), trio.open_nursery() as nursery:
+            self._nursery = nursery
+            async with background_trio_service(pubsub), background_trio_service(gossipsub):
+                await pubsub.wait_until_ready()
+                if self._kademlia:
+                    self._dht = KadDHT(host, DHTMode.SERVER)
+                    async with background_trio_service(self._dht):
+                        self._signal_ready(ready)
+                        await self._stop_event.wait()
+                else:
+                    self._signal_ready(ready)
+                    await self._stop_event.wait()
+            nursery.cancel_scope.cancel()
+
+    def _signal_ready(self, ready: asyncio.Future[None]) -> None:
+        assert self._loop is not None
+
+        def settle() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        self._loop.call_soon_threadsafe(settle)
+
+    # ---- calling into trio -----------------------------------------------------------
+
+    async def call(self, afn: Callable[..., Awaitable[T]], *args: Any, timeout: float) -> T:
+        """Run ``afn(*args)`` in the trio thread with a deadline; cancelling this cancels it."""
+        if self._token is None or self._nursery is None or self._loop is None:
+            raise BridgeError("libp2p host is not running")
+        loop, nursery = self._loop, self._nursery
+        future: asyncio.Future[T] = loop.create_future()
+        holder: dict[str, trio.CancelScope] = {}
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+        async def runner() -> None:
+            with trio.move_on_after(timeout) as cancel_scope:
+                holder["scope"] = cancel_scope
+                try:
+                    result = await afn(*args)
+                except BridgeError as exc:
+                    loop.call_soon_threadsafe(settle, None, exc)
+                    return
+                except trio.Cancelled:
+                    raise
+                except Exception as exc:
+                    loop.call_soon_threadsafe(
+                        settle, None, BridgeError(f"{getattr(afn, '__name__', 'call')}: {exc!r}")
+                    )
+                    return
+                loop.call_soon_threadsafe(settle, result, None)
+                return
+            loop.call_soon_threadsafe(
+                settle, None, TimeoutError(f"{getattr(afn, '__name__', 'call')} timed out after {timeout} s")
+            )
+
+        try:
+            self._token.run_sync_soon(nursery.start_soon, runner)
+        except trio.RunFinishedError:
+            raise BridgeError("libp2p host has stopped") from None
+        try:
+            return await future
+        except asyncio.CancelledError:
+            cancel_scope = holder.get("scope")
+            if cancel_scope is not None:
+                try:
+                    self._token.run_sync_soon(cancel_scope.cancel)
+                except trio.RunFinishedError:
+                    pass
+            raise
+
+    def _to_asyncio(self, coro: Awaitable[None]) -> concurrent.futures.Future[None]:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+
+    # ---- host ------------------------------------------------------------------------
+
+    def listen_addrs(self) -> list[str]:
+        """Addresses other peers can dial, each ending in ``/p2p/<our id>``."""
+        if self._host is None:
+            return []
+        addrs = self._host.get_addrs()
+        return [str(a) if "/p2p/" in str(a) else f"{a}/p2p/{self.peer_id}" for a in addrs]
+
+    def connected_peers(self) -> list[str]:
+        if self._host is None:
+            return []
+        return sorted(p.to_base58() for p in self._host.get_connected_peers())
+
+    async def connect(self, address: str, timeout: float) -> str:
+        """Dial a ``/…/p2p/<id>`` multiaddr; return the peer id."""
+        info = info_from_p2p_addr(multiaddr.Multiaddr(address))
+        try:
+            await self.call(self._connect, info, timeout=timeout)
+        except (BridgeError, TimeoutError):
+            self.stats.dials_failed += 1
+            raise
+        return info.peer_id.to_base58()
+
+    async def connect_peer(self, peer_id: str, addresses: list[str], timeout: float) -> None:
+        info = PeerInfo(ID.from_base58(peer_id), [multiaddr.Multiaddr(a) for a in addresses])
+        try:
+            await self.call(self._connect, info, timeout=timeout)
+        except (BridgeError, TimeoutError):
+            self.stats.dials_failed += 1
+            raise
+
+    async def _connect(self, info: PeerInfo) -> None:
+        await self._host.connect(info)
+        if self._dht is not None:
+            await self._dht.add_peer(info.peer_id)
+
+    async def disconnect(self, peer_id: str, timeout: float = 5.0) -> None:
+        await self.call(self._host.disconnect, ID.from_base58(peer_id), timeout=timeout)
+
+    def known_peer_addrs(self) -> dict[str, list[str]]:
+        """Peers the peerstore knows addresses for (from the DHT, mDNS, identify)."""
+        if self._host is None:
+            return {}
+        store = self._host.get_peerstore()
+        found: dict[str, list[str]] = {}
+        for peer in store.peers_with_addrs():
+            if peer.to_base58() == self.peer_id:
+                continue
+            found[peer.to_base58()] = [str(a) for a in store.addrs(peer)]
+        return found
+
+    async def refresh_routing(self, timeout: float = 10.0) -> None:
+        """Run one Kademlia routing-table refresh so peers known to our peers become known to us."""
+        if self._dht is not None:
+            await self.call(self._dht.refresh_routing_table, timeout=timeout)
+
+    # ---- gossip ----------------------------------------------------------------------
+
+    async def subscribe(self, topic: str) -> asyncio.Queue[GossipMessage]:
+        """Subscribe to ``topic``; messages arrive on the returned bounded queue (drops counted)."""
+        assert self._loop is not None
+        queue: asyncio.Queue[GossipMessage] = asyncio.Queue(self._gossip_settings.inbound_queue)
+        await self.call(self._subscribe, topic, queue, timeout=10.0)
+        return queue
+
+    async def _subscribe(self, topic: str, queue: asyncio.Queue[GossipMessage]) -> None:
+        assert self._pubsub is not None and self._nursery is not None
+        subscription = await self._pubsub.subscribe(topic)
+        self._nursery.start_soon(self._pump, subscription, topic, queue)
+
+    async def _pump(self, subscription: Any, topic: str, queue: asyncio.Queue[GossipMessage]) -> None:
+        assert self._loop is not None
+        loop = self._loop
+
+        def deliver(message: GossipMessage) -> None:
+            try:
+                queue.put_nowait(message)
+            except asyncio.QueueFull:
+                self.stats.gossip_dropped_full_queue += 1
+
+        while True:
+            message = await subscription.get()
+            try:
+                source = ID(message.from_id).to_base58()
+            except Exception:
+                source = ""
+            loop.call_soon_threadsafe(deliver, GossipMessage(topic, bytes(message.data), source))
+
+    async def publish(self, topic: str, data: bytes, timeout: float = 5.0) -> None:
+        if len(data) > self._gossip_settings.max_message_bytes:
+            raise BridgeError(f"gossip payload of {len(data)} bytes is over the limit")
+        assert self._pubsub is not None
+        await self.call(self._pubsub.publish, topic, data, timeout=timeout)
+
+    def mesh_peers(self, topic: str) -> list[str]:
+        if self._pubsub is None:
+            return []
+        peers = self._pubsub.peer_topics.get(topic, set())
+        return sorted(p.to_base58() for p in peers)
+
+    # ---- streams ---------------------------------------------------------------------
+
+    async def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        """Serve ``protocol``: each inbound stream runs ``handler`` on the asyncio loop."""
+        self._handlers[protocol] = handler
+        await self.call(self._set_handler, protocol, timeout=5.0)
+
+    async def _set_handler(self, protocol: str) -> None:
+        self._host.set_stream_handler(TProtocol(protocol), self._make_trio_handler(protocol))
+
+    def _make_trio_handler(self, protocol: str) -> Callable[[Any], Awaitable[None]]:
+        async def handle(stream: Any) -> None:
+            # An exception escaping a libp2p stream handler ends the whole trio run,
+            # host included (LIBP2P_NOTES.md): nothing may leave this function.
+            try:
+                peer = stream.muxed_conn.peer_id.to_base58()
+                handler = self._handlers[protocol]
+                finished = trio.Event()
+                token = trio.lowlevel.current_trio_token()
+                future = self._to_asyncio(handler(FramedStream(self, stream, peer)))
+                future.add_done_callback(lambda _f: _run_sync_soon_quietly(token, finished.set))
+                try:
+                    await finished.wait()
+                except trio.Cancelled:
+                    future.cancel()
+                    raise
+                error = future.exception() if not future.cancelled() else None
+                if error is not None:
+                    self.stats.handler_errors += 1
+                    log.warning("stream handler for %s failed: %r", protocol, error)
+            except trio.Cancelled:
+                raise
+            except Exception as exc:
+                self.stats.handler_errors += 1
+                log.warning("stream handler for %s failed: %r", protocol, exc)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await _close_quietly(stream)
+
+        return handle
+
+    async def open_stream(self, peer_id: str, protocol: str, timeout: float) -> FramedStream:
+        stream = await self.call(
+            self._host.new_stream, ID.from_base58(peer_id), [TProtocol(protocol)], timeout=timeout
+        )
+        return FramedStream(self, stream, peer_id)
+
+
+def _run_sync_soon_quietly(token: trio.lowlevel.TrioToken, fn: Callable[[], None]) -> None:
+    try:
+        token.run_sync_soon(fn)
+    except trio.RunFinishedError:
+        pass
