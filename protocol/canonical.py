@@ -17,6 +17,8 @@ from protocol.errors import Invalid
 
 DEFAULT_MAX_SIZE = 64 * 1024
 MAX_DEPTH = 16
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
 
 
 class CanonicalError(Invalid):
@@ -35,6 +37,8 @@ class Limits:
 def _normalise(value: Any, depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise CanonicalError("too_deep", f"nesting deeper than {MAX_DEPTH}")
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT_MIN <= value <= _INT_MAX:
+        raise CanonicalError("int_range", "integers must fit in 64 bits")
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
         return value
     if isinstance(value, (bytearray, memoryview)):

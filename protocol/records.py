@@ -79,7 +79,9 @@ def validate_record(
     largest = max((k.max_size for k in kinds.values()), default=MAX_RECORD_SIZE)
     if len(data) > largest:
         raise Invalid("oversized", f"{len(data)} bytes")
-    value = canonical.decode(data, canonical.Limits(max_size=largest))
+    value = canonical.decode(
+        data, canonical.Limits(max_size=largest, max_str_len=largest, max_bin_len=largest)
+    )
     if not isinstance(value, list) or len(value) != 7:
         raise Invalid("malformed", "envelope is not a 7-element array")
     kind, version, record_swarm, author, created_ms, body, signature = value

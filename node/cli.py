@@ -1,0 +1,187 @@
+"""The ``p2p-node`` command line: start a peer, inspect a running one, make keys and configs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from node.config import Config, load_config, render_starter_config
+from node.config_schema import ConfigError, parse_set_options
+from node.keys import KeyFileError, load_or_create_key, read_key, write_key
+from protocol.identity import SigningKey
+
+DEFAULT_URL = "http://127.0.0.1:8470"
+EXIT_USAGE = 2
+
+# Flags that are shorthands for --set, because they are what people reach for first.
+FLAG_KEYS = {
+    "data_dir": "node.data_dir",
+    "log_level": "node.log_level",
+    "listen": "network.listen",
+    "bootstrap": "swarm.bootstrap",
+    "swarm": "swarm.name",
+    "status_port": "status.port",
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p2p-node", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    start = commands.add_parser("start", help="run a peer until SIGINT/SIGTERM")
+    start.add_argument("--config", "-c", default=os.environ.get("P2P_NODE_CONFIG"), help="TOML config file")
+    start.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
+    start.add_argument("--data-dir", dest="data_dir")
+    start.add_argument("--log-level", dest="log_level")
+    start.add_argument("--listen", help="comma-separated listen multiaddrs")
+    start.add_argument("--bootstrap", help="comma-separated bootstrap multiaddrs")
+    start.add_argument("--swarm", help="swarm name")
+    start.add_argument("--status-port", dest="status_port")
+
+    check = commands.add_parser("check-config", help="load a config and print it resolved, or the error")
+    check.add_argument("--config", "-c", default=os.environ.get("P2P_NODE_CONFIG"))
+    check.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+    init = commands.add_parser("init-config", help="write a commented starter config")
+    init.add_argument("path", nargs="?", default="-", help="file to write (default: stdout)")
+
+    keygen = commands.add_parser("keygen", help="create (or show) a peer identity key")
+    keygen.add_argument("--data-dir", help="create <dir>/identity.key if missing and print its peer id")
+    keygen.add_argument("--out", help="write a new key to this file (refuses to overwrite)")
+
+    for name, text in (("status", "show a running peer's status"), ("peers", "list a running peer's peer table")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--url", default=os.environ.get("P2P_NODE_URL", DEFAULT_URL))
+
+    swarm = commands.add_parser("swarm", help="run a local swarm of N peers on 127.0.0.1")
+    swarm.add_argument("--peers", type=int, default=3)
+    swarm.add_argument("--dir", default="./swarm-data", help="data directories and configs go here")
+    swarm.add_argument("--base-port", type=int, default=4101, help="libp2p port of the first peer")
+    swarm.add_argument("--status-port", type=int, default=8471, help="status port of the first peer")
+    swarm.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    overrides = {}
+    for attr, key in FLAG_KEYS.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            overrides[key] = str(value)
+    overrides.update(parse_set_options(args.set))
+    return overrides
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config, _overrides(args))
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from node.logs import configure_logging
+
+    configure_logging(config.node.log_level, config.node.log_format)
+    import uvloop
+
+    from node.daemon import Node
+
+    return uvloop.run(Node(config).run())
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(render_starter_config(config), end="")
+    return 0
+
+
+def _cmd_init_config(args: argparse.Namespace) -> int:
+    text = render_starter_config()
+    if args.path == "-":
+        print(text, end="")
+    else:
+        path = Path(args.path)
+        if path.exists():
+            print(f"p2p-node: {path} exists; not overwriting", file=sys.stderr)
+            return 1
+        path.write_text(text)
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    if args.out:
+        path = Path(args.out)
+        if path.exists():
+            print(f"p2p-node: {path} exists; not overwriting (its peer id: {read_key(path).peer_id})", file=sys.stderr)
+            return 1
+        key = SigningKey.generate()
+        write_key(path, key)
+    else:
+        key = load_or_create_key(Path(args.data_dir or "./data"))
+    print(key.peer_id)
+    return 0
+
+
+def fetch_json(url: str, timeout: float = 10.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.load(response)
+
+
+def _cmd_get(args: argparse.Namespace, path: str) -> int:
+    url = args.url.rstrip("/") + path
+    try:
+        print(json.dumps(fetch_json(url), indent=2))
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"p2p-node: cannot reach {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_swarm(args: argparse.Namespace) -> int:
+    from node.local_swarm import run_local_swarm
+
+    return run_local_swarm(
+        peers=args.peers,
+        base_dir=Path(args.dir),
+        base_port=args.base_port,
+        status_port=args.status_port,
+        overrides=parse_set_options(args.set),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "start":
+            return _cmd_start(args)
+        if args.command == "check-config":
+            return _cmd_check_config(args)
+        if args.command == "init-config":
+            return _cmd_init_config(args)
+        if args.command == "keygen":
+            return _cmd_keygen(args)
+        if args.command == "status":
+            return _cmd_get(args, "/status")
+        if args.command == "peers":
+            return _cmd_get(args, "/peers")
+        if args.command == "swarm":
+            return _cmd_swarm(args)
+    except ConfigError as exc:
+        print(f"p2p-node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyFileError as exc:
+        print(f"p2p-node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The node's configuration: every TOML section and key, with its default, help and checks.
+
+Precedence, lowest first: field defaults, the TOML file, ``P2P_NODE_<SECTION>_<KEY>``
+environment variables, ``--set section.key=value`` pairs (see node.config_schema).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from node.config_schema import (
+    ConfigError,
+    describe,
+    load_schema,
+    parse_set_options,
+    reference_table,
+    render_toml,
+    setting,
+)
+from protocol.errors import Invalid
+from protocol.identity import public_key_from_peer_id
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "config_reference",
+    "load_config",
+    "parse_set_options",
+    "render_starter_config",
+]
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LogFormat = Literal["auto", "console", "json"]
+
+
+# ---------------------------------------------------------------- value checks
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be 0 or greater"
+
+
+def _port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be a port number from 0 to 65535"
+
+
+def _multiaddrs(values: tuple[str, ...]) -> str | None:
+    for value in values:
+        if not value.startswith("/"):
+            return f"{describe(value)} is not a multiaddr (it must start with \"/\")"
+    return None
+
+
+def _peer_ids(values: tuple[str, ...]) -> str | None:
+    for value in values:
+        try:
+            public_key_from_peer_id(value)
+        except Invalid:
+            return f"{describe(value)} is not an ed25519 libp2p peer id (12D3KooW...)"
+    return None
+
+
+def _topic_safe(value: str) -> str | None:
+    if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        return None
+    return "must be 1-64 characters from A-Z, a-z, 0-9, '.', '_' and '-' (it names gossip topics)"
+
+
+# ---------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    """This peer: its name, where it keeps its files and how it logs."""
+
+    name: str = setting("", "Human-readable name shown in status and logs; empty uses the short peer id.")
+    data_dir: str = setting(
+        "./data",
+        "Directory for the identity key, content store and state (relative to the working directory).",
+    )
+    key_file: str = setting(
+        "",
+        "Path of the ed25519 identity key; empty means <data_dir>/identity.key, created on first start.",
+    )
+    log_level: LogLevel = setting("info", "Lowest level logged: debug, info, warning, error or critical.")
+    log_format: LogFormat = setting(
+        "auto",
+        "Log rendering: console (human), json (one object per line) or auto (console on a terminal).",
+    )
+
+
+@dataclass(frozen=True)
+class SwarmSection:
+    """Which swarm this peer belongs to and who else is in it."""
+
+    name: str = setting(
+        "default",
+        "Swarm name; namespaces the gossip topics so that swarms never mix.",
+        check=_topic_safe,
+    )
+    bootstrap: tuple[str, ...] = setting(
+        (),
+        "Multiaddrs (ending in /p2p/<peer id>) dialled at start to join the swarm.",
+        check=_multiaddrs,
+    )
+    members: tuple[str, ...] = setting(
+        (),
+        "Peer ids allowed to publish records; empty means an open swarm.",
+        check=_peer_ids,
+    )
+    operators: tuple[str, ...] = setting(
+        (),
+        "Peer ids whose signed rollback records pin the canonical head.",
+        check=_peer_ids,
+    )
+
+
+@dataclass(frozen=True)
+class NetworkSection:
+    """Transports, addresses and peer discovery."""
+
+    listen: tuple[str, ...] = setting(
+        ("/ip4/0.0.0.0/tcp/4001",),
+        "Multiaddrs to listen on for libp2p connections.",
+        check=_multiaddrs,
+    )
+    announce: tuple[str, ...] = setting(
+        (),
+        "Multiaddrs advertised to other peers instead of the listen addresses (NAT, containers).",
+        check=_multiaddrs,
+    )
+    mdns: bool = setting(False, "Discover peers on the local network with mDNS.")
+    kademlia: bool = setting(True, "Discover peers through the Kademlia DHT.")
+    dial_timeout_s: float = setting(10.0, "Seconds before an outgoing dial is abandoned.", check=_positive)
+
+
+@dataclass(frozen=True)
+class GossipSection:
+    """The gossipsub mesh that carries signed records."""
+
+    heartbeat_interval_s: float = setting(1.0, "Seconds between gossipsub mesh heartbeats.", check=_positive)
+    max_message_bytes: int = setting(65536, "Largest gossip message accepted or published.", check=_positive)
+    publish_queue: int = setting(
+        1024,
+        "Outgoing messages buffered before publishing applies backpressure.",
+        check=_positive,
+    )
+    rate_limit_per_s: float = setting(
+        100.0,
+        "Messages per second accepted from one neighbour; the excess is dropped and counted; 0 disables.",
+        check=_non_negative,
+    )
+    degree: int = setting(6, "Target number of mesh neighbours per topic (gossipsub D).", check=_positive)
+    degree_low: int = setting(
+        4,
+        "Mesh size below which neighbours are added (gossipsub D_low).",
+        check=_positive,
+    )
+    degree_high: int = setting(
+        12,
+        "Mesh size above which neighbours are pruned (gossipsub D_high).",
+        check=_positive,
+    )
+
+    def problem(self) -> tuple[str, str] | None:
+        if not self.degree_low <= self.degree <= self.degree_high:
+            return "degree", (
+                "must lie between degree_low and degree_high "
+                f"(got {self.degree_low} <= {self.degree} <= {self.degree_high})"
+            )
+        return None
+
+
+@dataclass(frozen=True)
+class MembershipSection:
+    """Liveness: how often peers announce themselves and when they count as gone."""
+
+    heartbeat_interval_s: float = setting(
+        2.0,
+        "Seconds between this peer's membership heartbeats.",
+        check=_positive,
+    )
+    dead_after_missed: int = setting(
+        3,
+        "Missed heartbeats after which a peer counts as dead.",
+        check=_positive,
+    )
+
+
+@dataclass(frozen=True)
+class StatusSection:
+    """The local HTTP status port: JSON, server-sent events, metrics and head downloads."""
+
+    enabled: bool = setting(True, "Serve the HTTP status port.")
+    host: str = setting(
+        "127.0.0.1",
+        "Address the status port binds; a non-loopback address needs allow_remote = true.",
+    )
+    port: int = setting(8470, "TCP port of the status server; 0 picks a free port.", check=_port)
+    token: str = setting(
+        "",
+        "Bearer token for mutating endpoints; empty disables them. Prefer setting P2P_NODE_STATUS_TOKEN.",
+        secret=True,
+    )
+    allow_remote: bool = setting(False, "Allow binding the status port to a non-loopback address.")
+
+    def problem(self) -> tuple[str, str] | None:
+        if not self.allow_remote and not _is_loopback(self.host):
+            return "host", (
+                f"{describe(self.host)} is not a loopback address; "
+                "set status.allow_remote = true to expose the status port"
+            )
+        return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a peer is configured with; each field is one TOML section.
+
+    Adding a section is adding a frozen dataclass of ``setting``s and one field here. A setting
+    typed ``dict[str, Any]`` is a free-form table (``[workload.options]``) handed on as a dict.
+    """
+
+    node: NodeSection = field(default_factory=NodeSection)
+    swarm: SwarmSection = field(default_factory=SwarmSection)
+    network: NetworkSection = field(default_factory=NetworkSection)
+    gossip: GossipSection = field(default_factory=GossipSection)
+    membership: MembershipSection = field(default_factory=MembershipSection)
+    status: StatusSection = field(default_factory=StatusSection)
+
+
+def load_config(
+    path: str | None,
+    overrides: Mapping[str, str] = types.MappingProxyType({}),
+    environ: Mapping[str, str] = os.environ,
+) -> Config:
+    """Load ``path`` (None: defaults only), then apply environment and ``--set`` overrides."""
+    return load_schema(Config, path, overrides, environ)
+
+
+def config_reference() -> str:
+    """A Markdown table of every key with its type, default and help, for the README."""
+    return reference_table(Config)
+
+
+def render_starter_config(config: Config | None = None) -> str:
+    """A commented TOML starter file that loads back to ``config`` (default: the defaults)."""
+    return render_toml(Config() if config is None else config)

@@ -1,0 +1,142 @@
+"""The daemon: composes bridge, gossip, membership and the status port, and owns their lifetimes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+from node.config import Config
+from node.gossip import Gossip
+from node.keys import KEY_FILE, load_or_create_key, read_key
+from node.libp2p_bridge import BridgeError, GossipSettings, Libp2pBridge
+from node.logs import get_logger
+from node.membership import Membership
+from node.status_api import StatusApi
+from protocol.identity import SigningKey
+from protocol.kinds import record_kinds
+from protocol.membership import HEARTBEAT_KIND, HEARTBEAT_VERSION, Heartbeat
+from protocol.records import RecordKind
+
+log = get_logger("daemon")
+
+SHUTDOWN_BUDGET_S = 4.0
+HEARTBEAT_RECORD = RecordKind(HEARTBEAT_KIND, frozenset({HEARTBEAT_VERSION}), Heartbeat.from_wire)
+
+
+class _Stop(Exception):
+    """Raised inside the task group to cancel every task on a clean shutdown."""
+
+
+class Node:
+    """One peer. ``run()`` returns the process exit status."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.data_dir = Path(config.node.data_dir)
+        self.started_at = time.time()
+        self._stop = asyncio.Event()
+        self.key: SigningKey | None = None
+        self.bridge: Libp2pBridge | None = None
+        self.gossip: Gossip | None = None
+        self.membership: Membership | None = None
+        self.status: StatusApi | None = None
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _load_key(self) -> SigningKey:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.node.key_file:
+            return read_key(Path(self.config.node.key_file))
+        return load_or_create_key(self.data_dir)
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.key = self._load_key()
+        gossip_settings = GossipSettings(
+            degree=cfg.gossip.degree,
+            degree_low=cfg.gossip.degree_low,
+            degree_high=cfg.gossip.degree_high,
+            heartbeat_interval_s=cfg.gossip.heartbeat_interval_s,
+            max_message_bytes=cfg.gossip.max_message_bytes,
+            inbound_queue=cfg.gossip.publish_queue * 4,
+        )
+        self.bridge = Libp2pBridge(
+            self.key.seed,
+            list(cfg.network.listen),
+            announce=list(cfg.network.announce),
+            gossip=gossip_settings,
+            kademlia=cfg.network.kademlia,
+            mdns=cfg.network.mdns,
+        )
+        await self.bridge.start()
+        members = frozenset(cfg.swarm.members) | {self.key.peer_id} if cfg.swarm.members else None
+        self.gossip = Gossip(self.bridge, self.key, cfg.swarm.name, record_kinds([HEARTBEAT_RECORD]), members)
+        await self.gossip.start()
+        self.membership = Membership(
+            self.bridge,
+            self.gossip,
+            role="trainer",
+            interval_s=cfg.membership.heartbeat_interval_s,
+            dead_after_missed=cfg.membership.dead_after_missed,
+            bootstrap=list(cfg.swarm.bootstrap),
+            dial_timeout_s=cfg.network.dial_timeout_s,
+        )
+        if cfg.status.enabled:
+            self.status = StatusApi(self)
+            await self.status.start(cfg.status.host, cfg.status.port)
+        log.info(
+            "node_started",
+            peer_id=self.key.peer_id,
+            swarm=cfg.swarm.name,
+            listen=self.bridge.listen_addrs(),
+            status=self.status.url if self.status else None,
+        )
+
+    async def run(self) -> int:
+        """Run until SIGINT/SIGTERM (exit 0) or until libp2p dies (exit 1)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop)
+        exit_code = 0
+        try:
+            await self.start()
+            assert self.gossip is not None and self.membership is not None
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self.gossip.run(), name="gossip")
+                tasks.create_task(self.membership.run(), name="membership")
+                tasks.create_task(self._watch_bridge(), name="bridge-watch")
+                await self._stop.wait()
+                raise _Stop
+        except* _Stop:
+            log.info("node_stopping", reason="signal")
+        except* BridgeError as group:
+            log.error("libp2p_died", error=str(group.exceptions[0]))
+            exit_code = 1
+        finally:
+            await self._shutdown()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        return exit_code
+
+    async def _watch_bridge(self) -> None:
+        assert self.bridge is not None and self.bridge.done is not None
+        await asyncio.shield(self.bridge.done)
+        raise BridgeError("libp2p host stopped unexpectedly")
+
+    async def _shutdown(self) -> None:
+        try:
+            async with asyncio.timeout(SHUTDOWN_BUDGET_S):
+                if self.status is not None:
+                    await self.status.close()
+                if self.bridge is not None:
+                    await self.bridge.stop(timeout=SHUTDOWN_BUDGET_S / 2)
+        except TimeoutError:
+            log.warning("shutdown_slow", budget_s=SHUTDOWN_BUDGET_S)
+        log.info("node_stopped")
+
+
+def key_path(config: Config) -> Path:
+    return Path(config.node.key_file) if config.node.key_file else Path(config.node.data_dir) / KEY_FILE

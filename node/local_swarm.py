@@ -1,0 +1,116 @@
+"""``p2p-node swarm``: start N peers on 127.0.0.1 as child processes and report on them."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from node.keys import load_or_create_key
+
+REPORT_EVERY_S = 5.0
+
+
+def _toml_list(values: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
+def write_peer_configs(
+    peers: int, base_dir: Path, base_port: int, status_port: int, swarm: str = "local"
+) -> list[Path]:
+    """Create each peer's data dir, key and config; every peer bootstraps from peer 1."""
+    base_dir.mkdir(parents=True, exist_ok=True)
+    first_key = load_or_create_key(base_dir / "peer1")
+    bootstrap = f"/ip4/127.0.0.1/tcp/{base_port}/p2p/{first_key.peer_id}"
+    paths = []
+    for index in range(1, peers + 1):
+        data_dir = (base_dir / f"peer{index}").resolve()
+        load_or_create_key(data_dir)
+        path = base_dir / f"peer{index}.toml"
+        path.write_text(
+            "# Written by `p2p-node swarm`; edit freely, it is rewritten on the next run.\n"
+            f'[node]\nname = "peer{index}"\ndata_dir = {json.dumps(str(data_dir))}\n'
+            f'log_format = "json"\n\n'
+            f'[swarm]\nname = "{swarm}"\n'
+            f"bootstrap = {_toml_list([] if index == 1 else [bootstrap])}\n\n"
+            f'[network]\nlisten = ["/ip4/127.0.0.1/tcp/{base_port + index - 1}"]\n\n'
+            f'[status]\nport = {status_port + index - 1}\n'
+        )
+        paths.append(path)
+    return paths
+
+
+def _get(url: str) -> Any:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return json.load(response)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def _report(status_ports: list[int]) -> str:
+    lines = []
+    for index, port in enumerate(status_ports, start=1):
+        status = _get(f"http://127.0.0.1:{port}/status")
+        if status is None:
+            lines.append(f"  peer{index}: not answering on :{port}")
+            continue
+        live = status.get("peers", {}).get("live", 0)
+        parts = [f"peer{index} {status.get('peer_id', '?')[-8:]}", f"live peers {live}"]
+        training = status.get("training") or {}
+        if training:
+            parts.append(f"round {training.get('round')}")
+            if training.get("val_loss") is not None:
+                parts.append(f"val loss {training['val_loss']:.4f}")
+        lines.append("  " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def run_local_swarm(
+    peers: int, base_dir: Path, base_port: int, status_port: int, overrides: Mapping[str, str]
+) -> int:
+    """Run the swarm in the foreground until Ctrl-C; children get SIGTERM and are waited for."""
+    configs = write_peer_configs(peers, base_dir, base_port, status_port)
+    status_ports = [status_port + i for i in range(peers)]
+    children: list[subprocess.Popen[bytes]] = []
+    extra = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    try:
+        for index, config in enumerate(configs, start=1):
+            log_path = base_dir / f"peer{index}.log"
+            with open(log_path, "ab") as log_file:
+                children.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "node.cli", "start", "--config", str(config), *extra],
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+            print(f"peer{index}: status http://127.0.0.1:{status_ports[index - 1]}/status, log {log_path}")
+        print("Ctrl-C stops the swarm.")
+        while True:
+            time.sleep(REPORT_EVERY_S)
+            for index, child in enumerate(children, start=1):
+                if child.poll() is not None:
+                    print(f"peer{index} exited with status {child.returncode}; see its log")
+                    return 1
+            print(time.strftime("%H:%M:%S"))
+            print(_report(status_ports), flush=True)
+    except KeyboardInterrupt:
+        print("stopping the swarm")
+        return 0
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()

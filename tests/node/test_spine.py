@@ -1,0 +1,117 @@
+"""The spine end to end: real daemons on 127.0.0.1 find each other, notice deaths, survive garbage."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from protocol import canonical
+from protocol.identity import SigningKey
+from protocol.membership import HEARTBEAT_KIND, Heartbeat
+from protocol.records import sign_record
+from tests.swarm_harness import Swarm, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def swarm(tmp_path):
+    swarm = Swarm(tmp_path)
+    yield swarm
+    swarm.stop_all()
+
+
+def test_five_peers_discover_each_other_detect_death_and_restart(swarm):
+    peers = [swarm.add() for _ in range(5)]
+    for peer in peers:
+        peer.start()
+    for peer in peers:
+        peer.wait_healthy()
+    ids = {p.peer_id for p in peers}
+    try:
+        for peer in peers:
+            wait_until(lambda p=peer: p.live_peers() == ids - {p.peer_id}, 40, what=f"{peer.name} sees 4 live peers")
+        victim = peers[3]
+        victim.kill9()
+        killed_at = time.monotonic()
+        for peer in peers[:3] + peers[4:]:
+            wait_until(lambda p=peer: victim.peer_id in p.dead_peers(), 10, what=f"{peer.name} marks the victim dead")
+        # Heartbeats every 1 s; dead after 3 missed, plus polling slack.
+        assert time.monotonic() - killed_at < 3 * 1.0 + 3.0
+        victim.start()
+        victim.wait_healthy()
+        assert victim.get("/status")["peer_id"] == victim.peer_id
+        for peer in peers:
+            wait_until(lambda p=peer: p.live_peers() == ids - {p.peer_id}, 30, what=f"{peer.name} sees the restarted peer")
+    except AssertionError:
+        print(swarm.logs())
+        raise
+
+
+def test_sigterm_exits_zero_within_five_seconds(swarm):
+    first, second = swarm.add(), swarm.add()
+    first.start()
+    second.start()
+    first.wait_healthy()
+    second.wait_healthy()
+    wait_until(lambda: first.live_peers() == {second.peer_id}, 30, what="the two peers meet")
+    started = time.monotonic()
+    assert first.terminate(timeout=10) == 0
+    assert time.monotonic() - started < 5.0
+    assert "node_stopped" in first.log()
+
+
+async def _publish_hostile(target_addr: str, topic: str, swarm_name: str) -> None:
+    from node.libp2p_bridge import GossipSettings, Libp2pBridge
+
+    attacker = SigningKey.generate()
+    bridge = Libp2pBridge(
+        attacker.seed, ["/ip4/127.0.0.1/tcp/0"], kademlia=False, gossip=GossipSettings(max_message_bytes=512 * 1024)
+    )
+    await bridge.start()
+    try:
+        await bridge.subscribe(topic)
+        await bridge.connect(target_addr, timeout=10)
+        await asyncio.sleep(2.5)  # let the gossip mesh form
+        now = int(time.time() * 1000)
+        beat = Heartbeat(attacker.peer_id, (), "evil", 1, "trainer", 1000).to_wire()
+        good = sign_record(attacker, HEARTBEAT_KIND, 1, swarm_name, beat, now)
+        kind, version, swarm_field, author, created, body, _sig = canonical.decode(good)
+        messages = [
+            os.urandom(300),  # garbage
+            canonical.encode([kind, version, swarm_field, author, created, body, b"\0" * 64]),  # bad signature
+            sign_record(attacker, HEARTBEAT_KIND, 1, "some-other-swarm", beat, now),  # foreign swarm
+            sign_record(attacker, HEARTBEAT_KIND, 99, swarm_name, beat, now),  # unknown version
+            sign_record(attacker, HEARTBEAT_KIND, 1, swarm_name, {**beat, "pad": "x" * 70_000}, now),  # oversized
+        ]
+        for _ in range(3):
+            for message in messages:
+                await bridge.publish(topic, message)
+            await asyncio.sleep(0.5)
+    finally:
+        await bridge.stop()
+
+
+def test_hostile_messages_are_counted_by_reason_and_the_daemon_keeps_running(swarm):
+    peer = swarm.add()
+    peer.start()
+    peer.wait_healthy()
+    topic = peer.get("/status")["gossip"]["topic"]
+    asyncio.run(_publish_hostile(peer.addr, topic, swarm.swarm))
+
+    def rejected():
+        counts = peer.get("/status")["gossip"]["rejected"]
+        wanted = {"malformed", "bad_signature", "wrong_swarm", "unknown_version", "oversized"}
+        return counts if wanted <= set(counts) else None
+
+    try:
+        counts = wait_until(rejected, 15, what="rejections by reason")
+    except AssertionError:
+        print(peer.get("/status"), swarm.logs())
+        raise
+    assert all(counts[reason] >= 1 for reason in counts)
+    assert peer.get("/healthz")["ok"] is True
+    assert peer.process.poll() is None

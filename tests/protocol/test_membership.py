@@ -1,0 +1,45 @@
+"""The peer table: joins, deaths after missed heartbeats, revivals, replays ignored."""
+
+import pytest
+from hypothesis import given, strategies as st
+
+from protocol.errors import Invalid
+from protocol.membership import Heartbeat, PeerDied, PeerJoined, PeerRevived, PeerTable
+
+
+def beat(peer="peerA", interval_ms=1000, **kw):
+    return Heartbeat(peer=peer, addrs=("/ip4/127.0.0.1/tcp/1",), software="t", protocol_version=1,
+                     role="trainer", interval_ms=interval_ms, **kw)
+
+
+def test_join_die_revive():
+    table = PeerTable("me", dead_after_missed=3)
+    assert table.observe("peerA", 1, beat(), now_ms=0) == [PeerJoined("peerA")]
+    assert table.tick(2999) == []
+    assert table.tick(3001) == [PeerDied("peerA", 3001)]
+    assert table.live() == []
+    assert table.observe("peerA", 1, beat(), now_ms=4000) == []  # a replay revives nothing
+    assert table.observe("peerA", 2, beat(), now_ms=4000) == [PeerRevived("peerA")]
+    assert table.is_live("peerA")
+
+
+def test_own_and_mismatched_heartbeats():
+    table = PeerTable("me")
+    assert table.observe("me", 1, beat("me"), 0) == []
+    with pytest.raises(Invalid):
+        table.observe("peerB", 1, beat("peerA"), 0)
+
+
+@given(st.builds(beat, peer=st.text(min_size=1, max_size=50), interval_ms=st.integers(100, 600_000),
+                 head=st.none(), round=st.integers(0, 10**9)))
+def test_wire_round_trip(heartbeat):
+    assert Heartbeat.from_wire(heartbeat.to_wire()) == heartbeat
+
+
+def test_wire_rejects_bad_fields():
+    good = beat().to_wire()
+    for key, value in [("role", "king"), ("head", "nope"), ("interval_ms", 5), ("addrs", ["a"] * 17), ("round", -1)]:
+        with pytest.raises(Invalid):
+            Heartbeat.from_wire({**good, key: value})
+    with pytest.raises(Invalid):
+        Heartbeat.from_wire({**good, "extra": 1})

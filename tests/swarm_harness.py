@@ -1,0 +1,142 @@
+"""Real ``p2p-node start`` processes on 127.0.0.1 for multi-process tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.keys import load_or_create_key
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last value: {last!r})")
+
+
+@dataclass
+class Peer:
+    name: str
+    data_dir: Path
+    config_path: Path
+    p2p_port: int
+    status_port: int
+    peer_id: str
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.data_dir.parent / f"{self.name}.log"
+
+    @property
+    def addr(self) -> str:
+        return f"/ip4/127.0.0.1/tcp/{self.p2p_port}/p2p/{self.peer_id}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.status_port}"
+
+    def start(self, extra_env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        env.pop("P2P_NODE_CONFIG", None)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "node.cli", "start", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=env,
+            )
+
+    def get(self, path: str, timeout: float = 3.0) -> Any:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+                return json.load(response)
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        wait_until(lambda: self.get("/healthz"), timeout, what=f"{self.name} /healthz")
+
+    def live_peers(self) -> set[str]:
+        peers = self.get("/peers") or {"peers": []}
+        return {row["peer_id"] for row in peers["peers"] if row["alive"]}
+
+    def dead_peers(self) -> set[str]:
+        peers = self.get("/peers") or {"peers": []}
+        return {row["peer_id"] for row in peers["peers"] if not row["alive"]}
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class Swarm:
+    """Peers with their own data dirs and ports; every peer bootstraps from the first."""
+
+    def __init__(self, root: Path, swarm: str = "test") -> None:
+        self.root = root
+        self.swarm = swarm
+        self.peers: list[Peer] = []
+
+    def add(self, extra_toml: str = "", bootstrap: bool = True, heartbeat_s: float = 1.0) -> Peer:
+        index = len(self.peers) + 1
+        name = f"peer{index}"
+        data_dir = self.root / name
+        key = load_or_create_key(data_dir)
+        p2p_port, status_port = free_port(), free_port()
+        boot = [self.peers[0].addr] if bootstrap and self.peers else []
+        config_path = self.root / f"{name}.toml"
+        config_path.write_text(
+            f'[node]\nname = "{name}"\ndata_dir = "{data_dir}"\nlog_level = "info"\nlog_format = "json"\n\n'
+            f'[swarm]\nname = "{self.swarm}"\nbootstrap = {json.dumps(boot)}\n\n'
+            f'[network]\nlisten = ["/ip4/127.0.0.1/tcp/{p2p_port}"]\n\n'
+            f"[membership]\nheartbeat_interval_s = {heartbeat_s}\n\n"
+            f"[status]\nport = {status_port}\n\n{extra_toml}"
+        )
+        peer = Peer(name, data_dir, config_path, p2p_port, status_port, key.peer_id)
+        self.peers.append(peer)
+        return peer
+
+    def stop_all(self) -> None:
+        for peer in self.peers:
+            if peer.process is not None and peer.process.poll() is None:
+                peer.process.kill()
+                peer.process.wait(timeout=10)
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {p.name}\n{p.log()[-4000:]}" for p in self.peers)
