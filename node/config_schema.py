@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import json
 import math
 import os
@@ -25,7 +24,7 @@ ENV_PREFIX = "P2P_NODE_"
 # Prefixed variables that are not config keys (the CLI reads them itself); everything
 # else with the prefix must name a key, because a mistyped variable in a container
 # would otherwise be ignored without a word.
-RESERVED_ENV = frozenset({"P2P_NODE_CONFIG"})
+RESERVED_ENV = frozenset({"P2P_NODE_CONFIG", "P2P_NODE_URL"})
 
 T = TypeVar("T")
 Schema = TypeVar("Schema")
@@ -44,9 +43,10 @@ class ConfigError(ValueError):
 def setting(default: T, help: str, *, check: Check | None = None, secret: bool = False) -> T:
     """A config field: its default, the help line the README reference shows, an optional check.
 
-    ``check`` returns a problem description or None; ``secret`` keeps the value out of reprs.
+    ``check`` returns a problem description or None; ``secret`` keeps the value out of reprs
+    and rendered files.
     """
-    metadata = {"help": help, "check": check}
+    metadata = {"help": help, "check": check, "secret": secret}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=metadata)  # type: ignore[return-value]
     return field(default=default, metadata=metadata, repr=not secret)
@@ -63,6 +63,7 @@ class _Key:
     default: Any
     help: str
     check: Check | None
+    secret: bool
 
     @property
     def path(self) -> str:
@@ -88,8 +89,13 @@ class _Section:
         return (self.cls.__doc__ or "").strip().splitlines()[0]
 
 
-@functools.cache
+_SCHEMAS: dict[type, dict[str, _Section]] = {}
+
+
 def _sections(schema: type) -> dict[str, _Section]:
+    """The sections and keys of ``schema``, read from its dataclasses once."""
+    if schema in _SCHEMAS:
+        return _SCHEMAS[schema]
     sections: dict[str, _Section] = {}
     section_types = typing.get_type_hints(schema)
     for section_field in dataclasses.fields(schema):
@@ -98,11 +104,14 @@ def _sections(schema: type) -> dict[str, _Section]:
         keys = {}
         for f in dataclasses.fields(section_cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            help_text, check = f.metadata["help"], f.metadata["check"]
-            keys[f.name] = _Key(section_field.name, f.name, hints[f.name], default, help_text, check)
+            meta = f.metadata
+            keys[f.name] = _Key(
+                section_field.name, f.name, hints[f.name], default, meta["help"], meta["check"], meta["secret"]
+            )
         sections[section_field.name] = _Section(section_field.name, section_cls, keys)
     envs = [key.env for section in sections.values() for key in section.keys.values()]
     assert len(envs) == len(set(envs)), "two config keys map to the same environment variable"
+    _SCHEMAS[schema] = sections
     return sections
 
 
@@ -215,7 +224,7 @@ def _set_values(
         if not subkey:
             raise ConfigError(dotted, f"is a table; set one entry with --set {dotted}.NAME=VALUE")
         if key.path not in tables:
-            base, origin = earlier.get(key.path, (key.default, ""))
+            base, _ = earlier.get(key.path, (key.default, ""))
             if not isinstance(base, dict):
                 raise ConfigError(key.path, f"expected a table, got {describe(base)}")
             tables[key.path] = _deep_copy(base)
@@ -408,7 +417,11 @@ def reference_table(schema: type) -> str:
 
 
 def render_toml(config: Any) -> str:
-    """A commented TOML file, one key per setting with its help, that loads back to ``config``."""
+    """A commented TOML file, one key per setting with its help, that loads back to ``config``.
+
+    Secret settings that differ from their default are left out (commented), so printing a
+    resolved config never shows a token; they keep coming from where they were set.
+    """
     out = [
         "# p2p-node configuration. Every key is optional; removing one restores its default.",
         "# P2P_NODE_<SECTION>_<KEY> environment variables and --set section.key=value override this file.",
@@ -422,7 +435,11 @@ def render_toml(config: Any) -> str:
                 tables.append(key)
                 continue
             out += _comment(key.help)
-            out.append(f"{key.name} = {_toml(getattr(values, key.name))}")
+            value = getattr(values, key.name)
+            if key.secret and value != key.default:
+                out.append(f"# {key.name} = (set, not shown)")
+            else:
+                out.append(f"{key.name} = {_toml(value)}")
         for key in tables:
             out += ["", *_comment(key.help), f"[{key.path}]"]
             out += [f"{_toml_key(k)} = {_toml(v)}" for k, v in getattr(values, key.name).items()]
@@ -445,7 +462,7 @@ def _toml(value: Any) -> str:
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{_toml_key(k)} = {_toml(v)}" for k, v in value.items()) + " }"
     if hasattr(value, "isoformat"):
-        return value.isoformat()
+        return str(value.isoformat())
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hmac
 import json
 import math
@@ -139,8 +140,11 @@ class Event:
         return cls(json.dumps(value), event=event)
 
     def encode(self) -> bytes:
-        lines = [f"{name}: {_one_line(value)}" for name, value in (("event", self.event), ("id", self.id)) if value]
-        lines += [f"data: {line}" for line in self.data.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+        lines = [f"event: {_one_line(self.event)}"] if self.event else []
+        if self.id:
+            lines.append(f"id: {_one_line(self.id)}")
+        data_lines = self.data.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        lines += [f"data: {line}" for line in data_lines]
         return ("\n".join(lines) + "\n\n").encode()
 
 
@@ -184,7 +188,7 @@ async def file_response(
         size = (await asyncio.to_thread(os.stat, path)).st_size
     except FileNotFoundError:
         raise HttpError(404, "not found") from None
-    headers = ()
+    headers: tuple[tuple[str, str], ...] = ()
     if download_name:
         safe = re.sub(r'["\\\r\n]', "_", download_name)
         headers = (("Content-Disposition", f'attachment; filename="{safe}"'),)
@@ -236,6 +240,7 @@ def _bad_request(what: str) -> Iterator[None]:
         raise HttpError(400, f"malformed {what}") from None
 
 
+@functools.cache
 def _compile(pattern: str) -> re.Pattern[str]:
     parts = re.split(r"\{(\w+)\}", pattern)
     regex = "".join(re.escape(part) if i % 2 == 0 else f"(?P<{part}>[^/]+)" for i, part in enumerate(parts))
@@ -265,6 +270,8 @@ class HttpApp:
     ) -> None:
         if not pattern.startswith("/"):
             raise ValueError(f"route pattern {pattern!r} must start with '/'")
+        if any(param.type not in _PARAM_TYPES for param in params):
+            raise ValueError(f"query parameters of {pattern} must be str, int, float or bool")
         if any(r.method == method and r.pattern == pattern for r in self._routes):
             raise ValueError(f"route {method} {pattern} is already registered")
         self._routes.append(Route(method.upper(), pattern, handler, summary, tuple(params), mutating))
@@ -277,10 +284,10 @@ class HttpApp:
                 decoded = {k: urllib.parse.unquote(v, errors="strict") for k, v in params.items()}
             if route.mutating:
                 check_bearer(request, self._token)
-            request = dataclasses.replace(request, params=decoded, args=_parse_args(route.params, request.query))
-            reply = await route.handler(request)
+            args = _parse_args(route.params, request.query)
+            reply = await route.handler(dataclasses.replace(request, params=decoded, args=args))
             if not isinstance(reply, (Response, StreamResponse, EventStream)):
-                raise TypeError(f"handler for {route.method} {route.pattern} returned {type(reply).__name__}")
+                raise TypeError(f"{route.method} {route.pattern} returned {type(reply).__name__}, not a reply")
             return reply
         except HttpError as error:
             return error_response(error)
@@ -290,17 +297,21 @@ class HttpApp:
             return error_response(HttpError(500, "internal server error"))
 
     def _find(self, request: Request) -> tuple[Route, dict[str, str]]:
+        method = "GET" if request.method == "HEAD" else request.method
         allowed = []
         for route in self._routes:
             params = route.match(request.path)
             if params is None:
                 continue
-            if route.method == request.method:
+            if route.method == method:
                 return route, params
-            allowed.append(route.method)
+            allowed += [route.method, "HEAD"] if route.method == "GET" else [route.method]
         if allowed:
             raise HttpError(405, "method not allowed", (("Allow", ", ".join(sorted(set(allowed)))),))
         raise HttpError(404, "not found")
+
+
+_PARAM_TYPES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
 
 def _parse_args(declared: tuple[Param, ...], query: Mapping[str, str]) -> dict[str, Any]:
@@ -315,14 +326,15 @@ def _parse_args(declared: tuple[Param, ...], query: Mapping[str, str]) -> dict[s
         try:
             args[param.name] = _parse_typed(param.type, raw)
         except ValueError:
-            kind = {int: "an integer", float: "a number", bool: "true or false"}[param.type]
-            raise HttpError(400, f'query parameter "{param.name}": expected {kind}, got {json.dumps(raw)}') from None
+            problem = f"expected {_PARAM_TYPES[param.type]}, got {json.dumps(raw)}"
+            raise HttpError(400, f'query parameter "{param.name}": {problem}') from None
     return args
 
 
 def _parse_typed(kind: type, raw: str) -> Any:
     if kind is int:
-        if not re.fullmatch(r"-?[0-9]{1,18}", raw):
+        # int() alone would also take " 7", "+7" and "7_000".
+        if not re.fullmatch(r"-?[0-9]+", raw):
             raise ValueError(raw)
         return int(raw)
     if kind is float:
@@ -374,7 +386,9 @@ class HttpServer:
         await self.close()
 
     async def _start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._serve, host, port, limit=self._limits.max_header_bytes)
+        # The reader's limit bounds readuntil(), so it caps the request head.
+        limit = self._limits.max_header_bytes
+        self._server = await asyncio.start_server(self._serve, host, port, limit=limit)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -393,8 +407,12 @@ class HttpServer:
         finally:
             self._connections.discard(task)
             writer.close()
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await writer.wait_closed()
+            try:
+                async with asyncio.timeout(LINGER_S):
+                    await writer.wait_closed()
+            except (TimeoutError, ConnectionError):
+                # A client that stopped reading would otherwise hold close() open forever.
+                writer.transport.abort()
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: str) -> bool:
         """Serve one request; whether the connection stays open for another."""
@@ -411,6 +429,9 @@ class HttpServer:
         started = time.monotonic()
         try:
             request, keep_alive, length = _parse_head(head, client, self._limits.max_body_bytes)
+            if length and request.headers.get("expect", "").lower() == "100-continue":
+                # curl asks before sending a body over 1 KiB and would otherwise pause a second.
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             async with asyncio.timeout(self._limits.body_timeout_s):
                 body = await reader.readexactly(length) if length else b""
         except HttpError as error:
@@ -418,7 +439,9 @@ class HttpServer:
             return False
         reply = await self._app.handle(dataclasses.replace(request, body=body))
         keep_alive = keep_alive and isinstance(reply, Response)
-        if isinstance(reply, Response):
+        if request.method == "HEAD":
+            await _write_head_only(writer, reply, keep_alive)
+        elif isinstance(reply, Response):
             await _write_response(writer, reply, keep_alive)
         elif isinstance(reply, StreamResponse):
             await _write_stream(writer, reply)
@@ -459,14 +482,14 @@ def _parse_head(head: bytes, client: str, max_body: int) -> tuple[Request, bool,
     if "transfer-encoding" in headers:
         raise HttpError(501, "chunked request bodies are not supported; send Content-Length")
     length_text = headers.get("content-length", "0")
-    if not length_text.isdigit():
+    if not re.fullmatch(r"[0-9]{1,15}", length_text):
         raise HttpError(400, "malformed Content-Length")
     if int(length_text) > max_body:
         raise HttpError(413, f"request body larger than {max_body} bytes")
 
     path, _, query_text = target.partition("?")
     with _bad_request("query string"):
-        pairs = urllib.parse.parse_qsl(query_text, keep_blank_values=True, errors="strict", max_num_fields=100)
+        pairs = urllib.parse.parse_qsl(query_text, True, errors="strict", max_num_fields=100)
     query: dict[str, str] = {}
     for name, value in pairs:
         if name in query:
@@ -489,15 +512,28 @@ def _head(status: int, headers: list[tuple[str, str]]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+def _reply_head(reply: Reply, keep_alive: bool) -> bytes:
+    connection = ("Connection", "keep-alive" if keep_alive else "close")
+    if isinstance(reply, EventStream):
+        return _head(200, [("Content-Type", "text/event-stream"), ("Cache-Control", "no-store"), connection])
+    length = len(reply.body) if isinstance(reply, Response) else reply.length
+    headers = [("Content-Type", reply.content_type), ("Content-Length", str(length)), connection, *reply.headers]
+    return _head(reply.status, headers)
+
+
 async def _write_response(writer: asyncio.StreamWriter, response: Response, keep_alive: bool) -> None:
-    headers = [
-        ("Content-Type", response.content_type),
-        ("Content-Length", str(len(response.body))),
-        ("Connection", "keep-alive" if keep_alive else "close"),
-        *response.headers,
-    ]
-    writer.write(_head(response.status, headers) + response.body)
+    writer.write(_reply_head(response, keep_alive) + response.body)
     await writer.drain()
+
+
+async def _write_head_only(writer: asyncio.StreamWriter, reply: Reply, keep_alive: bool) -> None:
+    """Answer HEAD: the GET route's head, its body never produced."""
+    writer.write(_reply_head(reply, keep_alive))
+    await writer.drain()
+    body: object = reply.events if isinstance(reply, EventStream) else getattr(reply, "chunks", None)
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, error: HttpError) -> None:
@@ -514,13 +550,7 @@ async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, er
 
 
 async def _write_stream(writer: asyncio.StreamWriter, response: StreamResponse) -> None:
-    headers = [
-        ("Content-Type", response.content_type),
-        ("Content-Length", str(response.length)),
-        ("Connection", "close"),
-        *response.headers,
-    ]
-    writer.write(_head(response.status, headers))
+    writer.write(_reply_head(response, False))
     sent = 0
     chunks = aiter(response.chunks)
     try:
@@ -540,11 +570,7 @@ async def _write_stream(writer: asyncio.StreamWriter, response: StreamResponse) 
 
 
 async def _write_events(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stream: EventStream) -> None:
-    writer.write(_head(200, [
-        ("Content-Type", "text/event-stream"),
-        ("Cache-Control", "no-store"),
-        ("Connection", "close"),
-    ]))
+    writer.write(_reply_head(stream, False))
     await writer.drain()
     events = aiter(stream.events)
     # Clients send nothing on an event stream, so any read completing means they left.
@@ -554,9 +580,8 @@ async def _write_events(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         while True:
             if next_event is None:
                 next_event = asyncio.ensure_future(anext(events))
-            done, _ = await asyncio.wait(
-                {next_event, client_gone}, timeout=stream.keepalive_s, return_when=asyncio.FIRST_COMPLETED
-            )
+            waiting: set[asyncio.Future[Any]] = {next_event, client_gone}
+            done, _ = await asyncio.wait(waiting, timeout=stream.keepalive_s, return_when=asyncio.FIRST_COMPLETED)
             if client_gone in done:
                 return
             if next_event in done:

@@ -49,7 +49,8 @@ def configure_logging(level: str, fmt: str, stream: TextIO = sys.stderr) -> None
 
     renderer: structlog.typing.Processor
     if console:
-        renderer = structlog.dev.ConsoleRenderer(colors=_is_tty(stream))
+        # NO_COLOR is the common convention for turning terminal colours off (no-color.org).
+        renderer = structlog.dev.ConsoleRenderer(colors=_is_tty(stream) and not os.environ.get("NO_COLOR"))
         exception_processors: list[structlog.typing.Processor] = []
     else:
         renderer = structlog.processors.JSONRenderer()

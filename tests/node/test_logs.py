@@ -1,0 +1,90 @@
+"""Log output: JSON lines off a terminal, level filtering, and library loggers kept quiet."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from node.logs import configure_logging, get_logger
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_json_lines_carry_event_level_logger_timestamp_and_fields() -> None:
+    out = io.StringIO()
+    configure_logging("info", "auto", out)  # a StringIO is no terminal, so auto means JSON
+    log = get_logger("node.test")
+    log.info("head adopted", round=3, head="b3:00ff")
+    log.debug("not shown at info")
+    try:
+        raise ValueError("bad chunk")
+    except ValueError:
+        log.exception("fetch failed")
+
+    first, second = _lines(out)
+    assert first["event"] == "head adopted" and first["round"] == 3 and first["head"] == "b3:00ff"
+    assert (first["level"], first["logger"]) == ("info", "node.test")
+    assert str(first["timestamp"]).endswith("Z") and "T" in str(first["timestamp"])
+    assert second["level"] == "error" and "ValueError: bad chunk" in str(second["exception"])
+
+
+def test_stdlib_loggers_share_the_format_and_libp2p_is_kept_at_warning() -> None:
+    out = io.StringIO()
+    configure_logging("info", "json", out)
+    logging.getLogger("libp2p.pubsub").info("mesh chatter")
+    logging.getLogger("libp2p.kad_dht").warning("Failed to read DHT message")
+    logging.getLogger("workloads.tiny").info("loaded %d samples", 64)
+    assert [(line["logger"], line["event"]) for line in _lines(out)] == [
+        ("libp2p.kad_dht", "Failed to read DHT message"),
+        ("workloads.tiny", "loaded 64 samples"),
+    ]
+
+
+def test_debug_level_lets_library_debug_through() -> None:
+    out = io.StringIO()
+    configure_logging("debug", "json", out)
+    logging.getLogger("libp2p.pubsub").debug("mesh chatter")
+    get_logger("node.test").debug("details", n=1)
+    assert [line["event"] for line in _lines(out)] == ["mesh chatter", "details"]
+
+
+def test_console_format_on_a_terminal_and_reconfiguring_replaces_the_handler() -> None:
+    first, terminal = io.StringIO(), _Terminal()
+    configure_logging("info", "json", first)
+    configure_logging("warning", "auto", terminal)
+    log = get_logger("node.test")
+    log.info("filtered out")
+    log.warning("peer lagging", peer="12D3KooW")
+    assert first.getvalue() == ""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", terminal.getvalue())  # colours, on a terminal
+    assert "peer lagging" in text and "peer=12D3KooW" in text and "filtered out" not in text
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text.splitlines()[0])
+
+
+def test_unknown_level_or_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown log level 'loud'"):
+        configure_logging("loud", "json")
+    with pytest.raises(ValueError, match="unknown log format 'xml'"):
+        configure_logging("info", "xml")
