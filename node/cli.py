@@ -84,12 +84,13 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _cmd_start(args: argparse.Namespace) -> int:
     config = _load(args)
+    import uvloop
+
+    # Import libp2p (through the daemon) before configuring logging, so its loggers are routed too.
+    from node.daemon import Node
     from node.logs import configure_logging
 
     configure_logging(config.node.log_level, config.node.log_format)
-    import uvloop
-
-    from node.daemon import Node
 
     return uvloop.run(Node(config).run())
 

@@ -223,6 +223,50 @@ class StatusSection:
         return None
 
 
+@dataclass(frozen=True)
+class StoreSection:
+    """The content store under <data_dir>/store: chunks, manifests and records by content id."""
+
+    check_on_start: Literal["quick", "full"] = setting(
+        "quick",
+        "Start-up check: quick drops temp files and wrong sizes; full also rehashes every file.",
+    )
+    gc_interval_s: float = setting(
+        600.0, "Seconds between garbage collections of unpinned content.", check=_positive
+    )
+    gc_keep_recent_s: float = setting(
+        3600.0, "Unpinned content younger than this survives garbage collection.", check=_non_negative
+    )
+
+
+@dataclass(frozen=True)
+class ExchangeSection:
+    """The chunk exchange: how artifacts are announced, served and fetched."""
+
+    announce_interval_s: float = setting(
+        5.0, "Seconds between re-announcements of the artifacts this peer holds.", check=_positive
+    )
+    request_timeout_s: float = setting(
+        10.0,
+        "Deadline of one chunk request; a provider that misses it is dropped from the fetch.",
+        check=_positive,
+    )
+    streams_per_provider: int = setting(2, "Concurrent requests to one provider during a fetch.", check=_positive)
+    batch_bytes: int = setting(4 * 1024 * 1024, "Bytes asked for in one chunk request.", check=_positive)
+    max_streams_per_peer: int = setting(
+        8, "Concurrent chunk streams served to one peer; more are refused as busy.", check=_positive
+    )
+    max_bytes_in_flight: int = setting(
+        256 * 1024 * 1024, "Bytes of chunks being served at once, over all peers.", check=_positive
+    )
+    stall_timeout_s: float = setting(
+        60.0, "A fetch with no progress for this long fails (and is retried later).", check=_positive
+    )
+    chunk_bytes: int = setting(
+        1024 * 1024, "Size of fixed chunks for artifacts this peer creates.", check=_positive
+    )
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -246,6 +290,8 @@ class Config:
     gossip: GossipSection = field(default_factory=GossipSection)
     membership: MembershipSection = field(default_factory=MembershipSection)
     status: StatusSection = field(default_factory=StatusSection)
+    store: StoreSection = field(default_factory=StoreSection)
+    exchange: ExchangeSection = field(default_factory=ExchangeSection)
 
 
 def load_config(

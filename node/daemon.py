@@ -7,22 +7,29 @@ import signal
 import time
 from pathlib import Path
 
+from node.availability import Availability
 from node.config import Config
+from node.exchange import Exchange, ExchangeSettings
+from node.fetch_journal import FetchJournal
 from node.gossip import Gossip
 from node.keys import KEY_FILE, load_or_create_key, read_key
 from node.libp2p_bridge import BridgeError, GossipSettings, Libp2pBridge
 from node.logs import get_logger
 from node.membership import Membership
 from node.status_api import StatusApi
+from node.store import ContentStore
+from protocol.availability import ANNOUNCE_KIND, ANNOUNCE_VERSION, Announce
 from protocol.identity import SigningKey
 from protocol.kinds import record_kinds
-from protocol.membership import HEARTBEAT_KIND, HEARTBEAT_VERSION, Heartbeat
+from protocol.membership import HEARTBEAT_KIND, HEARTBEAT_VERSION, Heartbeat, PeerEvent
 from protocol.records import RecordKind
 
 log = get_logger("daemon")
 
 SHUTDOWN_BUDGET_S = 4.0
 HEARTBEAT_RECORD = RecordKind(HEARTBEAT_KIND, frozenset({HEARTBEAT_VERSION}), Heartbeat.from_wire)
+ANNOUNCE_RECORD = RecordKind(ANNOUNCE_KIND, frozenset({ANNOUNCE_VERSION}), Announce.from_wire)
+NODE_RECORDS = (HEARTBEAT_RECORD, ANNOUNCE_RECORD)
 
 
 class _Stop(Exception):
@@ -42,6 +49,9 @@ class Node:
         self.gossip: Gossip | None = None
         self.membership: Membership | None = None
         self.status: StatusApi | None = None
+        self.store: ContentStore | None = None
+        self.availability: Availability | None = None
+        self.exchange: Exchange | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -55,6 +65,9 @@ class Node:
     async def start(self) -> None:
         cfg = self.config
         self.key = self._load_key()
+        self.store = ContentStore(self.data_dir / "store")
+        report = await asyncio.to_thread(self.store.check, cfg.store.check_on_start == "full")
+        log.info("store_checked", report=str(report))
         gossip_settings = GossipSettings(
             degree=cfg.gossip.degree,
             degree_low=cfg.gossip.degree_low,
@@ -73,7 +86,7 @@ class Node:
         )
         await self.bridge.start()
         members = frozenset(cfg.swarm.members) | {self.key.peer_id} if cfg.swarm.members else None
-        self.gossip = Gossip(self.bridge, self.key, cfg.swarm.name, record_kinds([HEARTBEAT_RECORD]), members)
+        self.gossip = Gossip(self.bridge, self.key, cfg.swarm.name, record_kinds(NODE_RECORDS), members)
         await self.gossip.start()
         self.membership = Membership(
             self.bridge,
@@ -84,6 +97,26 @@ class Node:
             bootstrap=list(cfg.swarm.bootstrap),
             dial_timeout_s=cfg.network.dial_timeout_s,
         )
+        self.membership.subscribe(self._on_peer_event)
+        self.availability = Availability(self.gossip, self.key.peer_id, cfg.exchange.announce_interval_s)
+        for manifest_id in await asyncio.to_thread(complete_manifests, self.store):
+            self.availability.add_held(manifest_id)
+        ex = cfg.exchange
+        self.exchange = Exchange(
+            self.bridge,
+            self.store,
+            self.availability,
+            ExchangeSettings(
+                request_timeout_s=ex.request_timeout_s,
+                streams_per_provider=ex.streams_per_provider,
+                batch_bytes=ex.batch_bytes,
+                max_streams_per_peer=ex.max_streams_per_peer,
+                max_bytes_in_flight=ex.max_bytes_in_flight,
+                stall_timeout_s=ex.stall_timeout_s,
+            ),
+            FetchJournal(self.data_dir / "fetches.json"),
+        )
+        await self.exchange.start()
         if cfg.status.enabled:
             self.status = StatusApi(self)
             await self.status.start(cfg.status.host, cfg.status.port)
@@ -108,6 +141,12 @@ class Node:
                 tasks.create_task(self.gossip.run(), name="gossip")
                 tasks.create_task(self.membership.run(), name="membership")
                 tasks.create_task(self._watch_bridge(), name="bridge-watch")
+                assert self.availability is not None and self.exchange is not None
+                tasks.create_task(self.availability.run(), name="availability")
+                tasks.create_task(self._gc_loop(), name="store-gc")
+                resumed = self.exchange.resume()
+                if resumed:
+                    log.info("fetches_resumed", manifests=resumed)
                 await self._stop.wait()
                 raise _Stop
         except* _Stop:
@@ -121,6 +160,17 @@ class Node:
                 loop.remove_signal_handler(sig)
         return exit_code
 
+    def _on_peer_event(self, event: PeerEvent) -> None:
+        if self.availability is not None:
+            self.availability.on_peer_event(event)
+
+    async def _gc_loop(self) -> None:
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(self.config.store.gc_interval_s)
+            report = await asyncio.to_thread(self.store.gc, self.config.store.gc_keep_recent_s)
+            log.info("store_gc", report=str(report))
+
     async def _watch_bridge(self) -> None:
         assert self.bridge is not None and self.bridge.done is not None
         await asyncio.shield(self.bridge.done)
@@ -131,6 +181,8 @@ class Node:
             async with asyncio.timeout(SHUTDOWN_BUDGET_S):
                 if self.status is not None:
                     await self.status.close()
+                if self.exchange is not None:
+                    await self.exchange.close()
                 if self.bridge is not None:
                     await self.bridge.stop(timeout=SHUTDOWN_BUDGET_S / 2)
         except TimeoutError:
@@ -140,3 +192,13 @@ class Node:
 
 def key_path(config: Config) -> Path:
     return Path(config.node.key_file) if config.node.key_file else Path(config.node.data_dir) / KEY_FILE
+
+
+def complete_manifests(store: ContentStore) -> list[str]:
+    """Manifests whose every chunk is in ``store``: what this peer can announce as held."""
+    complete = []
+    for manifest_id in store.manifest_ids():
+        manifest = store.get_manifest(manifest_id)
+        if manifest is not None and not store.missing(ref.cid for ref in manifest.chunks):
+            complete.append(manifest_id)
+    return complete

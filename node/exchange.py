@@ -1,0 +1,540 @@
+"""Chunk exchange: serve our content to peers, and fetch artifacts from every peer that has them.
+
+A fetch runs one worker per provider connection. Each worker asks its peer
+for a batch of chunks the peer has and nobody else is fetching, verifies each
+chunk's hash before storing it, and hands failed chunks back to the pool. A
+peer that times out is disconnected and dropped from the fetch; a peer that
+serves a corrupt chunk is banned from it and penalised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from node.availability import Availability
+from node.fetch_journal import FetchJournal
+from node.libp2p_bridge import BridgeError, FramedStream, Libp2pBridge
+from node.logs import get_logger
+from node.store import ContentStore
+from protocol import exchange as wire
+from protocol.cid import matches
+from protocol.errors import Invalid
+from protocol.exchange import GetRequest, HaveAnswer, HaveRequest, Item
+from protocol.leases import rendezvous_weight
+from protocol.manifest import Manifest, parse_manifest
+
+log = get_logger("exchange")
+
+
+@dataclass(frozen=True)
+class ExchangeSettings:
+    request_timeout_s: float = 10.0
+    streams_per_provider: int = 2
+    batch_bytes: int = 4 * 1024 * 1024
+    max_streams_per_peer: int = 8
+    max_bytes_in_flight: int = 256 * 1024 * 1024
+    stall_timeout_s: float = 60.0
+    have_poll_s: float = 0.5
+
+
+@dataclass
+class ExchangeStats:
+    bytes_in: int = 0
+    bytes_out: int = 0
+    chunks_in: int = 0
+    chunks_out: int = 0
+    chunks_verified: int = 0
+    requests_served: int = 0
+    bad_requests: int = 0
+    busy_refusals: int = 0
+    rejected_chunks_by_peer: Counter[str] = field(default_factory=Counter)
+    timeouts_by_peer: Counter[str] = field(default_factory=Counter)
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "chunks_in": self.chunks_in,
+            "chunks_out": self.chunks_out,
+            "chunks_verified": self.chunks_verified,
+            "requests_served": self.requests_served,
+            "bad_requests": self.bad_requests,
+            "busy_refusals": self.busy_refusals,
+            "rejected_chunks_by_peer": dict(self.rejected_chunks_by_peer),
+            "timeouts_by_peer": dict(self.timeouts_by_peer),
+        }
+
+
+class FetchFailed(RuntimeError):
+    """A fetch could not complete; the message says why."""
+
+
+@dataclass
+class FetchProgress:
+    manifest_id: str
+    state: str = "starting"
+    total_chunks: int = 0
+    total_bytes: int = 0
+    have_chunks: int = 0
+    have_bytes: int = 0
+    fetched_bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+    providers: set[str] = field(default_factory=set)
+    dropped: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+    def view(self) -> dict[str, Any]:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = self.fetched_bytes / elapsed
+        remaining = self.total_bytes - self.have_bytes
+        return {
+            "manifest_id": self.manifest_id,
+            "state": self.state,
+            "total_chunks": self.total_chunks,
+            "have_chunks": self.have_chunks,
+            "total_bytes": self.total_bytes,
+            "have_bytes": self.have_bytes,
+            "fetched_bytes": self.fetched_bytes,
+            "progress": round(self.have_bytes / self.total_bytes, 4) if self.total_bytes else 1.0,
+            "rate_bytes_per_s": round(rate),
+            "eta_s": round(remaining / rate, 1) if rate > 0 and remaining > 0 else None,
+            "providers": sorted(self.providers),
+            "dropped_providers": dict(self.dropped),
+            "error": self.error,
+        }
+
+
+class ChunkServer:
+    """Answers chunk, manifest, record and have requests; no peer input can raise out of it."""
+
+    def __init__(self, store: ContentStore, settings: ExchangeSettings, stats: ExchangeStats) -> None:
+        self._store = store
+        self._settings = settings
+        self._stats = stats
+        self._streams: Counter[str] = Counter()
+        self._budget = asyncio.Semaphore(max(1, settings.max_bytes_in_flight // wire.MAX_ITEM_BYTES))
+
+    async def handle(self, stream: FramedStream) -> None:
+        peer = stream.peer_id
+        if self._streams[peer] >= self._settings.max_streams_per_peer:
+            self._stats.busy_refusals += 1
+            await stream.write_frame(wire.encode_error("busy"), timeout=5.0)
+            return
+        self._streams[peer] += 1
+        try:
+            while True:
+                try:
+                    frame = await stream.read_frame(wire.MAX_REQUEST_BYTES, timeout=120.0)
+                except (BridgeError, TimeoutError):
+                    return  # the peer closed, reset, or went idle: all normal ends of a stream
+                try:
+                    request = wire.decode_request(frame)
+                except Invalid as exc:
+                    self._stats.bad_requests += 1
+                    log.debug("bad_request", peer=peer, reason=exc.reason)
+                    await stream.write_frame(wire.encode_error(exc.reason), timeout=5.0)
+                    return
+                self._stats.requests_served += 1
+                if isinstance(request, HaveRequest):
+                    await stream.write_frame(await self._have(request), timeout=self._settings.request_timeout_s)
+                else:
+                    for content_id in request.ids:
+                        async with self._budget:
+                            item = Item(content_id, await asyncio.to_thread(self._read, request.kind, content_id))
+                            payload = item.encode()
+                            await stream.write_frame(payload, timeout=self._settings.request_timeout_s)
+                        if item.data is not None:
+                            self._stats.bytes_out += len(item.data)
+                            self._stats.chunks_out += 1
+        finally:
+            self._streams[peer] -= 1
+            if not self._streams[peer]:
+                del self._streams[peer]
+
+    def _read(self, kind: str, content_id: str) -> bytes | None:
+        if kind == "chunk":
+            return self._store.get(content_id)
+        if kind == "manifest":
+            manifest = self._store.get_manifest(content_id)
+            return manifest.encoded if manifest is not None else None
+        return self._store.get_record(content_id)
+
+    async def _have(self, request: HaveRequest) -> bytes:
+        def holdings() -> bytes | None:
+            manifest = self._store.get_manifest(request.manifest_id)
+            if manifest is None:
+                return None
+            return wire.bitfield([self._store.has(ref.cid) for ref in manifest.chunks])
+
+        return HaveAnswer(await asyncio.to_thread(holdings)).encode()
+
+
+class _Drop(Exception):
+    """A provider is out of this fetch; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _FetchRun:
+    """The state of one fetch: which chunks are pending, who has what, who is fetching what."""
+
+    def __init__(self, exchange: Exchange, manifest: Manifest, progress: FetchProgress) -> None:
+        self.exchange = exchange
+        self.manifest = manifest
+        self.progress = progress
+        self.sizes = {ref.cid: ref.size for ref in manifest.chunks}
+        self.index = {ref.cid: i for i, ref in reversed(list(enumerate(manifest.chunks)))}
+        self.pending: set[str] = set()
+        self.inflight: set[str] = set()
+        self.has: dict[str, set[str] | None] = {}  # peer -> chunks it has; None: all of them
+        self.workers: dict[str, int] = Counter()
+        self.polling: set[str] = set()
+        self.polled: dict[str, float] = {}
+        self.dropped: set[str] = set()
+        self.changed = asyncio.Event()
+        self.last_progress = time.monotonic()
+        me = exchange.self_peer
+        self.my_weight = {cid: rendezvous_weight(cid, me) for cid in self.sizes}
+
+    def mine(self, cid: str, fetchers: list[str]) -> bool:
+        """Whether we are the fetcher that should pull ``cid`` from a seed first (rendezvous)."""
+        mine = self.my_weight[cid]
+        return all(rendezvous_weight(cid, peer) < mine for peer in fetchers)
+
+    def available(self, peer: str) -> bool:
+        held = self.has.get(peer)
+        free = self.pending - self.inflight
+        return bool(free) if held is None else not free.isdisjoint(held)
+
+    def pick(self, peer: str) -> list[str]:
+        """The next batch for ``peer``: chunks it has that nobody is fetching, best first."""
+        held = self.has.get(peer)
+        free = [c for c in self.pending - self.inflight if held is None or c in held]
+        if not free:
+            return []
+        partial_peers = [p for p, h in self.has.items() if h is not None and p not in self.dropped]
+        if held is None:
+            # From a seed: first what we are meant to spread, then what no fetcher holds yet.
+            def seed_rank(cid: str) -> tuple[int, int, int]:
+                spread = sum(1 for p in partial_peers if cid in (self.has[p] or ()))
+                return (spread, 0 if self.mine(cid, partial_peers) else 1, -self.my_weight[cid])
+
+            free.sort(key=seed_rank)
+        else:
+            free.sort(key=lambda cid: -self.my_weight[cid])
+        batch, size = [], 0
+        for cid in free:
+            if batch and size + self.sizes[cid] > self.exchange.settings.batch_bytes:
+                break
+            batch.append(cid)
+            size += self.sizes[cid]
+        self.inflight.update(batch)
+        return batch
+
+    def settle(self, cid: str, stored: bool) -> None:
+        self.inflight.discard(cid)
+        if stored:
+            self.pending.discard(cid)
+            self.progress.have_chunks += 1
+            self.progress.have_bytes += self.sizes[cid]
+            self.last_progress = time.monotonic()
+        self.changed.set()
+
+
+class Exchange:
+    """The chunk protocol on libp2p: a server for our store and fetches from the swarm."""
+
+    def __init__(
+        self,
+        bridge: Libp2pBridge,
+        store: ContentStore,
+        availability: Availability,
+        settings: ExchangeSettings = ExchangeSettings(),
+        journal: FetchJournal | None = None,
+    ) -> None:
+        self.bridge = bridge
+        self.store = store
+        self.availability = availability
+        self.settings = settings
+        self.self_peer = bridge.peer_id
+        self.stats = ExchangeStats()
+        self.server = ChunkServer(store, settings, self.stats)
+        self.fetches: dict[str, FetchProgress] = {}
+        self._tasks: dict[str, asyncio.Task[Manifest]] = {}
+        self._journal = journal
+        self._cancelled: set[str] = set()
+
+    async def start(self) -> None:
+        await self.bridge.set_stream_handler(wire.PROTOCOL_ID, self.server.handle)
+
+    # ---- public API ------------------------------------------------------------------
+
+    async def fetch(self, manifest_id: str, hints: tuple[str, ...] = ()) -> Manifest:
+        """Fetch an artifact into the store (joining a fetch already running for it)."""
+        return await asyncio.shield(self.start_fetch(manifest_id, hints))
+
+    def start_fetch(self, manifest_id: str, hints: tuple[str, ...] = ()) -> asyncio.Task[Manifest]:
+        """Start (or join) a fetch owned by the exchange; ``close()`` cancels it."""
+        task = self._tasks.get(manifest_id)
+        if task is None or task.done():
+            self._cancelled.discard(manifest_id)
+            task = asyncio.create_task(self._fetch(manifest_id, hints), name=f"fetch-{manifest_id[:12]}")
+            self._tasks[manifest_id] = task
+            task.add_done_callback(lambda t, m=manifest_id: self._forget_task(m, t))
+        return task
+
+    def resume(self) -> list[str]:
+        """Restart the fetches that were in flight when this peer last stopped."""
+        pending = self._journal.pending() if self._journal else []
+        for manifest_id in pending:
+            self.start_fetch(manifest_id)
+        return pending
+
+    def cancel(self, manifest_id: str) -> bool:
+        """Cancel an in-flight fetch on request; chunks already stored are kept."""
+        task = self._tasks.get(manifest_id)
+        if task is None or task.done():
+            return False
+        self._cancelled.add(manifest_id)
+        task.cancel()
+        return True
+
+    async def close(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    def _forget_task(self, manifest_id: str, task: asyncio.Task[Manifest]) -> None:
+        if self._tasks.get(manifest_id) is task:
+            del self._tasks[manifest_id]
+        if not task.cancelled() and task.exception() is not None:
+            task.exception()  # retrieved here so asyncio does not warn; callers saw it
+
+    # ---- one fetch -------------------------------------------------------------------
+
+    async def _fetch(self, manifest_id: str, hints: tuple[str, ...]) -> Manifest:
+        progress = FetchProgress(manifest_id)
+        self.fetches[manifest_id] = progress
+        self.availability.set_fetching(manifest_id, True)
+        if self._journal is not None:
+            await asyncio.to_thread(self._journal.add, manifest_id)
+        try:
+            manifest = await self._manifest(manifest_id, hints, progress)
+            run = _FetchRun(self, manifest, progress)
+            progress.total_chunks = len(run.sizes)
+            progress.total_bytes = sum(run.sizes.values())
+            run.pending = set(await asyncio.to_thread(self.store.missing, list(run.sizes)))
+            progress.have_chunks = progress.total_chunks - len(run.pending)
+            progress.have_bytes = progress.total_bytes - sum(run.sizes[c] for c in run.pending)
+            progress.state = "fetching"
+            if run.pending:
+                await self._run(run, hints)
+            progress.state = "done"
+            self.availability.add_held(manifest_id)
+            await self._settle_journal(manifest_id)
+            log.info("fetch_done", manifest=manifest_id, fetched_bytes=progress.fetched_bytes,
+                     seconds=round(time.monotonic() - progress.started, 2))
+            return manifest
+        except asyncio.CancelledError:
+            # Cancelled by an operator: forget it. Cancelled by shutdown: resume on restart.
+            progress.state = "cancelled"
+            if manifest_id in self._cancelled:
+                await asyncio.shield(self._settle_journal(manifest_id))
+            raise
+        except FetchFailed as exc:
+            progress.state, progress.error = "failed", str(exc)
+            log.warning("fetch_failed", manifest=manifest_id, error=str(exc))
+            await self._settle_journal(manifest_id)
+            raise
+        finally:
+            self.availability.set_fetching(manifest_id, False)
+
+    async def _settle_journal(self, manifest_id: str) -> None:
+        if self._journal is not None:
+            await asyncio.to_thread(self._journal.remove, manifest_id)
+
+    def _candidates(self, manifest_id: str, hints: tuple[str, ...]) -> tuple[list[str], list[str]]:
+        providers = self.availability.providers(manifest_id)
+        connected = set(self.bridge.connected_peers())
+        full = [p for p in (*providers.full, *hints) if p != self.self_peer]
+        partial = [p for p in providers.partial if p != self.self_peer and p in connected]
+        return list(dict.fromkeys(full)), partial
+
+    async def _manifest(self, manifest_id: str, hints: tuple[str, ...], progress: FetchProgress) -> Manifest:
+        manifest = await asyncio.to_thread(self.store.get_manifest, manifest_id)
+        if manifest is not None:
+            return manifest
+        deadline = time.monotonic() + self.settings.stall_timeout_s
+        tried: set[str] = set()
+        while time.monotonic() < deadline:
+            full, partial = self._candidates(manifest_id, hints)
+            for peer in [p for p in (*full, *partial) if p not in tried]:
+                tried.add(peer)
+                try:
+                    data = await self._get_one(peer, "manifest", manifest_id)
+                    if data is None:
+                        continue
+                    await asyncio.to_thread(self.store.put_manifest, data, manifest_id)
+                    return parse_manifest(data)
+                except (Invalid, _Drop) as exc:
+                    reason = exc.reason
+                    progress.dropped[peer] = f"manifest: {reason}"
+                    if reason == "bad_hash":
+                        self.stats.rejected_chunks_by_peer[peer] += 1
+            await asyncio.sleep(self.settings.have_poll_s)
+        raise FetchFailed(f"no provider served manifest {manifest_id} within {self.settings.stall_timeout_s:.0f} s")
+
+    async def _get_one(self, peer: str, kind: str, content_id: str) -> bytes | None:
+        stream = await self._open(peer)
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                await stream.write_frame(GetRequest(kind, (content_id,)).encode(), self.settings.request_timeout_s)
+                item = wire.decode_item(await stream.read_frame(wire.MAX_ITEM_BYTES, self.settings.request_timeout_s), content_id)
+        except (BridgeError, TimeoutError) as exc:
+            raise _Drop(f"request failed: {exc}") from None
+        finally:
+            await stream.close()
+        if item.data is not None and not matches(content_id, item.data):
+            raise Invalid("bad_hash", "content does not hash to its id")
+        return item.data
+
+    async def _open(self, peer: str) -> FramedStream:
+        try:
+            return await self.bridge.open_stream(peer, wire.PROTOCOL_ID, self.settings.request_timeout_s)
+        except (BridgeError, TimeoutError) as exc:
+            raise _Drop(f"cannot open stream: {str(exc)[:120]}") from None
+
+    async def _run(self, run: _FetchRun, hints: tuple[str, ...]) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            while run.pending:
+                full, partial = self._candidates(run.manifest.artifact_id, hints)
+                for peer in full:
+                    if peer not in run.has and peer not in run.dropped:
+                        run.has[peer] = None
+                now = time.monotonic()
+                for peer in partial:
+                    if peer in run.dropped or run.has.get(peer, set()) is None:
+                        continue
+                    if peer not in run.polling and now - run.polled.get(peer, 0.0) >= self.settings.have_poll_s:
+                        run.polling.add(peer)
+                        tasks.create_task(self._poll_have(run, peer))
+                for peer in list(run.has):
+                    if peer in run.dropped:
+                        continue
+                    run.progress.providers.add(peer)
+                    while run.workers[peer] < self.settings.streams_per_provider and run.available(peer):
+                        run.workers[peer] += 1
+                        tasks.create_task(self._worker(run, peer))
+                stalled = time.monotonic() - run.last_progress
+                if stalled > self.settings.stall_timeout_s:
+                    raise FetchFailed(
+                        f"no progress for {stalled:.0f} s with {len(run.pending)} chunks missing"
+                        f" (providers dropped: {run.progress.dropped or 'none'})"
+                    )
+                run.changed.clear()
+                try:
+                    await asyncio.wait_for(run.changed.wait(), self.settings.have_poll_s)
+                except TimeoutError:
+                    pass
+
+    async def _poll_have(self, run: _FetchRun, peer: str) -> None:
+        try:
+            stream = await self._open(peer)
+        except _Drop:
+            run.polling.discard(peer)
+            return
+        try:
+            await stream.write_frame(HaveRequest(run.manifest.artifact_id).encode(), self.settings.request_timeout_s)
+            answer = wire.decode_have(
+                await stream.read_frame(wire.MAX_ITEM_BYTES, self.settings.request_timeout_s),
+                len(run.manifest.chunks),
+            )
+        except (BridgeError, TimeoutError, Invalid):
+            return
+        finally:
+            run.polling.discard(peer)
+            run.polled[peer] = time.monotonic()
+            await stream.close()
+        if answer.bits is not None and (peer not in run.has or run.has[peer] is not None):
+            run.has[peer] = {
+                ref.cid for i, ref in enumerate(run.manifest.chunks) if wire.bit_set(answer.bits, i)
+            }
+            run.changed.set()
+
+    async def _worker(self, run: _FetchRun, peer: str) -> None:
+        stream: FramedStream | None = None
+        try:
+            stream = await self._open(peer)
+            while batch := run.pick(peer):
+                await self._request(run, stream, peer, batch)
+        except _Drop as exc:
+            self._drop(run, peer, exc.reason)
+        finally:
+            run.workers[peer] -= 1
+            if stream is not None:
+                await stream.close()
+
+    async def _request(self, run: _FetchRun, stream: FramedStream, peer: str, batch: list[str]) -> None:
+        timeout = self.settings.request_timeout_s
+        remaining = list(batch)
+        try:
+            async with asyncio.timeout(timeout):
+                await stream.write_frame(GetRequest("chunk", tuple(batch)).encode(), timeout)
+                for cid in batch:
+                    frame = await stream.read_frame(wire.MAX_ITEM_BYTES, timeout)
+                    item = wire.decode_item(frame, cid)
+                    remaining.remove(cid)
+                    if item.data is None:
+                        held = run.has.get(peer)
+                        if held is not None:
+                            held.discard(cid)
+                        else:
+                            run.has[peer] = set(run.sizes) - {cid}
+                        run.settle(cid, stored=False)
+                        continue
+                    self.stats.bytes_in += len(item.data)
+                    self.stats.chunks_in += 1
+                    run.progress.fetched_bytes += len(item.data)
+                    try:
+                        await asyncio.to_thread(self.store.put, item.data, cid)
+                    except Invalid:
+                        self.stats.rejected_chunks_by_peer[peer] += 1
+                        run.settle(cid, stored=False)
+                        log.warning("corrupt_chunk", peer=peer, chunk=cid, manifest=run.manifest.artifact_id)
+                        raise _Drop("served a chunk whose hash does not match") from None
+                    self.stats.chunks_verified += 1
+                    run.settle(cid, stored=True)
+        except TimeoutError:
+            self.stats.timeouts_by_peer[peer] += 1
+            for cid in remaining:
+                run.settle(cid, stored=False)
+            # A frozen peer stays "connected" for a minute; cut it off so others are used.
+            try:
+                await self.bridge.disconnect(peer)
+            except (BridgeError, TimeoutError):
+                pass
+            raise _Drop(f"no answer within {timeout:.0f} s") from None
+        except (BridgeError, Invalid) as exc:
+            for cid in remaining:
+                run.settle(cid, stored=False)
+            raise _Drop(f"{type(exc).__name__}: {str(exc)[:120]}") from None
+        finally:
+            for cid in remaining:
+                run.inflight.discard(cid)
+
+    def _drop(self, run: _FetchRun, peer: str, reason: str) -> None:
+        if peer not in run.dropped:
+            run.dropped.add(peer)
+            run.progress.dropped[peer] = reason
+            log.info("provider_dropped", peer=peer, manifest=run.manifest.artifact_id, reason=reason)
+        run.changed.set()
+
+    def view(self) -> dict[str, Any]:
+        return {**self.stats.view(), "fetches": [p.view() for p in self.fetches.values()]}

@@ -1,0 +1,390 @@
+"""The on-disk content store: chunks, manifests and records by content id, pins and GC.
+
+Every write is atomic (temp file, fsync, rename, fsync of the directory) and every read is
+verified, so a crash or a flipped bit can lose an item but never serve a wrong one.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from protocol import canonical
+from protocol.cid import content_id, digest_bytes, is_content_id
+from protocol.errors import Invalid
+from protocol.manifest import Manifest, parse_manifest
+
+Buffer = bytes | bytearray | memoryview
+
+CHUNKS, MANIFESTS, RECORDS = "chunks", "manifests", "records"
+KINDS = (CHUNKS, MANIFESTS, RECORDS)
+_PINS = "pins"
+_TEMP_PREFIX = ".tmp-"
+MAX_PIN_NAME = 200
+# fdatasync covers a new file's data and size, which is all a rename needs behind it; the
+# directory fsync after the rename makes the name durable. macOS has only fsync.
+_sync_data = getattr(os, "fdatasync", os.fsync)
+
+
+@dataclass
+class StoreCounters:
+    """Running totals since the store was opened; ``ContentStore.counters`` returns a copy."""
+
+    bytes_written: int = 0
+    bytes_read: int = 0
+    items_written: int = 0
+    items_deduplicated: int = 0
+    items_verified: int = 0
+    corrupt_dropped: int = 0
+    gc_removed: int = 0
+
+
+@dataclass
+class CheckReport:
+    """What a startup check removed: leftover temp files, stray names, corrupt items by id."""
+
+    temp_files: int = 0
+    stray_files: int = 0
+    corrupt: list[str] = field(default_factory=list)
+    checked: int = 0
+
+
+@dataclass
+class GcReport:
+    removed: int = 0
+    bytes_freed: int = 0
+    kept: int = 0
+
+
+class ContentStore:
+    """Content-addressed files under ``root``: ``<kind>/<hex[:2]>/<hex>``, pins in ``pins/``.
+
+    Synchronous and thread-safe: asyncio code calls it through ``asyncio.to_thread``. Renames,
+    deletions, pins and counters happen under one lock, so GC never races a finishing write.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self._lock = threading.Lock()
+        self._counters = StoreCounters()
+        for name in (*KINDS, _PINS):
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+        self._pins = self._load_pins()
+
+    # -- chunks -----------------------------------------------------------------------------
+
+    def put(self, data: Buffer, cid: str | None = None) -> str:
+        """Store a chunk; return its id. With ``cid``, raise Invalid("bad_chunk") on mismatch."""
+        return self.put_many([data], [cid] if cid else None)[0]
+
+    def put_many(self, chunks: Iterable[Buffer], cids: Iterable[str] | None = None) -> list[str]:
+        """Store several chunks with one fsync per directory touched; return their ids."""
+        return self._put_items(CHUNKS, list(chunks), None if cids is None else list(cids))
+
+    def get(self, cid: str) -> bytes | None:
+        """A chunk's bytes, or None when absent or corrupt (a corrupt file is deleted)."""
+        return self._get(CHUNKS, cid)
+
+    def read_into(self, cid: str, out: np.ndarray) -> bool:
+        """Read a chunk straight into ``out`` (contiguous, its exact size) and verify it."""
+        if not out.flags.c_contiguous:
+            raise ValueError("read_into needs a contiguous array")
+        path = self._path(CHUNKS, cid)
+        target = out.data.cast("B")
+        try:
+            with open(path, "rb", buffering=0) as handle:
+                inode = os.fstat(handle.fileno())
+                intact = inode.st_size == len(target) and handle.readinto(target) == len(target)
+        except FileNotFoundError:
+            return False
+        intact = intact and content_id(target) == cid
+        self._after_read(path, inode, len(target), intact)
+        return intact
+
+    def has(self, cid: str) -> bool:
+        return self._path(CHUNKS, cid).exists()
+
+    def missing(self, cids: Iterable[str]) -> list[str]:
+        """The ids among ``cids`` that the store lacks, in first-seen order, once each."""
+        return [cid for cid in dict.fromkeys(cids) if not self.has(cid)]
+
+    # -- manifests and records -------------------------------------------------------------
+
+    def put_manifest(self, data: Buffer, manifest_id: str | None = None) -> str:
+        """Validate (raises Invalid) and store manifest bytes; return the artifact id."""
+        parse_manifest(data)
+        return self._put_items(MANIFESTS, [data], [manifest_id] if manifest_id else None)[0]
+
+    def get_manifest(self, manifest_id: str) -> Manifest | None:
+        """The parsed manifest, or None when absent or corrupt (then it is deleted)."""
+        data = self._get(MANIFESTS, manifest_id)
+        if data is None:
+            return None
+        try:
+            return parse_manifest(data)
+        except Invalid:
+            # Hash-correct but unparsable: written by a build with looser rules. Unusable here.
+            self._drop(self._path(MANIFESTS, manifest_id), None)
+            return None
+
+    def has_manifest(self, manifest_id: str) -> bool:
+        return self._path(MANIFESTS, manifest_id).exists()
+
+    def manifest_ids(self) -> list[str]:
+        return [cid for cid, _ in self._walk(MANIFESTS)]
+
+    def put_record(self, data: Buffer, record_id: str | None = None) -> str:
+        """Store a small record's exact bytes (its validation is the caller's); return its id."""
+        return self._put_items(RECORDS, [data], [record_id] if record_id else None)[0]
+
+    def get_record(self, record_id: str) -> bytes | None:
+        return self._get(RECORDS, record_id)
+
+    def has_record(self, record_id: str) -> bool:
+        return self._path(RECORDS, record_id).exists()
+
+    # -- pins and garbage collection -------------------------------------------------------
+
+    def pin(self, name: str, ids: Iterable[str]) -> None:
+        """Set pin ``name`` (e.g. "head:<id>") to ``ids``: records, manifests (with all their
+        chunks) or chunks that GC must keep. Replaces the pin's previous ids."""
+        if not (isinstance(name, str) and 0 < len(name) <= MAX_PIN_NAME):
+            raise Invalid("bad_pin", f"pin name {name!r:.80}")
+        pinned = frozenset(ids)
+        if not all(is_content_id(cid) for cid in pinned):
+            raise Invalid("bad_cid", f"pin {name} lists a malformed id")
+        data = canonical.encode({"name": name, "ids": sorted(pinned)})
+        with self._lock:
+            _write_atomic(self._pin_path(name), data)
+            self._pins[name] = pinned
+
+    def unpin(self, name: str) -> None:
+        with self._lock:
+            if self._pins.pop(name, None) is not None:
+                self._pin_path(name).unlink(missing_ok=True)
+                fsync_dir(self.root / _PINS)
+
+    def pins(self) -> dict[str, frozenset[str]]:
+        with self._lock:
+            return dict(self._pins)
+
+    def gc(self, keep_recent_s: float = 0.0) -> GcReport:
+        """Delete every item no pin keeps, except those written in the last ``keep_recent_s``
+        seconds (so a fetch that has not pinned yet keeps its chunks)."""
+        report = GcReport()
+        cutoff = time.time() - keep_recent_s
+        with self._lock:
+            live = self._live_ids()
+            for kind in KINDS:
+                for cid, path in self._walk(kind):
+                    try:
+                        stat = path.stat()
+                    except FileNotFoundError:
+                        continue
+                    if cid in live or stat.st_mtime > cutoff:
+                        report.kept += 1
+                        continue
+                    path.unlink(missing_ok=True)
+                    report.removed += 1
+                    report.bytes_freed += stat.st_size
+            self._counters.gc_removed += report.removed
+        return report
+
+    def _live_ids(self) -> set[str]:
+        live: set[str] = set().union(*self._pins.values())
+        for cid in list(live):
+            data = self._get(MANIFESTS, cid, locked=True)
+            if data is not None:
+                # Stored manifests were validated on the way in, so this parse succeeds.
+                live.update(chunk.cid for chunk in parse_manifest(data).chunks)
+        return live
+
+    # -- startup check and counters --------------------------------------------------------
+
+    def check(self, full: bool = False) -> CheckReport:
+        """Drop leftover temp files, stray names and corrupt items; call before serving.
+
+        The cheap check rehashes manifests and records (small) and checks each chunk's size
+        against the stored manifests; ``full`` rehashes every chunk too.
+        """
+        report = CheckReport()
+        for directory in (*(self.root / kind for kind in KINDS), self.root / _PINS):
+            for path in directory.rglob(_TEMP_PREFIX + "*"):
+                path.unlink(missing_ok=True)
+                report.temp_files += 1
+        for kind in KINDS:
+            for path in (self.root / kind).rglob("*"):
+                if path.is_file() and _cid_of(path, self.root / kind) is None:
+                    path.unlink(missing_ok=True)
+                    report.stray_files += 1
+        chunk_sizes: dict[str, int] = {}
+        for cid, _ in self._walk(MANIFESTS):
+            report.checked += 1
+            manifest = self.get_manifest(cid)
+            if manifest is None:
+                report.corrupt.append(cid)
+            else:
+                chunk_sizes.update((chunk.cid, chunk.size) for chunk in manifest.chunks)
+        for cid, _ in self._walk(RECORDS):
+            report.checked += 1
+            if self._get(RECORDS, cid) is None:
+                report.corrupt.append(cid)
+        for cid, path in self._walk(CHUNKS):
+            report.checked += 1
+            if full:
+                intact = self._get(CHUNKS, cid) is not None
+            elif path.stat().st_size != chunk_sizes.get(cid, path.stat().st_size):
+                self._drop(path, None)
+                intact = False
+            else:
+                intact = True
+            if not intact:
+                report.corrupt.append(cid)
+        return report
+
+    def counters(self) -> StoreCounters:
+        with self._lock:
+            return replace(self._counters)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _path(self, kind: str, cid: str) -> Path:
+        digest = digest_bytes(cid).hex()
+        return self.root / kind / digest[:2] / digest
+
+    def _pin_path(self, name: str) -> Path:
+        return self.root / _PINS / name.encode().hex()
+
+    def _put_items(self, kind: str, items: list[Buffer], cids: list[str] | None) -> list[str]:
+        ids = [content_id(item) for item in items]
+        if cids is not None and cids != ids:
+            raise Invalid("bad_chunk" if kind == CHUNKS else "bad_cid", "data does not match its id")
+        written: list[tuple[Path, Path]] = []
+        new_directories = set()
+        try:
+            for cid, item in zip(ids, items):
+                path = self._path(kind, cid)
+                if path.exists():
+                    self._count(items_deduplicated=1)
+                    continue
+                if not path.parent.is_dir():
+                    path.parent.mkdir(exist_ok=True)
+                    new_directories.add(path.parent.parent)
+                written.append((_write_temp(path.parent, item), path))
+                self._count(bytes_written=len(memoryview(item).cast("B")), items_written=1)
+            with self._lock:
+                for temp, path in written:
+                    os.replace(temp, path)
+        finally:
+            for temp, _ in written:
+                temp.unlink(missing_ok=True)
+        # A fan-out directory created just now needs its own entry made durable as well.
+        for directory in {path.parent for _, path in written} | new_directories:
+            fsync_dir(directory)
+        return ids
+
+    def _get(self, kind: str, cid: str, locked: bool = False) -> bytes | None:
+        path = self._path(kind, cid)
+        try:
+            with open(path, "rb", buffering=0) as handle:
+                inode = os.fstat(handle.fileno())
+                data = handle.read()
+        except FileNotFoundError:
+            return None
+        intact = content_id(data) == cid
+        self._after_read(path, inode, len(data), intact, locked)
+        return data if intact else None
+
+    def _after_read(
+        self, path: Path, inode: os.stat_result, size: int, intact: bool, locked: bool = False
+    ) -> None:
+        if intact:
+            self._count(bytes_read=size, items_verified=1, locked=locked)
+        else:
+            self._drop(path, inode, locked)
+
+    def _drop(self, path: Path, inode: os.stat_result | None, locked: bool = False) -> None:
+        """Delete a corrupt file, unless a good copy was renamed over it since it was read."""
+        if not locked:
+            with self._lock:
+                return self._drop(path, inode, locked=True)
+        try:
+            current = path.stat()
+        except FileNotFoundError:
+            return
+        if inode is None or (current.st_ino, current.st_dev) == (inode.st_ino, inode.st_dev):
+            path.unlink(missing_ok=True)
+            self._counters.corrupt_dropped += 1
+
+    def _count(self, locked: bool = False, **deltas: int) -> None:
+        if not locked:
+            with self._lock:
+                return self._count(locked=True, **deltas)
+        for name, delta in deltas.items():
+            setattr(self._counters, name, getattr(self._counters, name) + delta)
+
+    def _walk(self, kind: str) -> list[tuple[str, Path]]:
+        directory = self.root / kind
+        found = []
+        for path in directory.glob("??/*"):
+            cid = _cid_of(path, directory)
+            if cid is not None:
+                found.append((cid, path))
+        return found
+
+    def _load_pins(self) -> dict[str, frozenset[str]]:
+        """Pins from disk. An unreadable pin file raises: silently dropping it could let GC
+        delete the head it protects."""
+        pins = {}
+        limits = canonical.Limits(max_size=64 << 20, max_array_len=1 << 20)
+        for path in (self.root / _PINS).iterdir():
+            if not path.name.startswith(_TEMP_PREFIX):
+                value = canonical.decode(path.read_bytes(), limits)
+                pins[value["name"]] = frozenset(value["ids"])
+        return pins
+
+
+def _cid_of(path: Path, directory: Path) -> str | None:
+    """The content id a file in ``directory`` stands for, or None for anything out of place."""
+    cid = "b3:" + path.name
+    if not is_content_id(cid) or path.parent.parent != directory or path.parent.name != path.name[:2]:
+        return None
+    return cid
+
+
+def _write_temp(directory: Path, data: Buffer) -> Path:
+    """Write ``data`` to a new, synced temp file in ``directory``; the caller renames it."""
+    path = directory / f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with open(fd, "wb", buffering=0) as handle:
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[handle.write(view) :]
+            _sync_data(handle.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_atomic(path: Path, data: Buffer) -> None:
+    temp = _write_temp(path.parent, data)
+    os.replace(temp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,139 @@
+"""The chunk exchange wire format: requests for content by id, answers carrying bytes or "missing".
+
+Every message is one length-prefixed frame holding a canonical msgpack value.
+A ``get`` request names up to ``MAX_IDS_PER_REQUEST`` ids of one kind; the
+server answers with one ``Item`` frame per id, in request order. A ``have``
+request asks which chunks of a manifest the server holds, as a bitfield.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from protocol import canonical
+from protocol.cid import is_content_id
+from protocol.errors import Invalid
+
+PROTOCOL_ID = "/p2p-node/chunks/1.0.0"
+MAX_IDS_PER_REQUEST = 64
+MAX_REQUEST_BYTES = 16 * 1024
+MAX_ITEM_BYTES = 16 * 1024 * 1024 + 1024
+CONTENT_KINDS = frozenset({"chunk", "manifest", "record"})
+
+_REQUEST_LIMITS = canonical.Limits(max_size=MAX_REQUEST_BYTES, max_array_len=MAX_IDS_PER_REQUEST)
+_ITEM_LIMITS = canonical.Limits(max_size=MAX_ITEM_BYTES, max_bin_len=MAX_ITEM_BYTES, max_array_len=4)
+
+
+@dataclass(frozen=True)
+class GetRequest:
+    kind: str
+    ids: tuple[str, ...]
+
+    def encode(self) -> bytes:
+        return canonical.encode({"op": "get", "kind": self.kind, "ids": list(self.ids)})
+
+
+@dataclass(frozen=True)
+class HaveRequest:
+    manifest_id: str
+
+    def encode(self) -> bytes:
+        return canonical.encode({"op": "have", "manifest": self.manifest_id})
+
+
+Request = GetRequest | HaveRequest
+
+
+def decode_request(data: bytes) -> Request:
+    """Parse a request frame; raise Invalid with the reason on anything else."""
+    value = canonical.decode(data, _REQUEST_LIMITS)
+    if not isinstance(value, dict) or not isinstance(value.get("op"), str):
+        raise Invalid("malformed", "request must be a map with an op")
+    if value["op"] == "get" and set(value) == {"op", "kind", "ids"}:
+        kind, ids = value["kind"], value["ids"]
+        if kind not in CONTENT_KINDS:
+            raise Invalid("malformed", f"unknown content kind {kind!r:.40}")
+        if not isinstance(ids, list) or not ids or len(ids) > MAX_IDS_PER_REQUEST:
+            raise Invalid("malformed", f"ids must list 1 to {MAX_IDS_PER_REQUEST} content ids")
+        if not all(is_content_id(i) for i in ids):
+            raise Invalid("malformed", "ids must be content ids")
+        return GetRequest(kind, tuple(ids))
+    if value["op"] == "have" and set(value) == {"op", "manifest"}:
+        if not is_content_id(value["manifest"]):
+            raise Invalid("malformed", "manifest must be a content id")
+        return HaveRequest(value["manifest"])
+    raise Invalid("malformed", f"unknown request {value['op']!r:.40}")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One answer to a ``get``: the bytes of ``id`` or None when the server does not have it."""
+
+    id: str
+    data: bytes | None
+
+    def encode(self) -> bytes:
+        return canonical.encode([self.id, self.data])
+
+
+def decode_item(data: bytes, expected_id: str) -> Item:
+    """Parse an item frame and check it answers ``expected_id`` (the hash is checked by the caller)."""
+    value = canonical.decode(data, _ITEM_LIMITS)
+    refused = is_error(value)
+    if refused is not None:
+        raise Invalid("refused", refused[:80])
+    if not isinstance(value, list) or len(value) != 2:
+        raise Invalid("malformed", "item must be [id, bytes|nil]")
+    item_id, payload = value
+    if item_id != expected_id:
+        raise Invalid("out_of_order", "item answers another id than requested")
+    if payload is not None and not isinstance(payload, bytes):
+        raise Invalid("malformed", "item payload must be bytes or nil")
+    return Item(item_id, payload)
+
+
+@dataclass(frozen=True)
+class HaveAnswer:
+    """Which chunks (by index in the manifest's chunk list) the server holds; None: no manifest."""
+
+    bits: bytes | None
+
+    def encode(self) -> bytes:
+        return canonical.encode({"bits": self.bits})
+
+
+def decode_have(data: bytes, chunk_count: int) -> HaveAnswer:
+    value = canonical.decode(data, canonical.Limits(max_size=MAX_ITEM_BYTES, max_bin_len=MAX_ITEM_BYTES))
+    refused = is_error(value)
+    if refused is not None:
+        raise Invalid("refused", refused[:80])
+    if not isinstance(value, dict) or set(value) != {"bits"}:
+        raise Invalid("malformed", "have answer must be {bits}")
+    bits = value["bits"]
+    if bits is not None and (not isinstance(bits, bytes) or len(bits) != (chunk_count + 7) // 8):
+        raise Invalid("malformed", "bitfield has the wrong length")
+    return HaveAnswer(bits)
+
+
+def encode_error(reason: str) -> bytes:
+    return canonical.encode({"error": reason})
+
+
+def bitfield(flags: list[bool]) -> bytes:
+    """Pack booleans little-endian within each byte: chunk i is bit i % 8 of byte i // 8."""
+    out = bytearray((len(flags) + 7) // 8)
+    for index, flag in enumerate(flags):
+        if flag:
+            out[index // 8] |= 1 << (index % 8)
+    return bytes(out)
+
+
+def bit_set(bits: bytes, index: int) -> bool:
+    return bool(bits[index // 8] >> (index % 8) & 1)
+
+
+def is_error(value: Any) -> str | None:
+    if isinstance(value, dict) and set(value) == {"error"} and isinstance(value["error"], str):
+        return value["error"]
+    return None

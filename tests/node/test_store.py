@@ -1,0 +1,212 @@
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from node.store import ContentStore
+from protocol.chunking import FixedChunking
+from protocol.cid import content_id
+from protocol.codecs import FP32
+from protocol.errors import Invalid
+from protocol.manifest import Artifact, TensorSource, build_artifact, chunks_by_id
+
+
+def chunk_path(store: ContentStore, cid: str, kind: str = "chunks") -> Path:
+    digest = cid[3:]
+    return store.root / kind / digest[:2] / digest
+
+
+def flip_byte(path: Path, position: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def small_artifact(seed: int = 0, n: int = 10_000) -> Artifact:
+    values = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+    return build_artifact([TensorSource("w", values, FP32)], FixedChunking(4096))
+
+
+def put_artifact(store: ContentStore, artifact: Artifact) -> str:
+    chunks = chunks_by_id(artifact)
+    store.put_many(chunks.values(), chunks.keys())
+    return store.put_manifest(artifact.manifest.encoded)
+
+
+def all_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_put_get_has_missing(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path)
+    cid = store.put(b"hello")
+    assert cid == content_id(b"hello")
+    assert store.get(cid) == b"hello" and store.has(cid)
+    other = content_id(b"other")
+    assert store.missing([other, cid, other]) == [other]
+    assert store.get(other) is None
+    assert store.put(b"hello") == cid
+    counters = store.counters()
+    assert (counters.items_written, counters.items_deduplicated, counters.bytes_written) == (1, 1, 5)
+    assert counters.bytes_read == 5 and counters.items_verified == 1
+
+
+def test_put_rejects_data_that_does_not_match_its_id(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path)
+    with pytest.raises(Invalid):
+        store.put(b"hello", content_id(b"other"))
+    assert not all_files(tmp_path / "chunks")
+
+
+def test_a_corrupted_chunk_reads_as_missing_and_is_deleted(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path)
+    cid = store.put(os.urandom(5000))
+    flip_byte(chunk_path(store, cid), 1234)
+    assert store.get(cid) is None
+    assert not store.has(cid) and store.missing([cid]) == [cid]
+    assert store.counters().corrupt_dropped == 1
+
+
+def test_read_into_verifies_size_and_hash(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path)
+    data = os.urandom(3000)
+    cid = store.put(data)
+    out = np.zeros(3000, dtype=np.uint8)
+    assert store.read_into(cid, out) and out.tobytes() == data
+    assert not store.read_into(cid, np.zeros(2999, dtype=np.uint8))
+    assert not store.has(cid)
+    assert not store.read_into(cid, out)
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ContentStore(tmp_path)
+
+    def crash(*args: object) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        store.put_many([b"a", b"b"])
+    monkeypatch.undo()
+    assert not all_files(tmp_path / "chunks")
+    assert store.missing([content_id(b"a")]) == [content_id(b"a")]
+
+
+def test_startup_check_removes_temp_files_strays_and_wrong_sizes(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path)
+    artifact = small_artifact()
+    manifest_id = put_artifact(store, artifact)
+    first, second = artifact.manifest.chunks[0].cid, artifact.manifest.chunks[1].cid
+    record = store.put_record(b"record")
+    # What a crash leaves: half-written temp files next to finished ones.
+    (chunk_path(store, first).parent / ".tmp-abc123").write_bytes(b"partial")
+    (tmp_path / "pins" / ".tmp-x").write_bytes(b"partial")
+    (tmp_path / "chunks" / "stray.txt").write_bytes(b"?")
+    with open(chunk_path(store, first), "ab") as handle:
+        handle.write(b"extra")
+    flip_byte(chunk_path(store, second))
+    flip_byte(chunk_path(store, record, "records"))
+
+    report = ContentStore(tmp_path).check()
+    assert (report.temp_files, report.stray_files) == (2, 1)
+    # The cheap check sees the wrong size, not the flipped byte in a chunk of the right size.
+    assert sorted(report.corrupt) == sorted([first, record])
+    assert store.has(second)
+
+    full = ContentStore(tmp_path).check(full=True)
+    assert full.corrupt == [second]
+    assert store.get_manifest(manifest_id) == artifact.manifest
+    assert store.missing(c.cid for c in artifact.manifest.chunks) == [first, second]
+
+
+def test_check_drops_a_corrupt_manifest(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path)
+    manifest_id = put_artifact(store, small_artifact())
+    flip_byte(chunk_path(store, manifest_id, "manifests"), 10)
+    assert store.check().corrupt == [manifest_id]
+    assert store.get_manifest(manifest_id) is None and not store.has_manifest(manifest_id)
+
+
+def test_manifests_are_validated_and_verified(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path)
+    artifact = small_artifact()
+    with pytest.raises(Invalid):
+        store.put_manifest(b"\x93\x01\x02\x03")
+    with pytest.raises(Invalid):
+        store.put_manifest(artifact.manifest.encoded, content_id(b"x"))
+    manifest_id = store.put_manifest(artifact.manifest.encoded)
+    assert manifest_id == artifact.manifest.artifact_id
+    assert store.manifest_ids() == [manifest_id]
+    assert store.get_manifest(manifest_id) == artifact.manifest
+
+
+def test_gc_keeps_pinned_manifests_their_chunks_and_records(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path)
+    kept, dropped = small_artifact(1), small_artifact(2)
+    kept_id, dropped_id = put_artifact(store, kept), put_artifact(store, dropped)
+    head = store.put_record(b"head record")
+    loose = store.put(b"loose chunk")
+    store.pin(f"head:{head}", [head, kept_id])
+
+    report = ContentStore(tmp_path).gc()  # a reopened store sees the same pins
+    assert report.removed == len(chunks_by_id(dropped)) + 2
+    assert store.get_manifest(kept_id) == kept.manifest
+    assert not store.missing(c.cid for c in kept.manifest.chunks)
+    assert store.get_record(head) == b"head record"
+    assert not store.has_manifest(dropped_id) and not store.has(loose)
+
+    store.unpin(f"head:{head}")
+    assert ContentStore(tmp_path).pins() == {}
+    store.gc()
+    assert not all_files(tmp_path / "chunks") and not all_files(tmp_path / "records")
+
+
+def test_gc_keeps_recent_items_when_asked(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path)
+    old, fresh = store.put(b"old"), store.put(b"fresh")
+    past = time.time() - 3600
+    os.utime(chunk_path(store, old), (past, past))
+    store.gc(keep_recent_s=600)
+    assert not store.has(old) and store.has(fresh)
+
+
+def test_pins_validate_their_input(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path)
+    with pytest.raises(Invalid):
+        store.pin("", [])
+    with pytest.raises(Invalid):
+        store.pin("head:x", ["not-a-cid"])
+
+
+def test_concurrent_writers_readers_and_gc(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path)
+    blobs = [os.urandom(1000 + i) for i in range(64)]
+    ids = [content_id(b) for b in blobs]
+    store.pin("all", ids)
+    errors: list[BaseException] = []
+
+    def work(offset: int) -> None:
+        try:
+            for i in range(200):
+                index = (offset * 7 + i) % len(blobs)
+                store.put(blobs[index])
+                data = store.get(ids[index])
+                assert data is None or data == blobs[index]
+                if i % 50 == 0:
+                    store.gc()
+        except BaseException as exc:  # surfaced in the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert store.missing(ids) == []
+    assert all(store.get(cid) == blob for cid, blob in zip(ids, blobs))
+    assert not [p for p in all_files(tmp_path) if p.name.startswith(".tmp-")]
+    assert store.counters().corrupt_dropped == 0
