@@ -127,7 +127,7 @@ def bench_baselines(table: Table, tensors: dict[str, torch.Tensor], repeats: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--layers", type=int, default=11, help="11 layers give ~102.5M parameters")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
     tensors = gpt_like_state_dict(args.layers)

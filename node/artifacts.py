@@ -70,8 +70,8 @@ def encode_state_dict(
 
 
 def decode_state_dict(manifest: Manifest, stream: np.ndarray) -> dict[str, torch.Tensor]:
-    """Tensors in their source dtypes, in manifest order. fp32, raw and bfloat16-in-bf16
-    tensors are views over ``stream`` (no copies); the others are decoded into new memory."""
+    """Tensors in their source dtypes, in manifest order. Raw tensors, float32 under fp32 and
+    bfloat16 under bf16 are views over ``stream`` (no copies); the rest are decoded anew."""
     if stream.size != manifest.size:
         raise ValueError(f"stream has {stream.size} bytes, manifest {manifest.size}")
     tensors = {}

@@ -15,6 +15,7 @@ from node.config import Config, load_config, render_starter_config
 from node.config_schema import ConfigError, parse_set_options
 from node.keys import KeyFileError, load_or_create_key, read_key, write_key
 from protocol.identity import SigningKey
+from workloads.base import WorkloadError
 
 DEFAULT_URL = "http://127.0.0.1:8470"
 EXIT_USAGE = 2
@@ -177,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"p2p-node: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyFileError as exc:
+        print(f"p2p-node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except WorkloadError as exc:
         print(f"p2p-node: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from node.config_schema import (
     ConfigError,
@@ -267,6 +267,63 @@ class ExchangeSection:
     )
 
 
+@dataclass(frozen=True)
+class WorkloadSection:
+    """What this swarm trains: a built-in workload or a ``module:attr`` factory, and where."""
+
+    name: str = setting("tiny", "Built-in workload (charlm, tiny) or a package.module:attr factory.")
+    options: dict[str, Any] = setting({}, "Table passed to the workload factory ([workload.options]).")
+    seed: int = setting(0, "Seed of the initial weights; every peer of a swarm must use the same.", check=_non_negative)
+    device: str = setting("cpu", "Torch device for the inner loop: cpu, cuda or cuda:N.")
+    local_data: bool = setting(
+        True, "Read microshards from the workload's own files; false fetches every microshard from peers."
+    )
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    """The inner loop, leases and rounds."""
+
+    role: Literal["trainer", "consumer"] = setting(
+        "trainer", "trainer: lease data, train and merge; consumer: follow the canonical head only."
+    )
+    inner_steps: int = setting(50, "Inner steps (H) each trainer runs per round.", check=_positive)
+    codec: Literal["fp32", "bf16", "int8"] = setting("int8", "Encoding of the pseudo-gradients a peer publishes.")
+    lease_s: float = setting(120.0, "Lifetime of a lease; renewed while training takes longer.", check=_positive)
+    lease_settle_s: float = setting(
+        0.5, "Seconds to wait for rival claims before training on what a peer won.", check=_non_negative
+    )
+    round_deadline_s: float = setting(
+        0.0, "Seconds a round waits for updates; 0 adapts to observed inner-loop time.", check=_non_negative
+    )
+    min_round_deadline_s: float = setting(10.0, "Lower bound of the adaptive round deadline.", check=_positive)
+    max_round_deadline_s: float = setting(3600.0, "Upper bound of the adaptive round deadline.", check=_positive)
+    verify: Literal["verify", "trust"] = setting(
+        "verify",
+        "verify: recompute heads this peer did not merge before adopting them; trust: only check content ids.",
+    )
+    head_retention: int = setting(200, "Heads kept in the index (and their weights pinned).", check=_positive)
+    head_reannounce_s: float = setting(5.0, "Seconds between re-announcements of the canonical head.", check=_positive)
+    evaluate: bool = setting(True, "Compute the validation loss of each adopted head and publish it.")
+
+
+@dataclass(frozen=True)
+class DilocoSection:
+    """The outer step: how pseudo-gradients are aggregated and applied."""
+
+    rule: Literal["mean", "trimmed_mean", "median"] = setting(
+        "mean", "Aggregation: sample-weighted mean, coordinate-wise trimmed mean, or coordinate-wise median."
+    )
+    outer_lr: float = setting(0.7, "Outer learning rate (1.0 with momentum 0 is plain averaging).", check=_positive)
+    outer_momentum: float = setting(0.9, "Outer momentum.", check=_non_negative)
+    nesterov: bool = setting(True, "Use Nesterov momentum in the outer step.")
+    trim_fraction: float = setting(0.2, "Fraction trimmed from each end by trimmed_mean.", check=_non_negative)
+    outlier_factor: float = setting(
+        10.0, "Exclude updates whose norm exceeds this many times the median (3+ updates); 0 disables.",
+        check=_non_negative,
+    )
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -292,6 +349,9 @@ class Config:
     status: StatusSection = field(default_factory=StatusSection)
     store: StoreSection = field(default_factory=StoreSection)
     exchange: ExchangeSection = field(default_factory=ExchangeSection)
+    workload: WorkloadSection = field(default_factory=WorkloadSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    diloco: DilocoSection = field(default_factory=DilocoSection)
 
 
 def load_config(

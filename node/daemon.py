@@ -9,6 +9,7 @@ from pathlib import Path
 
 from node.availability import Availability
 from node.config import Config
+from node.diloco import OuterLoop
 from node.exchange import Exchange, ExchangeSettings
 from node.fetch_journal import FetchJournal
 from node.gossip import Gossip
@@ -18,6 +19,9 @@ from node.logs import get_logger
 from node.membership import Membership
 from node.status_api import StatusApi
 from node.store import ContentStore
+from node.trainer import Trainer
+from protocol.evals import EVAL_KIND, EVAL_VERSION, EvalRecord
+from workloads.registry import load_workload
 from protocol.availability import ANNOUNCE_KIND, ANNOUNCE_VERSION, Announce
 from protocol.identity import SigningKey
 from protocol.kinds import record_kinds
@@ -29,7 +33,8 @@ log = get_logger("daemon")
 SHUTDOWN_BUDGET_S = 4.0
 HEARTBEAT_RECORD = RecordKind(HEARTBEAT_KIND, frozenset({HEARTBEAT_VERSION}), Heartbeat.from_wire)
 ANNOUNCE_RECORD = RecordKind(ANNOUNCE_KIND, frozenset({ANNOUNCE_VERSION}), Announce.from_wire)
-NODE_RECORDS = (HEARTBEAT_RECORD, ANNOUNCE_RECORD)
+EVAL_RECORD = RecordKind(EVAL_KIND, frozenset({EVAL_VERSION}), EvalRecord.from_wire)
+NODE_RECORDS = (HEARTBEAT_RECORD, ANNOUNCE_RECORD, EVAL_RECORD)
 
 
 class _Stop(Exception):
@@ -52,6 +57,7 @@ class Node:
         self.store: ContentStore | None = None
         self.availability: Availability | None = None
         self.exchange: Exchange | None = None
+        self.outer: OuterLoop | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -65,6 +71,7 @@ class Node:
     async def start(self) -> None:
         cfg = self.config
         self.key = self._load_key()
+        workload = load_workload(cfg.workload.name, dict(cfg.workload.options))
         self.store = ContentStore(self.data_dir / "store")
         report = await asyncio.to_thread(self.store.check, cfg.store.check_on_start == "full")
         log.info("store_checked", report=str(report))
@@ -91,7 +98,7 @@ class Node:
         self.membership = Membership(
             self.bridge,
             self.gossip,
-            role="trainer",
+            role=cfg.training.role,
             interval_s=cfg.membership.heartbeat_interval_s,
             dead_after_missed=cfg.membership.dead_after_missed,
             bootstrap=list(cfg.swarm.bootstrap),
@@ -117,6 +124,12 @@ class Node:
             FetchJournal(self.data_dir / "fetches.json"),
         )
         await self.exchange.start()
+        trainer = Trainer(workload, cfg.workload.device, self.data_dir, cfg.workload.seed)
+        self.outer = OuterLoop(
+            cfg, self.key.peer_id, trainer, self.store, self.exchange, self.availability, self.gossip, self.membership
+        )
+        await self.outer.start(self.data_dir)
+        self.membership.set_fields(self.outer.heartbeat_fields)
         if cfg.status.enabled:
             self.status = StatusApi(self)
             await self.status.start(cfg.status.host, cfg.status.port)
@@ -136,19 +149,11 @@ class Node:
         exit_code = 0
         try:
             await self.start()
-            assert self.gossip is not None and self.membership is not None
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self.gossip.run(), name="gossip")
-                tasks.create_task(self.membership.run(), name="membership")
-                tasks.create_task(self._watch_bridge(), name="bridge-watch")
-                assert self.availability is not None and self.exchange is not None
-                tasks.create_task(self.availability.run(), name="availability")
-                tasks.create_task(self._gc_loop(), name="store-gc")
-                resumed = self.exchange.resume()
-                if resumed:
-                    log.info("fetches_resumed", manifests=resumed)
-                await self._stop.wait()
-                raise _Stop
+        except BaseException:
+            await self._shutdown()
+            raise
+        try:
+            await self._serve()
         except* _Stop:
             log.info("node_stopping", reason="signal")
         except* BridgeError as group:
@@ -159,6 +164,24 @@ class Node:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
         return exit_code
+
+    async def _serve(self) -> None:
+        assert self.gossip is not None and self.membership is not None
+        assert self.availability is not None and self.exchange is not None
+        assert self.outer is not None and self.outer.heads is not None
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.gossip.run(), name="gossip")
+            tasks.create_task(self.membership.run(), name="membership")
+            tasks.create_task(self._watch_bridge(), name="bridge-watch")
+            tasks.create_task(self.availability.run(), name="availability")
+            tasks.create_task(self._gc_loop(), name="store-gc")
+            tasks.create_task(self.outer.heads.run(), name="heads")
+            tasks.create_task(self.outer.run(), name="outer-loop")
+            resumed = self.exchange.resume()
+            if resumed:
+                log.info("fetches_resumed", manifests=resumed)
+            await self._stop.wait()
+            raise _Stop
 
     def _on_peer_event(self, event: PeerEvent) -> None:
         if self.availability is not None:
@@ -177,6 +200,8 @@ class Node:
         raise BridgeError("libp2p host stopped unexpectedly")
 
     async def _shutdown(self) -> None:
+        if self.outer is not None:
+            self.outer.trainer.request_stop()
         try:
             async with asyncio.timeout(SHUTDOWN_BUDGET_S):
                 if self.status is not None:

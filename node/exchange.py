@@ -207,14 +207,33 @@ class _FetchRun:
         mine = self.my_weight[cid]
         return all(rendezvous_weight(cid, peer) < mine for peer in fetchers)
 
+    def _partial_holdings(self) -> list[set[str]]:
+        return [h for p, h in self.has.items() if h is not None and p not in self.dropped]
+
+    def seed_only_left(self) -> bool:
+        """Whether a live seed still has chunks we lack that no fetcher we know of holds.
+
+        While it does, we take from the seed (rarest first) and copy nothing from partial
+        holders: every chunk then leaves the seed once before fetchers trade copies, so the
+        swarm can lose its seed early and still hold the whole artifact between its fetchers.
+        Holdings only grow, so a stale ``have`` view errs on the side of waiting."""
+        if not any(h is None and p not in self.dropped for p, h in self.has.items()):
+            return False
+        partial = self._partial_holdings()
+        return any(all(cid not in held for held in partial) for cid in self.pending)
+
     def available(self, peer: str) -> bool:
         held = self.has.get(peer)
         free = self.pending - self.inflight
-        return bool(free) if held is None else not free.isdisjoint(held)
+        if held is None:
+            return bool(free)
+        return not free.isdisjoint(held) and not self.seed_only_left()
 
     def pick(self, peer: str) -> list[str]:
         """The next batch for ``peer``: chunks it has that nobody is fetching, best first."""
         held = self.has.get(peer)
+        if held is not None and self.seed_only_left():
+            return []
         free = [c for c in self.pending - self.inflight if held is None or c in held]
         if not free:
             return []
@@ -353,6 +372,11 @@ class Exchange:
             log.warning("fetch_failed", manifest=manifest_id, error=str(exc))
             await self._settle_journal(manifest_id)
             raise
+        except Exception as exc:
+            # A bug or a local fault (disk full): visible as failed, kept in the journal to resume.
+            progress.state, progress.error = "failed", f"{type(exc).__name__}: {str(exc)[:200]}"
+            log.exception("fetch_crashed", manifest=manifest_id)
+            raise
         finally:
             self.availability.set_fetching(manifest_id, False)
 
@@ -412,6 +436,13 @@ class Exchange:
             raise _Drop(f"cannot open stream: {str(exc)[:120]}") from None
 
     async def _run(self, run: _FetchRun, hints: tuple[str, ...]) -> None:
+        try:
+            await self._run_group(run, hints)
+        except* FetchFailed as group:
+            # The task group wraps what its body raises; callers expect a plain FetchFailed.
+            raise group.exceptions[0] from None
+
+    async def _run_group(self, run: _FetchRun, hints: tuple[str, ...]) -> None:
         async with asyncio.TaskGroup() as tasks:
             while run.pending:
                 full, partial = self._candidates(run.manifest.artifact_id, hints)
@@ -419,7 +450,10 @@ class Exchange:
                     if peer not in run.has and peer not in run.dropped:
                         run.has[peer] = None
                 now = time.monotonic()
-                for peer in partial:
+                # Keep polling a peer we track chunk by chunk even once it announces the whole
+                # artifact (a fetcher that finished): its last bitfield is stale.
+                tracked = [p for p in full if run.has.get(p, None) is not None]
+                for peer in dict.fromkeys([*partial, *tracked]):
                     if peer in run.dropped or run.has.get(peer, set()) is None:
                         continue
                     if peer not in run.polling and now - run.polled.get(peer, 0.0) >= self.settings.have_poll_s:
@@ -535,6 +569,52 @@ class Exchange:
             run.progress.dropped[peer] = reason
             log.info("provider_dropped", peer=peer, manifest=run.manifest.artifact_id, reason=reason)
         run.changed.set()
+
+    async def fetch_record(self, record_id: str, providers: tuple[str, ...] = ()) -> bytes | None:
+        """A small record by id from any connected peer that has it, hash-verified; None if nobody does."""
+        peers = list(dict.fromkeys((*providers, *self.bridge.connected_peers())))
+        for peer in peers:
+            try:
+                data = await self._get_one(peer, "record", record_id)
+            except (Invalid, _Drop):
+                continue
+            if data is not None:
+                await asyncio.to_thread(self.store.put_record, data, record_id)
+                return data
+        return None
+
+    async def fetch_blobs(self, cids: list[str], providers: list[str]) -> list[str]:
+        """Fetch loose chunks (e.g. microshards) by id from ``providers``; return the ids still missing."""
+        missing = await asyncio.to_thread(self.store.missing, cids)
+        for peer in providers:
+            if not missing:
+                break
+            try:
+                stream = await self._open(peer)
+            except _Drop:
+                continue
+            try:
+                for start in range(0, len(missing), wire.MAX_IDS_PER_REQUEST):
+                    batch = missing[start : start + wire.MAX_IDS_PER_REQUEST]
+                    await stream.write_frame(GetRequest("chunk", tuple(batch)).encode(), self.settings.request_timeout_s)
+                    for cid in batch:
+                        frame = await stream.read_frame(wire.MAX_ITEM_BYTES, self.settings.request_timeout_s)
+                        item = wire.decode_item(frame, cid)
+                        if item.data is None:
+                            continue
+                        self.stats.bytes_in += len(item.data)
+                        self.stats.chunks_in += 1
+                        await asyncio.to_thread(self.store.put, item.data, cid)
+                        self.stats.chunks_verified += 1
+            except Invalid as exc:
+                self.stats.rejected_chunks_by_peer[peer] += 1
+                log.warning("blob_rejected", peer=peer, reason=exc.reason)
+            except (BridgeError, TimeoutError) as exc:
+                log.info("blob_fetch_failed", peer=peer, error=str(exc)[:120])
+            finally:
+                await stream.close()
+            missing = await asyncio.to_thread(self.store.missing, missing)
+        return missing
 
     def view(self) -> dict[str, Any]:
         return {**self.stats.view(), "fetches": [p.view() for p in self.fetches.values()]}

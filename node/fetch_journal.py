@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 from node.store import fsync_dir
@@ -15,6 +16,7 @@ class FetchJournal:
 
     def __init__(self, path: Path) -> None:
         self._path = path
+        self._lock = threading.Lock()  # fetches start and finish from several worker threads
         self._ids: list[str] = self._load()
 
     def _load(self) -> list[str]:
@@ -30,14 +32,16 @@ class FetchJournal:
         return list(self._ids)
 
     def add(self, manifest_id: str) -> None:
-        if manifest_id not in self._ids:
-            self._ids.append(manifest_id)
-            self._write()
+        with self._lock:
+            if manifest_id not in self._ids:
+                self._ids.append(manifest_id)
+                self._write()
 
     def remove(self, manifest_id: str) -> None:
-        if manifest_id in self._ids:
-            self._ids.remove(manifest_id)
-            self._write()
+        with self._lock:
+            if manifest_id in self._ids:
+                self._ids.remove(manifest_id)
+                self._write()
 
     def _write(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)

@@ -62,6 +62,10 @@ class Membership:
         self.heartbeats_sent = 0
         gossip.on(HEARTBEAT_KIND, self._on_heartbeat)
 
+    def set_fields(self, fields: HeartbeatFields) -> None:
+        """Where the heartbeat's head, round, device and capabilities come from."""
+        self._fields = fields
+
     def subscribe(self, listener: PeerListener) -> None:
         self._listeners.append(listener)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from protocol import canonical
-from protocol.cid import content_id, digest_bytes, is_content_id
+from protocol.cid import PREFIX, content_id, is_content_id
 from protocol.errors import Invalid
 from protocol.manifest import Manifest, parse_manifest
 
@@ -27,7 +27,7 @@ CHUNKS, MANIFESTS, RECORDS = "chunks", "manifests", "records"
 KINDS = (CHUNKS, MANIFESTS, RECORDS)
 _PINS = "pins"
 _TEMP_PREFIX = ".tmp-"
-MAX_PIN_NAME = 200
+MAX_PIN_NAME = 120  # bytes; the pin's file name is their hex, within the usual 255 limit
 # fdatasync covers a new file's data and size, which is all a rename needs behind it; the
 # directory fsync after the rename makes the name durable. macOS has only fsync.
 _sync_data = getattr(os, "fdatasync", os.fsync)
@@ -72,7 +72,8 @@ class ContentStore:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
-        self._lock = threading.Lock()
+        # Reentrant: GC holds it while it reads manifests through the verifying getters.
+        self._lock = threading.RLock()
         self._counters = StoreCounters()
         for name in (*KINDS, _PINS):
             (self.root / name).mkdir(parents=True, exist_ok=True)
@@ -155,7 +156,7 @@ class ContentStore:
     def pin(self, name: str, ids: Iterable[str]) -> None:
         """Set pin ``name`` (e.g. "head:<id>") to ``ids``: records, manifests (with all their
         chunks) or chunks that GC must keep. Replaces the pin's previous ids."""
-        if not (isinstance(name, str) and 0 < len(name) <= MAX_PIN_NAME):
+        if not (isinstance(name, str) and 0 < len(name.encode()) <= MAX_PIN_NAME):
             raise Invalid("bad_pin", f"pin name {name!r:.80}")
         pinned = frozenset(ids)
         if not all(is_content_id(cid) for cid in pinned):
@@ -200,10 +201,9 @@ class ContentStore:
     def _live_ids(self) -> set[str]:
         live: set[str] = set().union(*self._pins.values())
         for cid in list(live):
-            data = self._get(MANIFESTS, cid, locked=True)
-            if data is not None:
-                # Stored manifests were validated on the way in, so this parse succeeds.
-                live.update(chunk.cid for chunk in parse_manifest(data).chunks)
+            manifest = self.get_manifest(cid)
+            if manifest is not None:
+                live.update(chunk.cid for chunk in manifest.chunks)
         return live
 
     # -- startup check and counters --------------------------------------------------------
@@ -240,7 +240,7 @@ class ContentStore:
             report.checked += 1
             if full:
                 intact = self._get(CHUNKS, cid) is not None
-            elif path.stat().st_size != chunk_sizes.get(cid, path.stat().st_size):
+            elif cid in chunk_sizes and path.stat().st_size != chunk_sizes[cid]:
                 self._drop(path, None)
                 intact = False
             else:
@@ -256,7 +256,10 @@ class ContentStore:
     # -- internals -------------------------------------------------------------------------
 
     def _path(self, kind: str, cid: str) -> Path:
-        digest = digest_bytes(cid).hex()
+        """Where an item lives; a malformed id raises Invalid("bad_cid") before touching disk."""
+        if not is_content_id(cid):
+            raise Invalid("bad_cid", f"{cid!r:.80}")
+        digest = cid[len(PREFIX) :]
         return self.root / kind / digest[:2] / digest
 
     def _pin_path(self, name: str) -> Path:
@@ -271,14 +274,14 @@ class ContentStore:
         try:
             for cid, item in zip(ids, items):
                 path = self._path(kind, cid)
-                if path.exists():
+                if _touch(path):
                     self._count(items_deduplicated=1)
                     continue
                 if not path.parent.is_dir():
                     path.parent.mkdir(exist_ok=True)
                     new_directories.add(path.parent.parent)
                 written.append((_write_temp(path.parent, item), path))
-                self._count(bytes_written=len(memoryview(item).cast("B")), items_written=1)
+                self._count(bytes_written=memoryview(item).nbytes, items_written=1)
             with self._lock:
                 for temp, path in written:
                     os.replace(temp, path)
@@ -290,7 +293,7 @@ class ContentStore:
             fsync_dir(directory)
         return ids
 
-    def _get(self, kind: str, cid: str, locked: bool = False) -> bytes | None:
+    def _get(self, kind: str, cid: str) -> bytes | None:
         path = self._path(kind, cid)
         try:
             with open(path, "rb", buffering=0) as handle:
@@ -299,36 +302,30 @@ class ContentStore:
         except FileNotFoundError:
             return None
         intact = content_id(data) == cid
-        self._after_read(path, inode, len(data), intact, locked)
+        self._after_read(path, inode, len(data), intact)
         return data if intact else None
 
-    def _after_read(
-        self, path: Path, inode: os.stat_result, size: int, intact: bool, locked: bool = False
-    ) -> None:
+    def _after_read(self, path: Path, inode: os.stat_result, size: int, intact: bool) -> None:
         if intact:
-            self._count(bytes_read=size, items_verified=1, locked=locked)
+            self._count(bytes_read=size, items_verified=1)
         else:
-            self._drop(path, inode, locked)
+            self._drop(path, inode)
 
-    def _drop(self, path: Path, inode: os.stat_result | None, locked: bool = False) -> None:
+    def _drop(self, path: Path, inode: os.stat_result | None) -> None:
         """Delete a corrupt file, unless a good copy was renamed over it since it was read."""
-        if not locked:
-            with self._lock:
-                return self._drop(path, inode, locked=True)
-        try:
-            current = path.stat()
-        except FileNotFoundError:
-            return
-        if inode is None or (current.st_ino, current.st_dev) == (inode.st_ino, inode.st_dev):
-            path.unlink(missing_ok=True)
-            self._counters.corrupt_dropped += 1
+        with self._lock:
+            try:
+                current = path.stat()
+            except FileNotFoundError:
+                return
+            if inode is None or (current.st_ino, current.st_dev) == (inode.st_ino, inode.st_dev):
+                path.unlink(missing_ok=True)
+                self._counters.corrupt_dropped += 1
 
-    def _count(self, locked: bool = False, **deltas: int) -> None:
-        if not locked:
-            with self._lock:
-                return self._count(locked=True, **deltas)
-        for name, delta in deltas.items():
-            setattr(self._counters, name, getattr(self._counters, name) + delta)
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self._counters, name, getattr(self._counters, name) + delta)
 
     def _walk(self, kind: str) -> list[tuple[str, Path]]:
         directory = self.root / kind
@@ -353,10 +350,20 @@ class ContentStore:
 
 def _cid_of(path: Path, directory: Path) -> str | None:
     """The content id a file in ``directory`` stands for, or None for anything out of place."""
-    cid = "b3:" + path.name
+    cid = PREFIX + path.name
     if not is_content_id(cid) or path.parent.parent != directory or path.parent.name != path.name[:2]:
         return None
     return cid
+
+
+def _touch(path: Path) -> bool:
+    """Refresh an existing item's mtime (GC's keep-recent window counts from a re-put too);
+    False when there is no such item."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _write_temp(directory: Path, data: Buffer) -> Path:

@@ -330,6 +330,10 @@ class HeadIndex:
     def __len__(self) -> int:
         return len(self._heads)
 
+    def heads(self) -> list[HeadRecord]:
+        """Every known head, in no particular order."""
+        return list(self._heads.values())
+
     def tip(self) -> str | None:
         """The canonical head id, per ``choose_head`` under the rollback in force."""
         return choose_head(self._heads.values(), self.rollback)

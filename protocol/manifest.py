@@ -66,7 +66,8 @@ class TensorEntry:
     def values(self, stream: np.ndarray) -> np.ndarray:
         """This tensor's values from the artifact stream: float32 for the float codecs, the
         source dtype for raw; fp32 and raw results are views over ``stream`` (no copies)."""
-        return self.codec.decode(self.encoded_bytes(stream), self.numel, self.dtype).reshape(self.shape)
+        decoded = self.codec.decode(self.encoded_bytes(stream), self.numel, self.dtype)
+        return decoded.reshape(self.shape)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -131,7 +132,7 @@ def parse_manifest(data: bytes | bytearray | memoryview) -> Manifest:
         raise Invalid("malformed", "manifest needs exactly " + ", ".join(sorted(_FIELDS)))
     if value["kind"] != KIND:
         raise Invalid("wrong_kind", f"kind {value['kind']!r:.40}")
-    if value["version"] != VERSION:
+    if type(value["version"]) is not int or value["version"] != VERSION:
         raise Invalid("unknown_version", f"version {value['version']!r:.40}")
     size = value["size"]
     if not _is_count(size):
@@ -140,7 +141,12 @@ def parse_manifest(data: bytes | bytearray | memoryview) -> Manifest:
     chunks = _parse_chunks(value["chunks"])
     chunking.check_sizes([chunk.size for chunk in chunks], size)
     tensors = _parse_tensors(value["tensors"], size)
-    return Manifest(tensors, chunking, chunks, size)
+    manifest = Manifest(tensors, chunking, chunks, size)
+    # The artifact id is the hash of these bytes, so they must be exactly what the parsed
+    # manifest encodes to (no value that merely compares equal, like true for 1).
+    if manifest.encoded != bytes(data):
+        raise Invalid("non_canonical", "manifest does not re-encode to its bytes")
+    return manifest
 
 
 def _is_count(value: Any) -> bool:

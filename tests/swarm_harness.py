@@ -47,6 +47,7 @@ class Peer:
     status_port: int
     peer_id: str
     process: subprocess.Popen[bytes] | None = None
+    token: str = ""
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +79,28 @@ class Peer:
                 return json.load(response)
         except (urllib.error.URLError, OSError, ValueError):
             return None
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float = 5.0) -> tuple[int, Any]:
+        """An authenticated request (the peer's status token); returns (HTTP status, JSON body or None)."""
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as exc:
+            try:
+                return exc.code, json.load(exc)
+            except ValueError:
+                return exc.code, None
+
+    def post(self, path: str, body: Any, timeout: float = 5.0) -> tuple[int, Any]:
+        return self.request("POST", path, body, timeout)
+
+    def delete(self, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+        return self.request("DELETE", path, None, timeout)
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         wait_until(lambda: self.get("/healthz"), timeout, what=f"{self.name} /healthz")
@@ -113,7 +136,10 @@ class Swarm:
         self.swarm = swarm
         self.peers: list[Peer] = []
 
-    def add(self, extra_toml: str = "", bootstrap: bool = True, heartbeat_s: float = 1.0) -> Peer:
+    def add(
+        self, extra_toml: str = "", bootstrap: bool = True, heartbeat_s: float = 1.0, token: str = ""
+    ) -> Peer:
+        """A new peer's data dir and config; ``token`` sets ``[status] token`` (mutating routes)."""
         index = len(self.peers) + 1
         name = f"peer{index}"
         data_dir = self.root / name
@@ -126,9 +152,10 @@ class Swarm:
             f'[swarm]\nname = "{self.swarm}"\nbootstrap = {json.dumps(boot)}\n\n'
             f'[network]\nlisten = ["/ip4/127.0.0.1/tcp/{p2p_port}"]\n\n'
             f"[membership]\nheartbeat_interval_s = {heartbeat_s}\n\n"
-            f"[status]\nport = {status_port}\n\n{extra_toml}"
+            f"[status]\nport = {status_port}\n" + (f"token = {json.dumps(token)}\n" if token else "")
+            + f"\n{extra_toml}"
         )
-        peer = Peer(name, data_dir, config_path, p2p_port, status_port, key.peer_id)
+        peer = Peer(name, data_dir, config_path, p2p_port, status_port, key.peer_id, token=token)
         self.peers.append(peer)
         return peer
 

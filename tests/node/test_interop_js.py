@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from node.daemon import HEARTBEAT_RECORD
+from node.daemon import NODE_RECORDS
 from protocol import canonical
 from protocol.kinds import record_kinds
 from protocol.membership import HEARTBEAT_KIND
@@ -44,7 +44,7 @@ def swarm(tmp_path):
 
 def _heartbeat_from(peer: Peer, swarm_name: str, topic: str):
     """A predicate for a js ``message`` event carrying a valid heartbeat record authored by ``peer``."""
-    kinds = record_kinds([HEARTBEAT_RECORD])
+    kinds = record_kinds(NODE_RECORDS)
 
     def matches(event):
         if event.get("event") != "message" or event.get("topic") != topic or event.get("from") != peer.peer_id:

@@ -48,6 +48,9 @@ def test_put_get_has_missing(tmp_path: Path) -> None:
     other = content_id(b"other")
     assert store.missing([other, cid, other]) == [other]
     assert store.get(other) is None
+    for malformed in ("b3:" + "A" * 64, "../../etc/passwd", "b3:00"):
+        with pytest.raises(Invalid):
+            store.get(malformed)
     assert store.put(b"hello") == cid
     counters = store.counters()
     assert (counters.items_written, counters.items_deduplicated, counters.bytes_written) == (1, 1, 5)
@@ -177,6 +180,10 @@ def test_pins_validate_their_input(tmp_path: Path) -> None:
     store = ContentStore(tmp_path)
     with pytest.raises(Invalid):
         store.pin("", [])
+    with pytest.raises(Invalid):
+        store.pin("é" * 61, [])
+    store.pin("é" * 60, [])
+    assert ContentStore(tmp_path).pins() == {"é" * 60: frozenset()}
     with pytest.raises(Invalid):
         store.pin("head:x", ["not-a-cid"])
 

@@ -251,3 +251,20 @@ def test_a_billion_parameter_manifest_fits_the_limits() -> None:
     assert len(encoded) < MAX_MANIFEST_SIZE / 8
     manifest = parse_manifest(encoded)
     assert len(manifest.chunks) == n_chunks and manifest.encoded == encoded
+
+
+def test_values_that_only_compare_equal_are_rejected() -> None:
+    wire = sample_artifact().manifest.to_wire()
+    with pytest.raises(Invalid) as info:
+        parse_manifest(mutate(wire, ("version",), True))
+    assert info.value.reason == "unknown_version"
+    with pytest.raises(Invalid) as info:
+        parse_manifest(mutate(wire, ("tensors", 2, "params", "block"), 64.0))
+    assert info.value.reason == "bad_codec_params"
+
+
+def test_build_refuses_what_receivers_would_reject() -> None:
+    with pytest.raises(Invalid):
+        build_artifact([TensorSource("x" * 600, np.ones(2, np.float32), FP32)], FixedChunking())
+    with pytest.raises(Invalid):
+        build_artifact([TensorSource("deep", np.ones([1] * 17, np.float32), FP32)], FixedChunking())

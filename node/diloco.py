@@ -1,0 +1,513 @@
+"""The DiLoCo outer loop: lease, train H inner steps, publish the pseudo-gradient, merge, adopt.
+
+Each round starts from the canonical head. A trainer claims microshards,
+trains on them, stores its pseudo-gradient as an artifact and gossips an
+update record. The round closes when every live leaseholder's update is in,
+or at the deadline; then each participant merges the same updates locally
+into the same head. Heads computed elsewhere are verified by recomputing
+them before they count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from node.artifacts import MissingContent, load_artifact, store_artifact
+from node.availability import Availability
+from node.config import Config
+from node.exchange import Exchange, FetchFailed
+from node.gossip import Gossip, now_ms
+from node.heads import Heads
+from node.leasing import Leasing
+from node.logs import get_logger
+from node.membership import Membership
+from node.merge import UpdateInput, merge, outer_rule
+from node.microshards import MicroshardSource, MicroshardUnavailable
+from node.store import ContentStore
+from node.trainer import Trainer
+from protocol import canonical
+from protocol.codecs import BF16, FP32, INT8
+from protocol.coverage import EpochLedger, replay, select_updates
+from protocol.errors import Invalid
+from protocol.evals import EVAL_KIND, EVAL_VERSION, EvalRecord
+from protocol.heads import AggregationRule, HeadRecord, genesis_head
+from protocol.kinds import UPDATE
+from protocol.records import Record
+from protocol.rounds import Offer, RoundState, adaptive_deadline_ms
+from protocol.updates import InnerMetrics, UpdateRecord
+
+log = get_logger("diloco")
+
+UPDATE_VERSION = 1
+CODECS = {"fp32": FP32, "bf16": BF16, "int8": INT8}
+MAX_BUFFERED_ROUNDS = 4
+
+
+@dataclass
+class RoundView:
+    round: int = 0
+    phase: str = "starting"
+    base: str | None = None
+    leased: int = 0
+    expected: list[str] | None = None
+    waiting_for: list[str] | None = None
+    deadline_in_s: float | None = None
+
+
+class OuterLoop:
+    """One peer's part in the swarm's training; owns the round state and the merge."""
+
+    def __init__(
+        self,
+        config: Config,
+        peer_id: str,
+        trainer: Trainer,
+        store: ContentStore,
+        exchange: Exchange,
+        availability: Availability,
+        gossip: Gossip,
+        membership: Membership,
+    ) -> None:
+        self.config = config
+        self.peer_id = peer_id
+        self.trainer = trainer
+        self.workload = trainer.workload
+        self.store = store
+        self.exchange = exchange
+        self.availability = availability
+        self.gossip = gossip
+        self.membership = membership
+        self.is_trainer = config.training.role == "trainer"
+        self.view = RoundView()
+        self.updates: dict[int, dict[str, UpdateRecord]] = {}
+        self.updates_by_id: dict[str, UpdateRecord] = {}  # the last few rounds', for expecting peers
+        self.update_rejections: Counter[str] = Counter()
+        self.inner_durations_ms: list[int] = []
+        self.started = time.monotonic()
+        self.speed = 1.0
+        self.round_failures = 0
+        self._state: RoundState | None = None
+        self._arrived = asyncio.Event()
+        self._weights_cache: tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None
+        self.source: MicroshardSource | None = None
+        self.leasing: Leasing | None = None
+        self.heads: Heads | None = None
+        gossip.on(UPDATE, self._on_update)
+        gossip.on(EVAL_KIND, self._on_eval)
+
+    # ---- start-up --------------------------------------------------------------------
+
+    def rule(self) -> AggregationRule:
+        d = self.config.diloco
+        return outer_rule(d.rule, d.outer_lr, d.outer_momentum, d.nesterov, d.trim_fraction, d.outlier_factor)
+
+    async def start(self, data_dir: Any) -> None:
+        cfg = self.config
+        self.source = MicroshardSource(self.workload, self.store, self.exchange, self.availability, cfg.workload.local_data)
+        initial = await asyncio.to_thread(self.trainer.initial_weights)
+        weights_id = await asyncio.to_thread(store_artifact, self.store, initial)
+        genesis = genesis_head(weights_id, self.workload.schema_hash(), self.source.dataset_id, self.rule())
+        self.availability.add_held(weights_id)
+        self.heads = Heads(
+            genesis, self.gossip, self.store, self.exchange, data_dir,
+            cfg.training.head_reannounce_s, cfg.training.head_retention,
+        )
+        self.heads.verifier = self.verify_head
+        await self.heads.restore()
+        self.leasing = Leasing(self.gossip, self.peer_id, self.source.ids, cfg.training.lease_s, cfg.training.lease_settle_s)
+        await self.source.seed()
+        if self.is_trainer:
+            await self.trainer.prepare()
+            capability = await asyncio.to_thread(self.workload.probe, cfg.workload.device)
+            self.speed = max(capability.steps_per_second, 1e-3)
+        log.info("outer_loop_ready", genesis=genesis.id, head=self.heads.adopted, dataset=self.source.dataset_id,
+                 microshards=len(self.source.plan), role=cfg.training.role)
+
+    # ---- gossip ----------------------------------------------------------------------
+
+    async def _on_update(self, record: Record) -> None:
+        update: UpdateRecord = record.body
+        if update.peer != record.author:
+            raise Invalid("author_mismatch", "an update speaks for its author only")
+        current = self.heads.canonical().round if self.heads else 0
+        if not current < update.round <= current + MAX_BUFFERED_ROUNDS:
+            self.update_rejections["stale_round"] += 1
+            return
+        await asyncio.to_thread(self.store.put_record, record.raw, record.id)
+        self.updates.setdefault(update.round, {})[record.id] = update
+        self.updates_by_id[record.id] = update
+        if self._state is not None:
+            self._offer(record.id, update)
+
+    def _offer(self, update_id: str, update: UpdateRecord) -> None:
+        assert self._state is not None
+        offer = self._state.offer(update_id, update)
+        if offer not in (Offer.ACCEPTED, Offer.DUPLICATE):
+            self.update_rejections[offer.name.lower()] += 1
+        self._arrived.set()
+
+    async def _on_eval(self, record: Record) -> None:
+        result: EvalRecord = record.body
+        if self.heads is not None:
+            self.heads.eval.setdefault(result.head, {})[record.author] = result.loss
+
+    # ---- the loop --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        assert self.heads is not None
+        await self._sync()
+        evaluated: set[str] = set()
+        while True:
+            base = self.heads.canonical()
+            try:
+                if self.config.training.evaluate and base.id not in evaluated:
+                    evaluated.add(base.id)
+                    await self._evaluate(base)
+                if self.is_trainer:
+                    await self._round(base)
+                else:
+                    await self._follow(base)
+            except (FetchFailed, MissingContent, MicroshardUnavailable) as exc:
+                self.round_failures += 1
+                log.warning("round_failed", round=base.round + 1, error=str(exc)[:300])
+                await asyncio.sleep(1.0)
+            except Exception:
+                # A bug must be loud, but one bad round must not take the peer out of the swarm.
+                self.round_failures += 1
+                log.exception("round_crashed", round=base.round + 1)
+                await asyncio.sleep(1.0)
+
+    async def _sync(self) -> None:
+        """Listen for the swarm's canonical head before training on a stale one."""
+        assert self.heads is not None
+        self.view.phase = "syncing"
+        try:
+            await asyncio.wait_for(self.heads.changed.wait(), self.config.training.head_reannounce_s * 1.5)
+        except TimeoutError:
+            pass
+
+    async def _follow(self, base: HeadRecord) -> None:
+        assert self.heads is not None
+        self.view = RoundView(round=base.round, phase="following", base=base.id)
+        await self._ensure_state(base)
+        self.heads.changed.clear()
+        await self.heads.changed.wait()
+
+    async def _round(self, base: HeadRecord) -> None:
+        assert self.heads is not None and self.leasing is not None and self.source is not None
+        cfg = self.config.training
+        round_no = base.round + 1
+        ledger = self._ledger(base)
+        self.view = RoundView(round=round_no, phase="leasing", base=base.id)
+        state = RoundState(round_no, base.id, (), now_ms() + self._deadline_ms())
+        self._state = state
+        for update_id, update in self.updates.get(round_no, {}).items():
+            self._offer(update_id, update)
+        weights, _momentum = await self._ensure_state(base)
+        wanted = max(1, math.ceil(cfg.inner_steps * self._batch_size() / max(self.source.examples_per_microshard, 1)))
+        live_trainers = [p for p in self.membership.table.live() if self._is_trainer_peer(p)]
+        total_speed = self.speed + sum(self._peer_speed(p) for p in live_trainers)
+        # Peers that trained last round will most likely train this one: wait for their
+        # claims for a short window even if their claims reach us after ours settled.
+        claim_window_ms = now_ms() + int(max(2 * cfg.lease_settle_s, 1.0) * 1000)
+        for update_id in base.updates:
+            previous = self.updates_by_id.get(update_id)
+            if previous is not None and self.membership.table.is_live(previous.peer):
+                state.expect(previous.peer)
+        shards = await self.leasing.claim(
+            ledger.epoch, round_no, ledger.remaining, wanted, self.speed, total_speed, live_trainers
+        )
+        self.view.leased = len(shards)
+        if shards and self.heads.adopted == base.id:
+            await self._train_and_publish(base, ledger.epoch, sorted(shards), weights)
+        await self._wait_for_close(base, state, claim_window_ms)
+        self.leasing.release_own()
+        self._state = None
+        if self.heads.adopted != base.id:
+            return
+        result = state.close(now_ms())
+        log.info("round_closed", round=round_no, updates=len(result.updates), reason=result.reason.name.lower(),
+                 missing=sorted(result.missing))
+        if result.updates:
+            self.view.phase = "merging"
+            head = await self.compute_head(base, list(result.updates), self.rule())
+            if head is not None and self.heads.adopted == base.id:
+                await self.heads.add_own(head)
+        self._forget_rounds(round_no)
+        if self.heads.adopted == base.id:
+            # Nothing merged (or we lost the race): give the swarm a moment to move on.
+            self.heads.changed.clear()
+            try:
+                await asyncio.wait_for(self.heads.changed.wait(), 1.0)
+            except TimeoutError:
+                pass
+
+    async def _train_and_publish(
+        self, base: HeadRecord, epoch: int, shards: list[str], weights: dict[str, torch.Tensor]
+    ) -> None:
+        assert self.source is not None and self.leasing is not None
+        cfg = self.config.training
+        self.view.phase = "training"
+        try:
+            data = await self.source.bytes_of(shards)
+        except MicroshardUnavailable as exc:
+            log.warning("microshards_unavailable", error=str(exc))
+            self.leasing.release_own()
+            return
+        examples = sum(self.source.by_id[s].source.examples for s in shards)
+        steps = max(1, min(cfg.inner_steps, math.ceil(examples / max(self._batch_size(), 1))))
+        seed = int.from_bytes(canonical.encode([base.id, self.peer_id])[-8:], "big") % (2**31)
+        done = asyncio.Event()
+        watcher = asyncio.create_task(self._abort_if_superseded(base, done))
+        renewer = asyncio.create_task(self.leasing.renew_while(done))
+        try:
+            result = await self.trainer.train_round(weights, data, steps, seed)
+        except Exception as exc:  # a workload bug must not take the peer out of the swarm
+            log.error("training_failed", error=f"{type(exc).__name__}: {exc}")
+            self.leasing.release_own()
+            return
+        finally:
+            done.set()
+            await asyncio.gather(watcher, renewer, return_exceptions=True)
+        if result.metrics.stopped_early or self.heads.adopted != base.id:  # type: ignore[union-attr]
+            return
+        self.inner_durations_ms.append(int(result.metrics.seconds * 1000))
+        codec = CODECS[cfg.codec]
+        artifact = await asyncio.to_thread(store_artifact, self.store, result.delta, codec)
+        self.availability.add_held(artifact)
+        update = UpdateRecord(
+            round=base.round + 1, base=base.id, artifact=artifact, codec=cfg.codec,
+            samples=result.metrics.examples, tokens=result.metrics.tokens, microshards=tuple(sorted(shards)),
+            epoch=epoch,
+            metrics=InnerMetrics(loss=float(result.metrics.loss_mean), steps=result.metrics.steps,
+                                 inner_ms=int(result.metrics.seconds * 1000)),
+            peer=self.peer_id,
+        )
+        self.view.phase = "publishing"
+        raw = await self.gossip.publish(UPDATE, UPDATE_VERSION, update.to_wire())
+        if raw is not None:
+            record = self.gossip.validate(raw)
+            await self._on_update(record)
+        log.info("update_published", round=update.round, loss=round(update.metrics.loss, 4), samples=update.samples,
+                 microshards=len(shards), seconds=round(result.metrics.seconds, 2))
+
+    async def _abort_if_superseded(self, base: HeadRecord, done: asyncio.Event) -> None:
+        assert self.heads is not None
+        while not done.is_set():
+            self.heads.changed.clear()
+            if self.heads.adopted != base.id:
+                self.trainer.request_stop()
+                return
+            waiter = asyncio.ensure_future(self.heads.changed.wait())
+            finisher = asyncio.ensure_future(done.wait())
+            await asyncio.wait({waiter, finisher}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            finisher.cancel()
+
+    async def _wait_for_close(self, base: HeadRecord, state: RoundState, claim_window_ms: int) -> None:
+        assert self.heads is not None and self.leasing is not None
+        self.view.phase = "waiting"
+        while self.heads.adopted == base.id:
+            claimants = self.leasing.participants()
+            for peer in claimants:
+                state.expect(peer)
+            for peer in list(state.expected):
+                no_claim = now_ms() > claim_window_ms and peer not in claimants
+                alive = peer == self.peer_id or self.membership.table.is_live(peer)
+                state.set_live(peer, alive and not no_claim)
+            if state.should_close(now_ms()):
+                return
+            self.view.expected = sorted(state.expected)
+            self.view.waiting_for = sorted(state.waiting_for)
+            self.view.deadline_in_s = round((state.deadline_ms - now_ms()) / 1000, 1)
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), 0.25)
+            except TimeoutError:
+                pass
+
+    def _forget_rounds(self, closed_round: int) -> None:
+        for round_no in [r for r in self.updates if r < closed_round]:
+            del self.updates[round_no]
+        keep = {i for updates in self.updates.values() for i in updates}
+        for update_id in [i for i, u in self.updates_by_id.items() if u.round < closed_round - 2 and i not in keep]:
+            del self.updates_by_id[update_id]
+
+    # ---- merge and verification ------------------------------------------------------
+
+    def _ledger(self, base: HeadRecord) -> EpochLedger:
+        assert self.heads is not None and self.source is not None
+        chain = [h for h in self.heads.index.chain(base.id) if h.parent is not None]
+        epoch_start = [h for h in chain if h.epoch == base.epoch]
+        ledger = replay(self.source.ids, epoch_start) if epoch_start else EpochLedger.start(self.source.ids, base.epoch)
+        return ledger.rolled() if ledger.complete else ledger
+
+    async def _ensure_state(self, head: HeadRecord) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """The head's weights and momentum as fp32 tensors, fetched from peers if we lack them."""
+        cached = self._weights_cache
+        if cached is not None and cached[0] == head.id:
+            return cached[1], cached[2]
+        weights = await self._load(head.weights)
+        momentum = await self._load(head.momentum) if head.momentum is not None else None
+        self._weights_cache = (head.id, weights, momentum)
+        self.store.pin(f"head-{head.round % max(self.config.training.head_retention, 1)}",
+                       [head.weights] + ([head.momentum] if head.momentum else []))
+        return weights, momentum
+
+    async def _load(self, manifest_id: str) -> dict[str, torch.Tensor]:
+        try:
+            return await asyncio.to_thread(load_artifact, self.store, manifest_id)
+        except MissingContent:
+            await self.exchange.fetch(manifest_id)
+            self.availability.add_held(manifest_id)
+            return await asyncio.to_thread(load_artifact, self.store, manifest_id)
+
+    async def _update_record(self, update_id: str) -> UpdateRecord | None:
+        raw = await asyncio.to_thread(self.store.get_record, update_id)
+        if raw is None:
+            raw = await self.exchange.fetch_record(update_id)
+        if raw is None:
+            return None
+        try:
+            record = self.gossip.validate_stored(raw)
+        except Invalid:
+            return None
+        if record.kind != UPDATE or record.body.peer != record.author:
+            return None
+        return record.body  # type: ignore[no-any-return]
+
+    async def _decoded_delta(self, update: UpdateRecord) -> dict[str, torch.Tensor] | None:
+        try:
+            # Always through the exchange: a fetch of this artifact may be half done right now,
+            # and joining it is what waits for the remaining chunks.
+            await self.exchange.fetch(update.artifact, hints=(update.peer,))
+            return await asyncio.to_thread(load_artifact, self.store, update.artifact)
+        except (FetchFailed, MissingContent, Invalid, ValueError) as exc:
+            log.warning("update_undecodable", artifact=update.artifact, error=str(exc)[:200])
+            return None
+
+    async def compute_head(self, base: HeadRecord, update_ids: list[str], rule: AggregationRule) -> HeadRecord | None:
+        """The head that merging ``update_ids`` onto ``base`` under ``rule`` gives: a pure function of them."""
+        records: dict[str, UpdateRecord] = {}
+        unavailable: list[tuple[str, str]] = []
+        for update_id in sorted(set(update_ids)):
+            update = await self._update_record(update_id)
+            if update is None:
+                unavailable.append((update_id, "unavailable"))
+            else:
+                records[update_id] = update
+        ledger = self._ledger(base)
+        selection = select_updates(ledger, records)
+        inputs = []
+        for update_id in selection.included:
+            update = records[update_id]
+            inputs.append(UpdateInput(update_id, update.samples, await self._decoded_delta(update)))
+        weights, momentum = await self._ensure_state(base)
+        result = await asyncio.to_thread(merge, weights, momentum, inputs, rule)
+        if result is None:
+            return None
+        weights_id = await asyncio.to_thread(store_artifact, self.store, result.weights)
+        momentum_id = await asyncio.to_thread(store_artifact, self.store, result.momentum)
+        included = [records[i] for i in result.included]
+        samples = sum(u.samples for u in included)
+        tokens = sum(u.tokens for u in included)
+        head = HeadRecord(
+            parent=base.id, round=base.round + 1, epoch=ledger.epoch,
+            updates=result.included,
+            excluded=tuple(sorted((*unavailable, *selection.excluded, *result.excluded))),
+            rule=rule, weights=weights_id, momentum=momentum_id,
+            samples_total=base.samples_total + samples, tokens_total=base.tokens_total + tokens,
+            samples=samples, tokens=tokens,
+            microshards=tuple(sorted({s for u in included for s in u.microshards})),
+            eval=None, workload=base.workload, dataset=base.dataset, rollback=base.rollback,
+        )
+        self._weights_cache = (head.id, result.weights, result.momentum)
+        self.availability.add_held(weights_id)
+        self.availability.add_held(momentum_id)
+        return head
+
+    async def verify_head(self, head: HeadRecord) -> str | None:
+        """None if ``head`` is what its inputs give; otherwise why it is rejected."""
+        assert self.heads is not None
+        parent = self.heads.index.get(head.parent) if head.parent else None
+        if parent is None:
+            return "unknown_parent"
+        if head.rule.name not in ("mean", "trimmed_mean", "median"):
+            return "unknown_rule"
+        if self.config.training.verify == "trust":
+            try:
+                await self._load(head.weights)
+                if head.momentum is not None:
+                    await self._load(head.momentum)
+            except (FetchFailed, MissingContent):
+                return "weights_unavailable"
+            return None
+        inputs = [*head.updates, *(update_id for update_id, _ in head.excluded)]
+        try:
+            recomputed = await self.compute_head(parent, inputs, head.rule)
+        except (FetchFailed, MissingContent) as exc:
+            log.info("verify_inputs_unavailable", head=head.id, error=str(exc)[:200])
+            return "inputs_unavailable"
+        if recomputed is None or recomputed.id != head.id:
+            return "recompute_mismatch"
+        return None
+
+    async def _evaluate(self, head: HeadRecord) -> None:
+        try:
+            weights, _ = await self._ensure_state(head)
+        except (FetchFailed, MissingContent):
+            return
+        self.view.phase = "evaluating"
+        metrics = await self.trainer.evaluate(weights)
+        assert self.heads is not None
+        self.heads.eval.setdefault(head.id, {})[self.peer_id] = metrics.loss
+        log.info("head_evaluated", head=head.id, round=head.round, val_loss=round(metrics.loss, 4))
+        await self.gossip.publish(EVAL_KIND, EVAL_VERSION, EvalRecord(head.id, "val", metrics.loss, metrics.examples).to_wire())
+
+    # ---- helpers ---------------------------------------------------------------------
+
+    def _deadline_ms(self) -> int:
+        cfg = self.config.training
+        if cfg.round_deadline_s > 0:
+            return int(cfg.round_deadline_s * 1000)
+        observed = self.inner_durations_ms[-20:] + [
+            u.metrics.inner_ms for updates in self.updates.values() for u in updates.values()
+        ]
+        estimate = observed or [int(cfg.inner_steps / self.speed * 1000)]
+        return adaptive_deadline_ms(
+            estimate, min_ms=int(cfg.min_round_deadline_s * 1000), max_ms=int(cfg.max_round_deadline_s * 1000),
+            margin_ms=int(cfg.lease_settle_s * 1000) + 2000,
+        )
+
+    def _batch_size(self) -> int:
+        return int(self.workload.settings().get("batch_size", 1))
+
+    def _is_trainer_peer(self, peer: str) -> bool:
+        state = self.membership.table.peers.get(peer)
+        return state is not None and state.heartbeat.role == "trainer"
+
+    def _peer_speed(self, peer: str) -> float:
+        state = self.membership.table.peers.get(peer)
+        if state is None:
+            return 0.0
+        milli = dict(state.heartbeat.capabilities).get("steps_per_s_milli", 0)
+        return milli / 1000 if isinstance(milli, int) and milli > 0 else self.speed
+
+    def heartbeat_fields(self) -> dict[str, Any]:
+        head = self.heads.canonical() if self.heads else None
+        return {
+            "head": head.id if head else None,
+            "round": head.round if head else 0,
+            "device": self.config.workload.device,
+            "capabilities": {"steps_per_s_milli": int(self.speed * 1000), "phase": self.view.phase},
+        }
+
+    def utilisation(self) -> float:
+        return self.trainer.inner_seconds / max(time.monotonic() - self.started, 1e-6)

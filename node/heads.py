@@ -1,0 +1,240 @@
+"""Heads: the index of known heads, fork choice, gossip of head records, verification and persistence."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from node.exchange import Exchange
+from node.gossip import Gossip
+from node.logs import get_logger
+from node.store import ContentStore, fsync_dir
+from protocol import canonical
+from protocol.cid import matches
+from protocol.errors import Invalid
+from protocol.heads import HeadIndex, HeadRecord
+from protocol.kinds import HEAD
+from protocol.records import Record
+
+log = get_logger("heads")
+
+HEAD_VERSION = 1
+STATE_FILE = "heads.json"
+MAX_BACKFILL = 10_000
+
+Verifier = Callable[[HeadRecord], Awaitable[str | None]]  # None: valid; else the reason it is not
+
+
+class Heads:
+    """Known heads and the canonical one; heads we did not compute are verified before they count."""
+
+    def __init__(
+        self,
+        genesis: HeadRecord,
+        gossip: Gossip,
+        store: ContentStore,
+        exchange: Exchange,
+        data_dir: Path,
+        reannounce_s: float,
+        retention: int,
+    ) -> None:
+        self.index = HeadIndex(genesis)
+        self._gossip = gossip
+        self._store = store
+        self._exchange = exchange
+        self._state_path = data_dir / STATE_FILE
+        self._reannounce_s = reannounce_s
+        self._retention = retention
+        self.verifier: Verifier | None = None
+        self.adopted: str = genesis.id
+        self.changed = asyncio.Event()
+        self.rejected: Counter[str] = Counter()
+        self.penalties: Counter[str] = Counter()
+        self.eval: dict[str, dict[str, Any]] = {}
+        self._verifying: set[str] = set()
+        self._candidates: asyncio.Queue[tuple[HeadRecord, str]] = asyncio.Queue(256)
+        self._lock = asyncio.Lock()
+        gossip.on(HEAD, self._on_head)
+        self._put_body(genesis)
+
+    # ---- persistence -----------------------------------------------------------------
+
+    def _put_body(self, head: HeadRecord) -> None:
+        self._store.put_record(canonical.encode(head.to_wire()), head.id)
+
+    def _load_body(self, head_id: str) -> HeadRecord | None:
+        raw = self._store.get_record(head_id)
+        if raw is None:
+            return None
+        try:
+            return HeadRecord.from_wire(canonical.decode(raw, canonical.Limits(max_size=2 << 20)))
+        except Invalid:
+            return None
+
+    async def restore(self) -> None:
+        """Re-adopt the head this peer held when it stopped (and the chain that leads to it)."""
+        try:
+            state = json.loads(self._state_path.read_text())
+            adopted = state["adopted"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        chain: list[HeadRecord] = []
+        current = await asyncio.to_thread(self._load_body, adopted) if isinstance(adopted, str) else None
+        while current is not None and current.id not in self.index:
+            chain.append(current)
+            current = await asyncio.to_thread(self._load_body, current.parent) if current.parent else None
+        for head in reversed(chain):
+            try:
+                self.index.add(head)
+            except Invalid as exc:
+                log.warning("restore_failed", head=head.id, reason=exc.reason)
+                return
+        if adopted in self.index:
+            self.adopted = adopted
+            log.info("head_restored", head=adopted, round=self.index.get(adopted).round)  # type: ignore[union-attr]
+
+    def _save(self) -> None:
+        temp = self._state_path.with_name(f".{self._state_path.name}.tmp")
+        with open(temp, "w") as handle:
+            json.dump({"adopted": self.adopted}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, self._state_path)
+        fsync_dir(self._state_path.parent)
+
+    # ---- heads we make ---------------------------------------------------------------
+
+    async def add_own(self, head: HeadRecord) -> None:
+        """A head this peer computed itself: no verification needed."""
+        await asyncio.to_thread(self._put_body, head)
+        async with self._lock:
+            self.index.add(head)
+        await self.publish(head)
+        await self._reconsider()
+
+    async def publish(self, head: HeadRecord) -> None:
+        await self._gossip.publish(HEAD, HEAD_VERSION, head.to_wire())
+
+    async def run(self) -> None:
+        """Verify candidate heads one at a time, and re-announce the canonical head."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._reannounce_loop())
+            tasks.create_task(self._verify_loop())
+
+    async def _reannounce_loop(self) -> None:
+        # Late joiners and lossy gossip both need the canonical head said again.
+        while True:
+            await asyncio.sleep(self._reannounce_s)
+            head = self.index.get(self.adopted)
+            if head is not None and head.parent is not None:
+                await self.publish(head)
+
+    async def _verify_loop(self) -> None:
+        while True:
+            head, author = await self._candidates.get()
+            if head.id in self.index:
+                self._verifying.discard(head.id)
+                continue
+            try:
+                await self._accept(head, author)
+            finally:
+                self._verifying.discard(head.id)
+
+    # ---- heads others make -----------------------------------------------------------
+
+    async def _on_head(self, record: Record) -> None:
+        # Verification can take seconds (fetching inputs, merging): it runs in ``run``, not here,
+        # so the gossip loop never waits on it.
+        head: HeadRecord = record.body
+        if head.id in self.index or head.id in self._verifying:
+            return
+        try:
+            self._candidates.put_nowait((head, record.author))
+        except asyncio.QueueFull:
+            self.rejected["verify_queue_full"] += 1
+            return
+        self._verifying.add(head.id)
+
+    async def _accept(self, head: HeadRecord, author: str) -> None:
+        missing = await self._backfill(head)
+        if missing is not None:
+            self.rejected["unknown_parent"] += 1
+            log.info("head_parent_unavailable", head=head.id, missing=missing)
+            return
+        reason = await self.verifier(head) if self.verifier is not None else None
+        if reason is not None:
+            self.rejected[reason] += 1
+            self.penalties[author] += 1
+            log.warning("head_rejected", head=head.id, author=author, reason=reason)
+            return
+        async with self._lock:
+            try:
+                self.index.add(head)
+            except Invalid as exc:
+                self.rejected[exc.reason] += 1
+                self.penalties[author] += 1
+                log.warning("head_rejected", head=head.id, author=author, reason=exc.reason)
+                return
+        await asyncio.to_thread(self._put_body, head)
+        await self._reconsider()
+
+    async def _backfill(self, head: HeadRecord) -> str | None:
+        """Fetch unknown ancestors' records (by id, from the swarm) into the index; the id we could not get."""
+        pending: list[HeadRecord] = []
+        parent_id = head.parent
+        while parent_id is not None and parent_id not in self.index and len(pending) < MAX_BACKFILL:
+            parent = await asyncio.to_thread(self._load_body, parent_id) or await self._fetch_body(parent_id)
+            if parent is None:
+                return parent_id
+            pending.append(parent)
+            parent_id = parent.parent
+        if parent_id is not None and parent_id not in self.index:
+            return parent_id
+        async with self._lock:
+            for ancestor in reversed(pending):
+                try:
+                    self.index.add(ancestor)
+                except Invalid as exc:
+                    return f"{ancestor.id} ({exc.reason})"
+                await asyncio.to_thread(self._put_body, ancestor)
+        return None
+
+    async def _fetch_body(self, head_id: str) -> HeadRecord | None:
+        raw = await self._exchange.fetch_record(head_id)
+        if raw is None or not matches(head_id, raw):
+            return None
+        try:
+            return HeadRecord.from_wire(canonical.decode(raw, canonical.Limits(max_size=2 << 20)))
+        except Invalid:
+            return None
+
+    # ---- the canonical head ----------------------------------------------------------
+
+    async def _reconsider(self) -> None:
+        tip = self.index.tip()
+        if tip is None or tip == self.adopted:
+            return
+        self.adopted = tip
+        head = self.index.get(tip)
+        assert head is not None
+        await asyncio.to_thread(self._store.pin, "heads", [h.id for h in self.index.heads()])
+        log.info("head_adopted", head=tip, round=head.round, samples_total=head.samples_total)
+        await asyncio.to_thread(self._save)
+        if self._retention > 0:
+            self.index.prune(self._retention)
+        self.changed.set()
+
+    def canonical(self) -> HeadRecord:
+        head = self.index.get(self.adopted)
+        assert head is not None
+        return head
+
+    def recent(self, limit: int = 50) -> list[HeadRecord]:
+        heads = self.index.heads()
+        heads.sort(key=lambda h: (-h.round, h.id))
+        return heads[:limit]

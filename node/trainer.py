@@ -1,0 +1,127 @@
+"""The inner loop: one persistent model and inner optimizer, trained in a worker thread.
+
+The event loop never runs torch: loading a head's weights, training H steps,
+computing the pseudo-gradient and saving the inner optimizer all happen in
+``asyncio.to_thread``. Training stops at a step boundary when asked to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from node.logs import get_logger
+from workloads.base import EvalMetrics, InnerState, TrainMetrics, Workload, WorkloadError
+
+log = get_logger("trainer")
+
+INNER_STATE_FILE = "inner_state.pt"
+
+
+@dataclass(frozen=True)
+class InnerResult:
+    metrics: TrainMetrics
+    delta: dict[str, torch.Tensor]  # base minus local weights, fp32 on the CPU
+
+
+class Trainer:
+    """Owns the peer's model copy and inner optimizer; every torch call runs off the event loop."""
+
+    def __init__(self, workload: Workload, device: str, data_dir: Path, seed: int) -> None:
+        self.workload = workload
+        self.device = device
+        self._state_path = data_dir / INNER_STATE_FILE
+        self._seed = seed
+        self._stop = threading.Event()
+        self._lock = asyncio.Lock()
+        self.model: torch.nn.Module | None = None
+        self.inner: InnerState | None = None
+        self.inner_seconds = 0.0
+        self.last_metrics: TrainMetrics | None = None
+        self.last_error: str | None = None
+
+    def initial_weights(self) -> dict[str, torch.Tensor]:
+        """The workload's seeded initial weights on the CPU: the same bytes on every peer."""
+        model = self.workload.init_model(self._seed, "cpu")
+        return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in model.state_dict().items()}
+
+    async def prepare(self) -> None:
+        """Build the model and load the inner optimizer state kept from an earlier run, if any."""
+        async with self._lock:
+            await asyncio.to_thread(self._prepare)
+
+    def _prepare(self) -> None:
+        self.model = self.workload.init_model(self._seed, self.device)
+        if self._state_path.exists():
+            try:
+                self.inner = self.workload.load_inner_state(self.model, self._state_path.read_bytes())
+                log.info("inner_state_restored", steps=self.inner.steps)
+                return
+            except WorkloadError as exc:
+                log.warning("inner_state_unusable", error=str(exc))
+        self.inner = self.workload.new_inner_state(self.model)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def train_round(
+        self, base: Mapping[str, torch.Tensor], microshards: Sequence[bytes], steps: int, seed: int
+    ) -> InnerResult:
+        """Load ``base``, run ``steps`` inner steps on ``microshards``, return metrics and the pseudo-gradient."""
+        async with self._lock:
+            self._stop.clear()
+            started = time.perf_counter()
+            try:
+                result = await asyncio.to_thread(self._train, base, microshards, steps, seed)
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                raise
+            self.inner_seconds += time.perf_counter() - started
+            self.last_metrics = result.metrics
+            self.last_error = None
+            return result
+
+    def _train(
+        self, base: Mapping[str, torch.Tensor], microshards: Sequence[bytes], steps: int, seed: int
+    ) -> InnerResult:
+        assert self.model is not None and self.inner is not None
+        with torch.no_grad():
+            self.model.load_state_dict(base)
+        metrics = self.workload.train(
+            self.model, self.inner, microshards, steps, self.device, should_stop=self._stop.is_set, seed=seed
+        )
+        with torch.no_grad():
+            local = self.model.state_dict()
+            delta = {
+                name: torch.sub(base[name], local[name].detach().to("cpu", torch.float32)).contiguous()
+                for name in base
+            }
+        self._save_inner_state()
+        return InnerResult(metrics, delta)
+
+    def _save_inner_state(self) -> None:
+        assert self.inner is not None
+        data = self.workload.save_inner_state(self.inner)
+        temp = self._state_path.with_name(f".{self._state_path.name}.tmp")
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, self._state_path)
+
+    async def evaluate(self, weights: Mapping[str, torch.Tensor]) -> EvalMetrics:
+        """Validation loss of ``weights`` on a scratch model (the training copy is left alone)."""
+        return await asyncio.to_thread(self._evaluate, weights)
+
+    def _evaluate(self, weights: Mapping[str, torch.Tensor]) -> EvalMetrics:
+        model = self.workload.init_model(self._seed, self.device)
+        with torch.no_grad():
+            model.load_state_dict(weights)
+        return self.workload.evaluate(model, "val", self.device)
