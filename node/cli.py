@@ -65,6 +65,7 @@ def _build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--dir", default="./swarm-data", help="data directories and configs go here")
     swarm.add_argument("--base-port", type=int, default=4101, help="libp2p port of the first peer")
     swarm.add_argument("--status-port", type=int, default=8471, help="status port of the first peer")
+    swarm.add_argument("--workload", default="charlm", help="built-in workload or module:attr (default charlm)")
     swarm.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     return parser
 
@@ -153,7 +154,7 @@ def _cmd_swarm(args: argparse.Namespace) -> int:
         base_dir=Path(args.dir),
         base_port=args.base_port,
         status_port=args.status_port,
-        overrides=parse_set_options(args.set),
+        overrides={"workload.name": args.workload, **parse_set_options(args.set)},
     )
 
 

@@ -157,7 +157,7 @@ class GossipSection:
     )
     rate_limit_per_s: float = setting(
         100.0,
-        "Messages per second accepted from one neighbour; the excess is dropped and counted; 0 disables.",
+        "Gossip messages per second accepted from one publishing peer (bursts of twice that); the excess is dropped and counted; 0 disables.",
         check=_non_negative,
     )
     degree: int = setting(6, "Target number of mesh neighbours per topic (gossipsub D).", check=_positive)

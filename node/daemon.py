@@ -93,7 +93,9 @@ class Node:
         )
         await self.bridge.start()
         members = frozenset(cfg.swarm.members) | {self.key.peer_id} if cfg.swarm.members else None
-        self.gossip = Gossip(self.bridge, self.key, cfg.swarm.name, record_kinds(NODE_RECORDS), members)
+        self.gossip = Gossip(
+            self.bridge, self.key, cfg.swarm.name, record_kinds(NODE_RECORDS), members, cfg.gossip.rate_limit_per_s
+        )
         await self.gossip.start()
         self.membership = Membership(
             self.bridge,

@@ -38,6 +38,7 @@ class Gossip:
         swarm: str,
         kinds: Mapping[str, RecordKind],
         members: frozenset[str] | None = None,
+        rate_limit_per_s: float = 0.0,
     ) -> None:
         self._bridge = bridge
         self._key = key
@@ -52,6 +53,8 @@ class Gossip:
         self.published: Counter[str] = Counter()
         self.publish_failures = 0
         self.handler_errors = 0
+        self._rate = rate_limit_per_s
+        self._buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, last refill)
 
     def on(self, kind: str, handler: RecordHandler) -> None:
         """Call ``handler`` with every valid record of ``kind`` (our own included)."""
@@ -98,7 +101,26 @@ class Gossip:
             message = await self._queue.get()
             await self.handle_message(message.data, message.source)
 
+    def _within_rate(self, source: str) -> bool:
+        """A token bucket per publishing peer: bursts of 2 s worth, then ``rate`` per second."""
+        if self._rate <= 0 or source == self._key.peer_id:
+            return True
+        now = time.monotonic()
+        capacity = 2 * self._rate
+        tokens, last = self._buckets.get(source, (capacity, now))
+        tokens = min(capacity, tokens + (now - last) * self._rate)
+        if tokens < 1:
+            self._buckets[source] = (tokens, now)
+            return False
+        self._buckets[source] = (tokens - 1, now)
+        if len(self._buckets) > 10_000:
+            self._buckets.clear()  # bounded memory against peers that churn ids
+        return True
+
     async def handle_message(self, data: bytes, source: str) -> Record | None:
+        if not self._within_rate(source):
+            self.rejected["rate_limited"] += 1
+            return None
         try:
             record = self.validate(data)
         except Invalid as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -81,6 +82,8 @@ def run_local_swarm(
     status_ports = [status_port + i for i in range(peers)]
     children: list[subprocess.Popen[bytes]] = []
     extra = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    # N peers share this machine's cores: one torch thread each avoids oversubscription.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     try:
         for index, config in enumerate(configs, start=1):
             log_path = base_dir / f"peer{index}.log"
@@ -90,6 +93,7 @@ def run_local_swarm(
                         [sys.executable, "-m", "node.cli", "start", "--config", str(config), *extra],
                         stdout=log_file,
                         stderr=subprocess.STDOUT,
+                        env=env,
                     )
                 )
             print(f"peer{index}: status http://127.0.0.1:{status_ports[index - 1]}/status, log {log_path}")

@@ -57,6 +57,8 @@ def configure_logging(level: str, fmt: str, stream: TextIO = sys.stderr) -> None
         exception_processors = [structlog.processors.format_exc_info]
 
     handler = _NodeHandler(stream)
+    if level != "debug":
+        handler.addFilter(_quiet_libraries)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=_SHARED,
@@ -96,6 +98,19 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     """A structured logger named ``name`` (use the module's ``__name__``)."""
     logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
     return logger
+
+
+# py-libp2p sets levels on some of its own child loggers (so the parent's WARNING does not
+# reach them) and warns on every empty DHT read; both are noise for an operator.
+_DHT_NOISE = "Failed to read DHT message"
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    if not record.name.startswith(NOISY_LOGGERS):
+        return True
+    if record.levelno < logging.WARNING:
+        return False
+    return not (record.name.startswith("libp2p.kad_dht") and str(record.msg).startswith(_DHT_NOISE))
 
 
 def _adopt_libp2p_logger() -> None:
