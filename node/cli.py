@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -59,6 +60,20 @@ def _build_parser() -> argparse.ArgumentParser:
     for name, text in (("status", "show a running peer's status"), ("peers", "list a running peer's peer table")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--url", default=os.environ.get("P2P_NODE_URL", DEFAULT_URL))
+
+    heads = commands.add_parser("heads", help="list a running peer's recent heads")
+    heads.add_argument("--url", default=os.environ.get("P2P_NODE_URL", DEFAULT_URL))
+    heads.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    fetch = commands.add_parser("fetch", help="download a head's weights as a .safetensors file")
+    fetch.add_argument("head", help="head id (b3:...) or 'canonical'")
+    fetch.add_argument("-o", "--output", required=True, help="file to write")
+    fetch.add_argument("--url", default=os.environ.get("P2P_NODE_URL", DEFAULT_URL))
+
+    watch = commands.add_parser("watch", help="follow a running peer's events live")
+    watch.add_argument("--url", default=os.environ.get("P2P_NODE_URL", DEFAULT_URL))
+    watch.add_argument("--replay", type=int, default=20, help="past events to show first")
+    watch.add_argument("--json", action="store_true", help="print each event as a JSON line")
 
     swarm = commands.add_parser("swarm", help="run a local swarm of N peers on 127.0.0.1")
     swarm.add_argument("--peers", type=int, default=3)
@@ -146,6 +161,59 @@ def _cmd_get(args: argparse.Namespace, path: str) -> int:
     return 0
 
 
+def _cmd_heads(args: argparse.Namespace) -> int:
+    url = args.url.rstrip("/") + "/heads"
+    try:
+        listing = fetch_json(url)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"p2p-node: cannot reach {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    print(f"{'':2}{'round':>6} {'epoch':>5} {'samples':>10} {'updates':>7} {'val loss':>9}  id")
+    for head in listing["heads"]:
+        loss = f"{head['val_loss']:.4f}" if head.get("val_loss") is not None else "-"
+        mark = "* " if head["canonical"] else "  "
+        print(f"{mark}{head['round']:>6} {head['epoch']:>5} {head['samples_total']:>10} {head['updates']:>7} {loss:>9}  {head['id']}")
+    return 0
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from node.download import DownloadError, download_head
+
+    try:
+        path = download_head(args.url, args.head, Path(args.output))
+    except DownloadError as exc:
+        print(f"p2p-node: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    url = f"{args.url.rstrip('/')}/events?replay={args.replay}"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            for line in response:
+                text = line.decode("utf-8", "replace").rstrip("\n")
+                if not text.startswith("data: "):
+                    continue
+                event = json.loads(text[len("data: "):])
+                if args.json:
+                    print(json.dumps(event), flush=True)
+                    continue
+                stamp = time.strftime("%H:%M:%S", time.localtime(event.pop("at")))
+                kind = event.pop("kind")
+                event.pop("seq", None)
+                details = " ".join(f"{k}={v}" for k, v in event.items())
+                print(f"{stamp} {kind:<15} {details}", flush=True)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"p2p-node: cannot follow {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_swarm(args: argparse.Namespace) -> int:
     from node.local_swarm import run_local_swarm
 
@@ -154,7 +222,7 @@ def _cmd_swarm(args: argparse.Namespace) -> int:
         base_dir=Path(args.dir),
         base_port=args.base_port,
         status_port=args.status_port,
-        overrides={"workload.name": args.workload, **parse_set_options(args.set)},
+        overrides={"workload.name": args.workload, "training.inner_steps": "25", **parse_set_options(args.set)},
     )
 
 
@@ -175,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_get(args, "/peers")
         if args.command == "swarm":
             return _cmd_swarm(args)
+        if args.command == "watch":
+            return _cmd_watch(args)
+        if args.command == "heads":
+            return _cmd_heads(args)
+        if args.command == "fetch":
+            return _cmd_fetch(args)
     except ConfigError as exc:
         print(f"p2p-node: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -10,6 +10,7 @@ from pathlib import Path
 from node.availability import Availability
 from node.config import Config
 from node.diloco import OuterLoop
+from node.events import EventBus
 from node.exchange import Exchange, ExchangeSettings
 from node.fetch_journal import FetchJournal
 from node.gossip import Gossip
@@ -25,7 +26,15 @@ from workloads.registry import load_workload
 from protocol.availability import ANNOUNCE_KIND, ANNOUNCE_VERSION, Announce
 from protocol.identity import SigningKey
 from protocol.kinds import record_kinds
-from protocol.membership import HEARTBEAT_KIND, HEARTBEAT_VERSION, Heartbeat, PeerEvent
+from protocol.membership import (
+    HEARTBEAT_KIND,
+    HEARTBEAT_VERSION,
+    Heartbeat,
+    PeerDied,
+    PeerEvent,
+    PeerJoined,
+    PeerRevived,
+)
 from protocol.records import RecordKind
 
 log = get_logger("daemon")
@@ -58,6 +67,7 @@ class Node:
         self.availability: Availability | None = None
         self.exchange: Exchange | None = None
         self.outer: OuterLoop | None = None
+        self.events = EventBus()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -130,7 +140,10 @@ class Node:
         self.outer = OuterLoop(
             cfg, self.key.peer_id, trainer, self.store, self.exchange, self.availability, self.gossip, self.membership
         )
+        self.outer.emit = self.events.emit
         await self.outer.start(self.data_dir)
+        assert self.outer.heads is not None
+        self.outer.heads.emit = self.events.emit
         self.membership.set_fields(self.outer.heartbeat_fields)
         if cfg.status.enabled:
             self.status = StatusApi(self)
@@ -179,6 +192,7 @@ class Node:
             tasks.create_task(self._gc_loop(), name="store-gc")
             tasks.create_task(self.outer.heads.run(), name="heads")
             tasks.create_task(self.outer.run(), name="outer-loop")
+            tasks.create_task(self._report_fetches(), name="fetch-events")
             resumed = self.exchange.resume()
             if resumed:
                 log.info("fetches_resumed", manifests=resumed)
@@ -188,6 +202,24 @@ class Node:
     def _on_peer_event(self, event: PeerEvent) -> None:
         if self.availability is not None:
             self.availability.on_peer_event(event)
+        kind = {PeerJoined: "peer_joined", PeerRevived: "peer_joined", PeerDied: "peer_left"}[type(event)]
+        self.events.emit(kind, peer=event.peer)
+
+    async def _report_fetches(self) -> None:
+        """Fetch progress as events, once a second while any fetch runs (and once when it ends)."""
+        assert self.exchange is not None
+        reported: dict[str, str] = {}
+        while True:
+            await asyncio.sleep(1.0)
+            for manifest_id, progress in list(self.exchange.fetches.items()):
+                if progress.state in ("done", "failed", "cancelled") and reported.get(manifest_id) == progress.state:
+                    continue
+                reported[manifest_id] = progress.state
+                view = progress.view()
+                self.events.emit(
+                    "fetch_progress", manifest=manifest_id, state=progress.state, progress=view["progress"],
+                    rate_bytes_per_s=view["rate_bytes_per_s"], error=progress.error,
+                )
 
     async def _gc_loop(self) -> None:
         assert self.store is not None

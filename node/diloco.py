@@ -14,6 +14,7 @@ import asyncio
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,13 @@ log = get_logger("diloco")
 UPDATE_VERSION = 1
 CODECS = {"fp32": FP32, "bf16": BF16, "int8": INT8}
 MAX_BUFFERED_ROUNDS = 4
+
+
+EventSink = Callable[..., None]
+
+
+def _ignore(kind: str, **data: Any) -> None:
+    return None
 
 
 @dataclass
@@ -97,6 +105,7 @@ class OuterLoop:
         self._arrived = asyncio.Event()
         self._weights_cache: tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None
         self.source: MicroshardSource | None = None
+        self.emit: EventSink = _ignore  # the daemon points this at its event bus
         self.leasing: Leasing | None = None
         self.heads: Heads | None = None
         gossip.on(UPDATE, self._on_update)
@@ -235,6 +244,8 @@ class OuterLoop:
         result = state.close(now_ms())
         log.info("round_closed", round=round_no, updates=len(result.updates), reason=result.reason.name.lower(),
                  missing=sorted(result.missing))
+        self.emit("round_closed", round=round_no, updates=len(result.updates), reason=result.reason.name.lower(),
+                  missing=sorted(result.missing))
         if result.updates:
             self.view.phase = "merging"
             head = await self.compute_head(base, list(result.updates), self.rule())

@@ -51,6 +51,7 @@ class Heads:
         self._reannounce_s = reannounce_s
         self._retention = retention
         self.verifier: Verifier | None = None
+        self.emit: Callable[..., None] = lambda kind, **data: None  # the daemon's event bus
         self.adopted: str = genesis.id
         self.changed = asyncio.Event()
         self.rejected: Counter[str] = Counter()
@@ -171,6 +172,7 @@ class Heads:
             self.rejected[reason] += 1
             self.penalties[author] += 1
             log.warning("head_rejected", head=head.id, author=author, reason=reason)
+            self.emit("head_rejected", head=head.id, author=author, reason=reason)
             return
         async with self._lock:
             try:
@@ -224,6 +226,8 @@ class Heads:
         assert head is not None
         await asyncio.to_thread(self._store.pin, "heads", [h.id for h in self.index.heads()])
         log.info("head_adopted", head=tip, round=head.round, samples_total=head.samples_total)
+        self.emit("head_adopted", head=tip, round=head.round, epoch=head.epoch, samples_total=head.samples_total,
+                  updates=len(head.updates), excluded=len(head.excluded))
         await asyncio.to_thread(self._save)
         if self._retention > 0:
             self.index.prune(self._retention)

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
 from node.artifacts import MissingContent, materialise_safetensors
-from node.http import HttpApp, HttpError, Request, Response, file_response, json_response, start_http
+from node.http import (
+    Event,
+    EventStream,
+    HttpApp,
+    HttpError,
+    Param,
+    Request,
+    Response,
+    file_response,
+    json_response,
+    start_http,
+)
 from protocol.cid import is_content_id
 
 if TYPE_CHECKING:
@@ -29,6 +41,10 @@ class StatusApi:
         self.app.route("GET", "/heads/{id}", self.head, summary="One head record")
         self.app.route("GET", "/heads/{id}/weights", self.head_weights, summary="A head's weights as safetensors")
         self.app.route("GET", "/leases", self.leases, summary="Own and observed leases, epoch coverage")
+        self.app.route(
+            "GET", "/events", self.events, summary="Server-sent events: heads, rounds, peers, fetch progress",
+            params=(Param("replay", int, "Past events to send first", default=0),),
+        )
         self.app.route("GET", "/exchange", self.exchange, summary="Chunk exchange counters and fetches")
         self.app.route("GET", "/fetches", self.fetches, summary="Fetches with their progress")
         self.app.route("POST", "/fetches", self.start_fetch, summary="Fetch an artifact by manifest id", mutating=True)
@@ -199,3 +215,14 @@ class StatusApi:
                 "free": len(coverage.free), "planned": len(ledger.planned),
             },
         })
+
+    async def events(self, request: Request) -> EventStream:
+        replay = request.args.get("replay", 0)
+        if not 0 <= replay <= 256:
+            raise HttpError(400, "replay must be between 0 and 256")
+
+        async def stream():  # type: ignore[no-untyped-def]
+            async for event in self.node.events.subscribe(replay):
+                yield Event(data=json.dumps(event.view()), event=event.kind, id=str(event.seq))
+
+        return EventStream(stream())

@@ -13,6 +13,7 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -41,23 +42,23 @@ netns_swarm = _script()
 
 
 @pytest.fixture(scope="module")
-def services() -> dict[str, object]:
+def services() -> dict[str, Any]:
     return {s.name: s for s in netns_swarm.compose_services(COMPOSE)}
 
 
 @pytest.fixture(scope="module")
-def configs(services: dict[str, object]) -> dict[str, Config]:
+def configs(services: dict[str, Any]) -> dict[str, Config]:
     """Each service's config as its container loads it: the file plus the service's environment."""
     return {name: load_config(str(s.config_file), environ=s.environment) for name, s in services.items()}
 
 
-def _container_file(service: object, container_path: str) -> Path:
+def _container_file(service: Any, container_path: str) -> Path:
     host = service.host_path(container_path)
     assert host is not None, f"{service.name}: {container_path} is not under a bind mount"
     return host
 
 
-def _peer_id(service: object, config: Config) -> str:
+def _peer_id(service: Any, config: Config) -> str:
     assert config.node.key_file, f"{service.name} has no fixed identity (node.key_file)"
     return read_key(_container_file(service, config.node.key_file)).peer_id
 
@@ -65,7 +66,7 @@ def _peer_id(service: object, config: Config) -> str:
 # ---------------------------------------------------------------- the compose file itself
 
 
-def test_services_and_their_config_files(services: dict[str, object]) -> None:
+def test_services_and_their_config_files(services: dict[str, Any]) -> None:
     assert list(services) == EXPECTED_SERVICES
     for service in services.values():
         assert service.config_file.is_file(), service.config_file
@@ -88,7 +89,7 @@ def test_reader_agrees_with_pyyaml_when_installed() -> None:
     assert netns_swarm.parse_yaml_subset(text) == yaml.safe_load(text)
 
 
-def test_every_service_runs_the_one_image(services: dict[str, object]) -> None:
+def test_every_service_runs_the_one_image(services: dict[str, Any]) -> None:
     data = netns_swarm.load_compose(COMPOSE)
     for name, spec in data["services"].items():
         assert spec["image"] == "p2p-node:local", name
@@ -96,7 +97,7 @@ def test_every_service_runs_the_one_image(services: dict[str, object]) -> None:
         assert set(spec["build"]["args"]) == {"TORCH_SPEC", "TORCH_INDEX_URL"}, name
 
 
-def test_configs_load_with_their_environment(services: dict[str, object], configs: dict[str, Config]) -> None:
+def test_configs_load_with_their_environment(services: dict[str, Any], configs: dict[str, Config]) -> None:
     for name, config in configs.items():
         assert config.swarm.name == "compose", name
         # Environment overrides really apply (names come from P2P_NODE_NODE_NAME for trainers).
@@ -107,7 +108,7 @@ def test_configs_load_with_their_environment(services: dict[str, object], config
 
 
 def test_bootstrap_addresses_name_services_and_their_peer_ids(
-    services: dict[str, object], configs: dict[str, Config]
+    services: dict[str, Any], configs: dict[str, Config]
 ) -> None:
     dialled = set()
     for name, config in configs.items():
@@ -126,7 +127,7 @@ def test_bootstrap_addresses_name_services_and_their_peer_ids(
     assert dialled == {"bootstrap"}
 
 
-def test_the_demo_key_is_the_bootstrap_services_alone(services: dict[str, object], configs: dict[str, Config]) -> None:
+def test_the_demo_key_is_the_bootstrap_services_alone(services: dict[str, Any], configs: dict[str, Config]) -> None:
     key_file = _container_file(services["bootstrap"], configs["bootstrap"].node.key_file)
     assert key_file == REPO / "configs" / "compose" / "bootstrap.key"
     assert read_key(key_file).peer_id.startswith("12D3KooW")
@@ -144,7 +145,7 @@ def test_announced_addresses_are_the_services_own(configs: dict[str, Config]) ->
             assert match and match["host"] == name, f"{name} announces {address}"
 
 
-def test_status_ports_published_on_host_loopback_only(services: dict[str, object], configs: dict[str, Config]) -> None:
+def test_status_ports_published_on_host_loopback_only(services: dict[str, Any], configs: dict[str, Config]) -> None:
     host_ports = []
     for name, service in services.items():
         config = configs[name]
@@ -159,7 +160,7 @@ def test_status_ports_published_on_host_loopback_only(services: dict[str, object
 
 
 def test_every_service_has_its_own_volume_for_its_data_dir(
-    services: dict[str, object], configs: dict[str, Config]
+    services: dict[str, Any], configs: dict[str, Config]
 ) -> None:
     data = netns_swarm.load_compose(COMPOSE)
     seen = []
@@ -180,7 +181,7 @@ def test_every_service_has_its_own_volume_for_its_data_dir(
 
 
 def test_netns_script_runs_the_same_services_and_configs(
-    services: dict[str, object], configs: dict[str, Config], tmp_path: Path
+    services: dict[str, Any], configs: dict[str, Config], tmp_path: Path
 ) -> None:
     plans = netns_swarm.plan_swarm(list(services.values()), "test", tmp_path)
     assert [p.service.name for p in plans] == EXPECTED_SERVICES
@@ -210,7 +211,7 @@ def test_netns_script_runs_the_same_services_and_configs(
             assert after == before.replace(f"/dns4/{match['host']}/", f"/ip4/{addresses[match['host']]}/")
 
 
-def test_netns_addresses_stay_in_the_private_test_subnet(services: dict[str, object]) -> None:
+def test_netns_addresses_stay_in_the_private_test_subnet(services: dict[str, Any]) -> None:
     import ipaddress
 
     addresses = netns_swarm.service_addresses(list(services.values()))

@@ -1,8 +1,9 @@
 """The docker-compose.yml topology, run for real in Linux network namespaces by scripts/netns_swarm.py.
 
 Five peers (bootstrap, trainer1-3, consumer), each in its own namespace behind a veth pair on a
-bridge, links shaped with tc tbf at 100 mbit/s, started from the compose file's own configs and
-environment. Skipped only where namespaces cannot be created (not root, no iproute2, not
+bridge, started from the compose file's own configs and environment: once with /dns4/<service>
+rewritten to namespace addresses and links shaped with tc tbf at 100 mbit/s, once with the
+compose multiaddrs unchanged and resolved by a DNS server in the hub namespace. Skipped only where namespaces cannot be created (not root, no iproute2, not
 permitted in this container).
 """
 
@@ -54,11 +55,20 @@ def _namespaces() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.split()}
 
 
-def test_compose_topology_converges_in_namespaces_and_is_torn_down(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("dns", "rate"),
+    [(False, "100mbit"), (True, None)],
+    ids=["ip4-rewritten-100mbit", "dns4-resolved"],
+)
+def test_compose_topology_converges_in_namespaces_and_is_torn_down(
+    tmp_path: Path, dns: bool, rate: str | None
+) -> None:
+    """ip4-rewritten: /dns4/<service> rewritten to namespace addresses, links shaped at 100 mbit/s.
+    dns4-resolved: the compose multiaddrs unchanged, resolved by the script's DNS server in the hub."""
     before = _namespaces()
     out = io.StringIO()
     workdir = tmp_path / "swarm"
-    result = netns_swarm.run_swarm(check=True, timeout=45, rate="100mbit", workdir=workdir, out=out)
+    result = netns_swarm.run_swarm(check=True, timeout=45, rate=rate, dns=dns, workdir=workdir, out=out)
     print(out.getvalue())
 
     assert result.converged, f"{result.problem}\n{out.getvalue()}"
@@ -74,7 +84,13 @@ def test_compose_topology_converges_in_namespaces_and_is_torn_down(tmp_path: Pat
     assert "converged" in out.getvalue()
 
     # Torn down: no namespace of this run remains, and each peer kept its data in its own "volume".
-    assert not {ns for ns in _namespaces() - before if ns.startswith(f"{netns_swarm.NS_PREFIX}{os.getpid()}-")}
+    ours = f"{netns_swarm.NS_PREFIX}{os.getpid()}-"
+    assert not {ns for ns in _namespaces() - before if ns.startswith(ours)}
+    assert not list(Path("/etc/netns").glob(f"{ours}*"))
+    log = (workdir / "trainer1" / "peer.log").read_text()
+    # The address the peer announced: the compose one (dns) or the rewritten one.
+    assert ("/dns4/trainer1/tcp/4001/p2p/" in log) == dns
+    assert ("/ip4/10.213.7.3/tcp/4001/p2p/" in log) != dns
     for name in ("bootstrap", "trainer1", "trainer2", "trainer3", "consumer"):
         assert (workdir / name / "volumes" / f"{name}-data" / "store").is_dir(), name
         assert (workdir / name / "peer.log").stat().st_size > 0

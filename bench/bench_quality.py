@@ -1,0 +1,384 @@
+"""DiLoCo against synchronous data-parallel on the built-in character-level GPT: loss and bytes moved.
+
+Run from the repository root:
+
+    python -m bench.bench_quality [--quick] [--codec int8] [--H 50] [--rounds 30] \
+        [--outer-lr 0.7] [--outer-momentum 0.9] [--out bench/results/quality.json]
+
+Both methods run in this one process, from the same initial weights, on the same examples in
+the same order, for the same number of samples:
+
+* DiLoCo: ``--workers`` simulated peers. Each round every worker loads the global weights into
+  its own model, runs ``H`` inner AdamW steps through ``Workload.train`` (its AdamW state is kept
+  across rounds, as the daemon's Trainer keeps it), and computes the pseudo-gradient
+  ``base - local``. That pseudo-gradient goes through the wire format the daemon uses
+  (``encode_state_dict`` with the chosen codec, the chunks joined back, ``decode_state_dict``),
+  and the decoded pseudo-gradients are merged with ``node.merge.merge`` under the mean rule and
+  the outer SGD (Nesterov) step, the outer momentum carried across rounds.
+* Data-parallel (DP): one model and one AdamW (same lr, betas, weight decay, clipping), taking
+  ``rounds * H`` steps. Step ``t`` of round ``r`` uses exactly the union of the minibatches the
+  DiLoCo workers use at their inner step ``t`` of round ``r`` (the same sampler and seeds as
+  ``Workload.train``), i.e. batch ``workers x batch_size``. The mean loss over that batch has
+  the gradient of the average of the workers' gradients: what an all-reduce of per-worker
+  gradients gives every step.
+
+Each round every worker gets its own disjoint slice of microshards (drawn without replacement
+from a seeded permutation of the training split, a fresh permutation per epoch); DP sees the
+union of the slices, so both see the same examples.
+
+Bytes are counted per worker. DP: a full fp32 gradient (4 bytes per trainable parameter) is
+all-reduced every step with a ring all-reduce, in which each worker sends and receives
+``2 (n - 1) / n`` times the gradient size. DiLoCo: each round a worker sends one encoded
+pseudo-gradient (artifact stream plus its manifest) and receives the other ``n - 1`` workers'
+ones; every peer computes the merge itself (the merge is deterministic, as in the daemon), so no
+weights are broadcast. Gossip records (update and head records, a few hundred bytes each) are
+left out of both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from node.artifacts import decode_state_dict, encode_state_dict
+from node.merge import UpdateInput, merge, outer_rule
+from protocol.codecs import BF16, FP32, INT8, Codec
+from protocol.manifest import join_chunks
+from workloads.base import seeded_generator
+from workloads.registry import load_workload
+
+# The DP baseline replays Workload.train's own minibatch sampler so both methods see the same
+# examples in the same order; it is the function train calls, not a copy of it.
+from workloads.supervised import _batches, _concat
+
+CODECS: dict[str, Codec] = {"fp32": FP32, "bf16": BF16, "int8": INT8}
+
+# A smaller charlm than the workload's default (4 layers, 128 wide, 128-character windows,
+# batch 32) so that both methods fit in a few minutes on two CPU cores.
+BENCH_MODEL = {
+    "n_layer": 3,
+    "n_head": 4,
+    "n_embd": 96,
+    "block_size": 64,
+    "batch_size": 16,
+    "microshard_chars": 8192,  # finer slices, so each worker's share of a round wastes little
+    "eval_examples": 1024,
+}
+QUICK_MODEL = BENCH_MODEL | {"n_layer": 2, "n_embd": 64, "eval_examples": 256}
+
+
+@dataclass
+class Run:
+    """One method's trajectory: validation loss after each evaluated round and what it moved."""
+
+    name: str
+    curve: list[tuple[int, int, float]] = field(default_factory=list)  # (round, samples, val loss)
+    samples: int = 0
+    seconds: float = 0.0
+    bytes_sent: int = 0  # per worker
+    bytes_received: int = 0  # per worker
+    train_loss_last: float = float("nan")
+
+    @property
+    def final_loss(self) -> float:
+        return self.curve[-1][2]
+
+    @property
+    def bytes_total(self) -> int:
+        return self.bytes_sent + self.bytes_received
+
+
+def round_slices(workload: Any, workers: int, rounds: int, need: int, seed: int) -> list[list[list[int]]]:
+    """``[round][worker]`` -> microshard indices holding at least ``need`` examples: disjoint
+    within a round, an epoch used up before any microshard repeats (a fresh seeded permutation
+    of the split each epoch)."""
+    sizes = [s.examples for s in workload.dataset().microshards]
+    stream: list[int] = []
+    epoch = 0
+    slices: list[list[list[int]]] = []
+    for _ in range(rounds):
+        used: set[int] = set()
+        round_: list[list[int]] = []
+        for _ in range(workers):
+            taken: list[int] = []
+            while sum(sizes[i] for i in taken) < need:
+                if not stream:
+                    order = torch.randperm(len(sizes), generator=seeded_generator(seed, f"bench-epoch-{epoch}"))
+                    stream = order.tolist()
+                    epoch += 1
+                # At an epoch boundary keep a round free of repeats: defer what it already holds.
+                pick = next((i for i in stream if i not in used), None)
+                if pick is None:
+                    raise SystemExit(f"a round needs more than the split's {len(sizes)} microshards")
+                stream.remove(pick)
+                used.add(pick)
+                taken.append(pick)
+            round_.append(taken)
+        slices.append(round_)
+    return slices
+
+
+def train_seed(seed: int, round_index: int, worker: int) -> int:
+    """The seed a worker's Workload.train gets in a round (it fixes that worker's example order)."""
+    return seed * 1_000_003 + round_index * 1_009 + worker
+
+
+def wire_roundtrip(delta: dict[str, torch.Tensor], codec: Codec) -> tuple[dict[str, torch.Tensor], int]:
+    """The pseudo-gradient as a peer fetching it decodes it, and the bytes it moved over the
+    wire (the artifact's chunks plus its manifest)."""
+    artifact = encode_state_dict(delta, codec)
+    stream = join_chunks(artifact.manifest, [bytes(c) for c in artifact.chunks])
+    decoded = decode_state_dict(artifact.manifest, stream)
+    wire = sum(len(c) for c in artifact.chunks) + len(artifact.manifest.encoded)
+    assert sum(len(c) for c in artifact.chunks) == artifact.manifest.size
+    return {k: v.float() for k, v in decoded.items()}, wire
+
+
+def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to(torch.float32).clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def run_diloco(
+    workload: Any, args: argparse.Namespace, slices: list[list[list[int]]], shard_bytes: Sequence[bytes]
+) -> Run:
+    run = Run(f"DiLoCo ({args.codec}, outer lr {args.outer_lr:g}, mom {args.outer_momentum:g}"
+              f"{', nesterov' if args.outer_momentum > 0 else ''})")
+    codec = CODECS[args.codec]
+    rule = outer_rule("mean", args.outer_lr, args.outer_momentum, args.outer_momentum > 0, 0.2, 10.0)
+    global_weights = weights_of(workload.init_model(args.seed))
+    momentum: dict[str, torch.Tensor] | None = None
+    models = [workload.init_model(args.seed) for _ in range(args.workers)]
+    states = [workload.new_inner_state(m) for m in models]
+    started = time.perf_counter()
+    evaluator = workload.init_model(args.seed)
+    run.curve.append((0, 0, workload.evaluate(evaluator, "val").loss))
+    for r, round_slices_ in enumerate(slices):
+        updates = []
+        wires = []
+        losses = []
+        for k, (model, state) in enumerate(zip(models, states)):
+            with torch.no_grad():
+                model.load_state_dict(global_weights)
+            metrics = workload.train(
+                model, state, [shard_bytes[i] for i in round_slices_[k]], args.H, seed=train_seed(args.seed, r, k)
+            )
+            losses.append(metrics.loss_last)
+            run.samples += metrics.examples
+            with torch.no_grad():
+                local = model.state_dict()
+                delta = {n: torch.sub(global_weights[n], local[n].detach().float()).contiguous() for n in global_weights}
+            decoded, wire = wire_roundtrip(delta, codec)
+            wires.append(wire)
+            updates.append(UpdateInput(f"worker-{k:03d}", metrics.examples, decoded))
+        result = merge(global_weights, momentum, updates, rule)
+        if result is None or result.excluded:
+            raise SystemExit(f"round {r}: the merge excluded updates: {result.excluded if result else 'all'}")
+        global_weights, momentum = result.weights, result.momentum
+        total_wire = sum(wires)
+        run.bytes_sent += total_wire // len(wires)  # the workers' artifacts are (nearly) the same size
+        run.bytes_received += total_wire - total_wire // len(wires)
+        run.train_loss_last = sum(losses) / len(losses)
+        if (r + 1) % args.eval_every == 0 or r + 1 == len(slices):
+            with torch.no_grad():
+                evaluator.load_state_dict(global_weights)
+            loss = workload.evaluate(evaluator, "val").loss
+            run.curve.append((r + 1, run.samples, loss))
+            print(f"  diloco round {r + 1:3d}/{len(slices)}  samples {run.samples:7d}  val {loss:.4f}"
+                  f"  ({time.perf_counter() - started:6.1f} s)", flush=True)
+    run.seconds = time.perf_counter() - started
+    return run
+
+
+def dp_batches(
+    workload: Any, slices: list[list[int]], shard_bytes: Sequence[bytes], batch_size: int, seed: int, r: int
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The union of the workers' minibatches, step by step, for one round."""
+    streams = [
+        _batches(_concat([workload.decode_microshard(shard_bytes[i]) for i in worker_slice]),
+                 batch_size, train_seed(seed, r, k))
+        for k, worker_slice in enumerate(slices)
+    ]
+    while True:
+        parts = [next(s) for s in streams]
+        yield tuple(torch.cat(fields) for fields in zip(*parts, strict=True))
+
+
+def run_dp(
+    workload: Any, args: argparse.Namespace, slices: list[list[list[int]]], shard_bytes: Sequence[bytes],
+    gradient_bytes: int,
+) -> Run:
+    run = Run(f"data-parallel (fp32 ring all-reduce, batch {args.workers}x{workload.settings()['batch_size']})")
+    settings = workload.settings()
+    model = workload.init_model(args.seed)
+    optimizer = workload.new_inner_state(model).optimizer
+    if args.dp_lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = args.dp_lr
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n = args.workers
+    per_step = 2 * (n - 1) * gradient_bytes // n  # ring all-reduce: sent, and again received, per worker
+    started = time.perf_counter()
+    run.curve.append((0, 0, workload.evaluate(model, "val").loss))
+    model.train()
+    for r, round_slices_ in enumerate(slices):
+        batches = dp_batches(workload, round_slices_, shard_bytes, settings["batch_size"], args.seed, r)
+        for _ in range(args.H):
+            batch = next(batches)
+            loss = workload.batch_loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if settings["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, settings["grad_clip"])
+            optimizer.step()
+            run.samples += batch[0].shape[0]
+            run.bytes_sent += per_step
+            run.bytes_received += per_step
+        run.train_loss_last = float(loss.detach())
+        if (r + 1) % args.eval_every == 0 or r + 1 == len(slices):
+            loss_val = workload.evaluate(model, "val").loss
+            model.train()
+            run.curve.append((r + 1, run.samples, loss_val))
+            print(f"  dp     round {r + 1:3d}/{len(slices)}  samples {run.samples:7d}  val {loss_val:.4f}"
+                  f"  ({time.perf_counter() - started:6.1f} s)", flush=True)
+    run.seconds = time.perf_counter() - started
+    return run
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny smoke run (< 1 min)")
+    parser.add_argument("--codec", choices=sorted(CODECS), default="int8", help="pseudo-gradient codec")
+    parser.add_argument("--H", type=int, default=None, help="inner steps per round (default 50; quick 10)")
+    parser.add_argument("--rounds", type=int, default=None, help="outer rounds (default 30; quick 3)")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--outer-lr", type=float, default=0.7)
+    parser.add_argument("--outer-momentum", type=float, default=0.9, help="0 disables momentum (and Nesterov)")
+    parser.add_argument("--dp-lr", type=float, default=None, help="DP inner lr (default: the same as DiLoCo's)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a charlm option (n_layer, n_embd, block_size, batch_size, lr, ...)")
+    parser.add_argument("--eval-every", type=int, default=None, help="evaluate every N rounds (default ~10 points)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-dp", action="store_true", help="run DiLoCo only (no baseline, no verdict)")
+    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    options: dict[str, Any] = dict(QUICK_MODEL if args.quick else BENCH_MODEL)
+    for item in args.option:
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value) if value and value[0] in "0123456789-.[" else value
+    args.H = args.H if args.H is not None else (10 if args.quick else 50)
+    args.rounds = args.rounds if args.rounds is not None else (3 if args.quick else 30)
+    args.eval_every = args.eval_every or max(1, args.rounds // 10)
+
+    workload = load_workload("charlm", options)
+    batch_size = workload.settings()["batch_size"]
+    params = sum(math.prod(p.shape) for p in workload.model_schema())
+    gradient_bytes = 4 * params  # every parameter of the charlm is trainable and fp32
+    sources = workload.dataset().microshards
+    slices = round_slices(workload, args.workers, args.rounds, args.H * batch_size, args.seed)
+    per_worker = sum(len(w) for r in slices for w in r) / (args.workers * args.rounds)
+    shard_bytes = [workload.microshard_bytes(i) for i in range(len(sources))]
+    split_examples = sum(s.examples for s in sources)
+    total_samples = args.workers * args.rounds * args.H * batch_size
+
+    print(f"charlm {options}: {params:,} parameters, fp32 gradient {human(gradient_bytes)}")
+    print(f"{args.workers} workers x {args.rounds} rounds x H={args.H} x batch {batch_size} = {total_samples:,} samples"
+          f" ({total_samples / split_examples:.2f} epochs of {split_examples:,}); {per_worker:.1f} microshards"
+          f" per worker per round (>= H x batch examples each); torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+
+    wall = time.perf_counter()
+    diloco = run_diloco(workload, args, slices, shard_bytes)
+    dp = None if args.skip_dp else run_dp(workload, args, slices, shard_bytes, gradient_bytes)
+    wall = time.perf_counter() - wall
+
+    runs = [r for r in (dp, diloco) if r is not None]
+    print()
+    print(f"{'method':<58} {'val loss':>9} {'samples':>9} {'sent/wkr':>10} {'recv/wkr':>10} {'total/wkr':>10} {'time':>8}")
+    for r in runs:
+        print(f"{r.name:<58} {r.final_loss:9.4f} {r.samples:9,} {human(r.bytes_sent):>10} {human(r.bytes_received):>10}"
+              f" {human(r.bytes_total):>10} {r.seconds:7.1f}s")
+    report: dict[str, Any] = {
+        "bench": "quality",
+        "workload": "charlm",
+        "options": options,
+        "parameters": params,
+        "workers": args.workers,
+        "rounds": args.rounds,
+        "H": args.H,
+        "batch_size_per_worker": batch_size,
+        "total_samples": total_samples,
+        "epochs": total_samples / split_examples,
+        "codec": args.codec,
+        "outer_lr": args.outer_lr,
+        "outer_momentum": args.outer_momentum,
+        "nesterov": args.outer_momentum > 0,
+        "dp_lr": args.dp_lr if args.dp_lr is not None else workload.settings()["lr"],
+        "seed": args.seed,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "wall_seconds": wall,
+        "byte_accounting": (
+            "per worker. DP: fp32 gradient (4 B x parameters) ring all-reduced every step; each worker sends"
+            " and receives 2(n-1)/n x gradient size per step. DiLoCo: per round each worker sends its encoded"
+            " pseudo-gradient (artifact chunks + manifest) and receives the other n-1; the merge is computed"
+            " locally by every peer, so no weights are broadcast. Gossip records are not counted."
+        ),
+        "runs": {
+            key: {
+                "name": r.name,
+                "final_val_loss": r.final_loss,
+                "train_loss_last": r.train_loss_last,
+                "samples": r.samples,
+                "bytes_sent_per_worker": r.bytes_sent,
+                "bytes_received_per_worker": r.bytes_received,
+                "bytes_total_per_worker": r.bytes_total,
+                "seconds": r.seconds,
+                "curve": [{"round": a, "samples": b, "val_loss": c} for a, b, c in r.curve],
+            }
+            for key, r in (("dp", dp), ("diloco", diloco)) if r is not None
+        },
+    }
+    if dp is not None:
+        gap = (diloco.final_loss - dp.final_loss) / dp.final_loss
+        ratio = dp.bytes_total / diloco.bytes_total
+        ratio_sent = dp.bytes_sent / diloco.bytes_sent
+        loss_ok, bytes_ok = gap <= 0.02, ratio >= 50
+        print()
+        print(f"DiLoCo vs DP: val loss {diloco.final_loss:.4f} vs {dp.final_loss:.4f} ({gap:+.2%});"
+              f" bytes per worker {ratio:.1f}x fewer (sent+received), {ratio_sent:.1f}x fewer (sent only)")
+        print(f"target (loss within 2%, >= 50x fewer bytes): loss {'MET' if loss_ok else 'MISSED'},"
+              f" bytes {'MET' if bytes_ok else 'MISSED'}")
+        report |= {"loss_gap": gap, "bytes_ratio": ratio, "bytes_ratio_sent_only": ratio_sent,
+                   "target": {"loss_within": 0.02, "bytes_ratio_at_least": 50, "loss_met": loss_ok,
+                              "bytes_met": bytes_ok, "met": loss_ok and bytes_ok}}
+    print(f"wall time {wall:.1f} s")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
