@@ -75,6 +75,25 @@ def _build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--replay", type=int, default=20, help="past events to show first")
     watch.add_argument("--json", action="store_true", help="print each event as a JSON line")
 
+    rollback = commands.add_parser("rollback", help="roll the swarm back to an earlier head (operators only)")
+    rollback.add_argument("head", help="the head id to roll back to")
+    rollback.add_argument("--reason", default="", help="why, recorded in the signed rollback")
+
+    patch = commands.add_parser("patch", help="change training settings from a round on (operators only)")
+    patch.add_argument("settings", nargs="+", metavar="KEY=VALUE", help="inner_lr, inner_steps, outer_lr, outer_momentum, codec, round_deadline_s")
+    patch.add_argument("--round", type=int, required=True, help="first round the settings apply to")
+
+    for sub in (rollback, patch):
+        sub.add_argument("--url", default=os.environ.get("P2P_NODE_URL", DEFAULT_URL))
+        sub.add_argument("--token", default=os.environ.get("P2P_NODE_STATUS_TOKEN", ""), help="status token (or P2P_NODE_STATUS_TOKEN)")
+        sub.add_argument("--key", help="operator key file: sign here instead of on the peer")
+        sub.add_argument("--swarm", help="swarm name, needed with --key (default: ask the peer)")
+
+    cancel = commands.add_parser("cancel", help="cancel an in-flight fetch on a running peer")
+    cancel.add_argument("manifest", help="manifest id of the fetch")
+    cancel.add_argument("--url", default=os.environ.get("P2P_NODE_URL", DEFAULT_URL))
+    cancel.add_argument("--token", default=os.environ.get("P2P_NODE_STATUS_TOKEN", ""))
+
     swarm = commands.add_parser("swarm", help="run a local swarm of N peers on 127.0.0.1")
     swarm.add_argument("--peers", type=int, default=3)
     swarm.add_argument("--dir", default="./swarm-data", help="data directories and configs go here")
@@ -214,6 +233,72 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _send(url: str, method: str, token: str, body: Any = None) -> int:
+    request = urllib.request.Request(
+        url, method=method, data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            print(json.dumps(json.load(response), indent=2))
+            return 0
+    except urllib.error.HTTPError as exc:
+        try:
+            reason = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            reason = exc.reason
+        print(f"p2p-node: {exc.code} {reason}", file=sys.stderr)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"p2p-node: cannot reach {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+    return 1
+
+
+def _signed_body(args: argparse.Namespace, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    """With --key, sign the operator record here so the operator's key never leaves this machine."""
+    if not args.key:
+        return body
+    from node.operator import sign_operator_record
+
+    swarm = args.swarm or fetch_json(args.url.rstrip("/") + "/status")["swarm"]
+    return {"record": sign_operator_record(read_key(Path(args.key)), swarm, kind, body).hex()}
+
+
+def _parse_setting(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep:
+        raise ConfigError(text, "settings are KEY=VALUE")
+    for kind in (int, float):
+        try:
+            return key, kind(raw)
+        except ValueError:
+            pass
+    return key, raw
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from protocol.control import RollbackRecord
+
+    if args.key:
+        body = RollbackRecord(args.head, args.reason, int(time.time() * 1000)).to_wire()
+        return _send(args.url.rstrip("/") + "/rollback", "POST", args.token, _signed_body(args, "rollback", body))
+    return _send(args.url.rstrip("/") + "/rollback", "POST", args.token, {"head": args.head, "reason": args.reason})
+
+
+def _cmd_patch(args: argparse.Namespace) -> int:
+    from protocol.control import PatchRecord
+    from protocol.errors import Invalid
+
+    settings = dict(_parse_setting(item) for item in args.settings)
+    if args.key:
+        try:
+            body = PatchRecord.create(settings, args.round, int(time.time() * 1000)).to_wire()
+        except Invalid as exc:
+            print(f"p2p-node: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return _send(args.url.rstrip("/") + "/patch", "POST", args.token, _signed_body(args, "patch", body))
+    return _send(args.url.rstrip("/") + "/patch", "POST", args.token, {"settings": settings, "round": args.round})
+
+
 def _cmd_swarm(args: argparse.Namespace) -> int:
     from node.local_swarm import run_local_swarm
 
@@ -243,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_get(args, "/peers")
         if args.command == "swarm":
             return _cmd_swarm(args)
+        if args.command == "rollback":
+            return _cmd_rollback(args)
+        if args.command == "patch":
+            return _cmd_patch(args)
+        if args.command == "cancel":
+            return _send(f"{args.url.rstrip('/')}/fetches/{args.manifest}", "DELETE", args.token)
         if args.command == "watch":
             return _cmd_watch(args)
         if args.command == "heads":

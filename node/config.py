@@ -70,6 +70,11 @@ def _peer_ids(values: tuple[str, ...]) -> str | None:
     return None
 
 
+def _variants(values: tuple[str, ...]) -> str | None:
+    unknown = [v for v in values if v not in ("bf16", "int8")]
+    return f"unknown variant {describe(unknown[0])} (bf16 or int8)" if unknown else None
+
+
 def _topic_safe(value: str) -> str | None:
     if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
         return None
@@ -305,6 +310,13 @@ class TrainingSection:
     head_retention: int = setting(200, "Heads kept in the index (and their weights pinned).", check=_positive)
     head_reannounce_s: float = setting(5.0, "Seconds between re-announcements of the canonical head.", check=_positive)
     evaluate: bool = setting(True, "Compute the validation loss of each adopted head and publish it.")
+    publish_variants: tuple[str, ...] = setting(
+        (), "Extra encodings of each adopted head this peer stores and announces: bf16, int8.", check=_variants
+    )
+    export_dir: str = setting(
+        "", "Directory where the newest canonical weights are kept as model.safetensors (consumers); empty: off."
+    )
+    export_variant: Literal["fp32", "bf16", "int8"] = setting("fp32", "Encoding of the exported weights.")
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,15 @@ import asyncio
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from node.availability import Availability
 from node.config import Config
 from node.diloco import OuterLoop
+from node.convergence import fetch_capabilities
+from node.distribution import Distribution
 from node.events import EventBus
+from node.operator import Operations
 from node.exchange import Exchange, ExchangeSettings
 from node.fetch_journal import FetchJournal
 from node.gossip import Gossip
@@ -22,6 +26,7 @@ from node.status_api import StatusApi
 from node.store import ContentStore
 from node.trainer import Trainer
 from protocol.evals import EVAL_KIND, EVAL_VERSION, EvalRecord
+from protocol.variants import VARIANT_KIND, VARIANT_VERSION, VariantRecord
 from workloads.registry import load_workload
 from protocol.availability import ANNOUNCE_KIND, ANNOUNCE_VERSION, Announce
 from protocol.identity import SigningKey
@@ -43,7 +48,8 @@ SHUTDOWN_BUDGET_S = 4.0
 HEARTBEAT_RECORD = RecordKind(HEARTBEAT_KIND, frozenset({HEARTBEAT_VERSION}), Heartbeat.from_wire)
 ANNOUNCE_RECORD = RecordKind(ANNOUNCE_KIND, frozenset({ANNOUNCE_VERSION}), Announce.from_wire)
 EVAL_RECORD = RecordKind(EVAL_KIND, frozenset({EVAL_VERSION}), EvalRecord.from_wire)
-NODE_RECORDS = (HEARTBEAT_RECORD, ANNOUNCE_RECORD, EVAL_RECORD)
+VARIANT_RECORD = RecordKind(VARIANT_KIND, frozenset({VARIANT_VERSION}), VariantRecord.from_wire)
+NODE_RECORDS = (HEARTBEAT_RECORD, ANNOUNCE_RECORD, EVAL_RECORD, VARIANT_RECORD)
 
 
 class _Stop(Exception):
@@ -68,6 +74,8 @@ class Node:
         self.exchange: Exchange | None = None
         self.outer: OuterLoop | None = None
         self.events = EventBus()
+        self.operations: Operations | None = None
+        self.distribution: Distribution | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -141,13 +149,27 @@ class Node:
             cfg, self.key.peer_id, trainer, self.store, self.exchange, self.availability, self.gossip, self.membership
         )
         self.outer.emit = self.events.emit
+        self.operations = Operations(self.gossip, self.key, frozenset(cfg.swarm.operators))
+        self.operations.emit = self.events.emit
+        self.outer.patches_at = self.operations.settings_at
+        self.distribution = Distribution(
+            self.gossip, self.key.peer_id, self.store, self.availability,
+            cfg.training.publish_variants, cfg.training.export_dir, cfg.training.export_variant,
+        )
+        self.outer.adopted_hooks.append(self.distribution.on_adopted)
         await self.outer.start(self.data_dir)
         assert self.outer.heads is not None
         self.outer.heads.emit = self.events.emit
-        self.membership.set_fields(self.outer.heartbeat_fields)
+        self.operations.on_rollback = self.outer.heads.apply_rollback
+        self.membership.set_fields(self._heartbeat_fields)
         if cfg.status.enabled:
             self.status = StatusApi(self)
             await self.status.start(cfg.status.host, cfg.status.port)
+            if cfg.status.allow_remote:
+                log.warning(
+                    "status_port_remote", url=self.status.url, mutating="on" if cfg.status.token else "off",
+                    hint="status.allow_remote is set: anyone who can reach this address can read the node's state",
+                )
         log.info(
             "node_started",
             peer_id=self.key.peer_id,
@@ -198,6 +220,12 @@ class Node:
                 log.info("fetches_resumed", manifests=resumed)
             await self._stop.wait()
             raise _Stop
+
+    def _heartbeat_fields(self) -> dict[str, Any]:
+        assert self.outer is not None and self.exchange is not None
+        fields = self.outer.heartbeat_fields()
+        fields["capabilities"] = {**fields.get("capabilities", {}), **fetch_capabilities(self.exchange)}
+        return fields
 
     def _on_peer_event(self, event: PeerEvent) -> None:
         if self.availability is not None:

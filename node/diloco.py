@@ -14,7 +14,7 @@ import asyncio
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,11 +101,14 @@ class OuterLoop:
         self.started = time.monotonic()
         self.speed = 1.0
         self.round_failures = 0
+        self.current_settings: dict[str, Any] = {}
         self._state: RoundState | None = None
         self._arrived = asyncio.Event()
         self._weights_cache: tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None
         self.source: MicroshardSource | None = None
         self.emit: EventSink = _ignore  # the daemon points this at its event bus
+        self.patches_at: Callable[[dict[str, Any], int], dict[str, Any]] | None = None
+        self.adopted_hooks: list[Callable[[HeadRecord, dict[str, torch.Tensor]], Awaitable[None]]] = []
         self.leasing: Leasing | None = None
         self.heads: Heads | None = None
         gossip.on(UPDATE, self._on_update)
@@ -113,9 +116,32 @@ class OuterLoop:
 
     # ---- start-up --------------------------------------------------------------------
 
-    def rule(self) -> AggregationRule:
+    def rule(self, settings: dict[str, Any] | None = None) -> AggregationRule:
+        """The aggregation rule of a round: config, with patched outer lr and momentum applied."""
         d = self.config.diloco
-        return outer_rule(d.rule, d.outer_lr, d.outer_momentum, d.nesterov, d.trim_fraction, d.outlier_factor)
+        lr = settings["outer_lr"] if settings else d.outer_lr
+        momentum = settings["outer_momentum"] if settings else d.outer_momentum
+        return outer_rule(d.rule, lr, momentum, d.nesterov, d.trim_fraction, d.outlier_factor)
+
+    def round_settings(self, round_no: int) -> dict[str, Any]:
+        """Settings in force for ``round_no``: config, then operator patches effective by then."""
+        cfg = self.config
+        base: dict[str, Any] = {
+            "inner_steps": cfg.training.inner_steps,
+            "outer_lr": cfg.diloco.outer_lr,
+            "outer_momentum": cfg.diloco.outer_momentum,
+            "codec": cfg.training.codec,
+            "round_deadline_s": cfg.training.round_deadline_s,
+        }
+        lr = self.workload.settings().get("lr")
+        if lr is not None:
+            base["inner_lr"] = lr
+        settings = self.patches_at(base, round_no) if self.patches_at is not None else base
+        if settings.get("inner_lr") is not None and settings.get("inner_lr") != lr:
+            self.workload.apply_settings({"lr": float(settings["inner_lr"])})
+        if settings["codec"] not in CODECS:
+            settings["codec"] = cfg.training.codec
+        return settings
 
     async def start(self, data_dir: Any) -> None:
         cfg = self.config
@@ -176,9 +202,14 @@ class OuterLoop:
         while True:
             base = self.heads.canonical()
             try:
-                if self.config.training.evaluate and base.id not in evaluated:
+                if base.id not in evaluated:
                     evaluated.add(base.id)
-                    await self._evaluate(base)
+                    if self.config.training.evaluate:
+                        await self._evaluate(base)
+                    if self.adopted_hooks:
+                        weights, _ = await self._ensure_state(base)
+                        for hook in self.adopted_hooks:
+                            await hook(base, weights)
                 if self.is_trainer:
                     await self._round(base)
                 else:
@@ -213,6 +244,8 @@ class OuterLoop:
         assert self.heads is not None and self.leasing is not None and self.source is not None
         cfg = self.config.training
         round_no = base.round + 1
+        settings = self.round_settings(round_no)
+        self.current_settings = settings
         ledger = self._ledger(base)
         self.view = RoundView(round=round_no, phase="leasing", base=base.id)
         state = RoundState(round_no, base.id, (), now_ms() + self._deadline_ms())
@@ -220,7 +253,7 @@ class OuterLoop:
         for update_id, update in self.updates.get(round_no, {}).items():
             self._offer(update_id, update)
         weights, _momentum = await self._ensure_state(base)
-        wanted = max(1, math.ceil(cfg.inner_steps * self._batch_size() / max(self.source.examples_per_microshard, 1)))
+        wanted = max(1, math.ceil(settings["inner_steps"] * self._batch_size() / max(self.source.examples_per_microshard, 1)))
         live_trainers = [p for p in self.membership.table.live() if self._is_trainer_peer(p)]
         total_speed = self.speed + sum(self._peer_speed(p) for p in live_trainers)
         # Peers that trained last round will most likely train this one: wait for their
@@ -248,7 +281,7 @@ class OuterLoop:
                   missing=sorted(result.missing))
         if result.updates:
             self.view.phase = "merging"
-            head = await self.compute_head(base, list(result.updates), self.rule())
+            head = await self.compute_head(base, list(result.updates), self.rule(settings))
             if head is not None and self.heads.adopted == base.id:
                 await self.heads.add_own(head)
         self._forget_rounds(round_no)
@@ -273,7 +306,8 @@ class OuterLoop:
             self.leasing.release_own()
             return
         examples = sum(self.source.by_id[s].source.examples for s in shards)
-        steps = max(1, min(cfg.inner_steps, math.ceil(examples / max(self._batch_size(), 1))))
+        settings = self.current_settings
+        steps = max(1, min(settings["inner_steps"], math.ceil(examples / max(self._batch_size(), 1))))
         seed = int.from_bytes(canonical.encode([base.id, self.peer_id])[-8:], "big") % (2**31)
         done = asyncio.Event()
         watcher = asyncio.create_task(self._abort_if_superseded(base, done))
@@ -290,11 +324,11 @@ class OuterLoop:
         if result.metrics.stopped_early or self.heads.adopted != base.id:  # type: ignore[union-attr]
             return
         self.inner_durations_ms.append(int(result.metrics.seconds * 1000))
-        codec = CODECS[cfg.codec]
+        codec = CODECS[settings["codec"]]
         artifact = await asyncio.to_thread(store_artifact, self.store, result.delta, codec)
         self.availability.add_held(artifact)
         update = UpdateRecord(
-            round=base.round + 1, base=base.id, artifact=artifact, codec=cfg.codec,
+            round=base.round + 1, base=base.id, artifact=artifact, codec=settings["codec"],
             samples=result.metrics.examples, tokens=result.metrics.tokens, microshards=tuple(sorted(shards)),
             epoch=epoch,
             metrics=InnerMetrics(loss=float(result.metrics.loss_mean), steps=result.metrics.steps,
@@ -437,7 +471,7 @@ class OuterLoop:
             samples_total=base.samples_total + samples, tokens_total=base.tokens_total + tokens,
             samples=samples, tokens=tokens,
             microshards=tuple(sorted({s for u in included for s in u.microshards})),
-            eval=None, workload=base.workload, dataset=base.dataset, rollback=base.rollback,
+            eval=None, workload=base.workload, dataset=base.dataset, rollback=self.heads.marker_for(base),  # type: ignore[union-attr]
         )
         self._weights_cache = (head.id, result.weights, result.momentum)
         self.availability.add_held(weights_id)
@@ -486,8 +520,9 @@ class OuterLoop:
 
     def _deadline_ms(self) -> int:
         cfg = self.config.training
-        if cfg.round_deadline_s > 0:
-            return int(cfg.round_deadline_s * 1000)
+        patched = self.current_settings.get("round_deadline_s", cfg.round_deadline_s)
+        if patched and patched > 0:
+            return int(patched * 1000)
         observed = self.inner_durations_ms[-20:] + [
             u.metrics.inner_ms for updates in self.updates.values() for u in updates.values()
         ]

@@ -83,6 +83,7 @@ class FetchProgress:
     have_bytes: int = 0
     fetched_bytes: int = 0
     started: float = field(default_factory=time.monotonic)
+    finished: float | None = None  # time.monotonic() when the fetch ended, however it ended
     providers: set[str] = field(default_factory=set)
     dropped: dict[str, str] = field(default_factory=dict)
     error: str | None = None
@@ -378,6 +379,7 @@ class Exchange:
             log.exception("fetch_crashed", manifest=manifest_id)
             raise
         finally:
+            progress.finished = time.monotonic()
             self.availability.set_fetching(manifest_id, False)
 
     async def _settle_journal(self, manifest_id: str) -> None:

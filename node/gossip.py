@@ -81,6 +81,16 @@ class Gossip:
         self.published[kind] += 1
         return raw
 
+    async def publish_raw(self, raw: bytes) -> bool:
+        """Publish a record that is already signed (ours, or an operator's we relay)."""
+        try:
+            await self._bridge.publish(self.topic, raw)
+        except (BridgeError, TimeoutError) as exc:
+            self.publish_failures += 1
+            log.warning("publish_failed", error=str(exc))
+            return False
+        return True
+
     def validate(self, data: bytes) -> Record:
         """Validate one message as a record of this swarm; raises Invalid with the reason."""
         return validate_record(

@@ -17,6 +17,7 @@ from node.store import ContentStore, fsync_dir
 from protocol import canonical
 from protocol.cid import matches
 from protocol.errors import Invalid
+from protocol.control import RollbackRecord
 from protocol.heads import HeadIndex, HeadRecord
 from protocol.kinds import HEAD
 from protocol.records import Record
@@ -57,6 +58,7 @@ class Heads:
         self.rejected: Counter[str] = Counter()
         self.penalties: Counter[str] = Counter()
         self.eval: dict[str, dict[str, Any]] = {}
+        self.rollbacks: dict[str, RollbackRecord] = {}
         self._verifying: set[str] = set()
         self._candidates: asyncio.Queue[tuple[HeadRecord, str]] = asyncio.Queue(256)
         self._lock = asyncio.Lock()
@@ -82,8 +84,12 @@ class Heads:
         try:
             state = json.loads(self._state_path.read_text())
             adopted = state["adopted"]
-        except (OSError, ValueError, KeyError, TypeError):
+            rollbacks = [RollbackRecord.from_wire(r) for r in state.get("rollbacks", [])]
+        except (OSError, ValueError, KeyError, TypeError, Invalid):
             return
+        for rollback in rollbacks:
+            self.rollbacks[rollback.id] = rollback
+            self.index.pin(rollback)
         chain: list[HeadRecord] = []
         current = await asyncio.to_thread(self._load_body, adopted) if isinstance(adopted, str) else None
         while current is not None and current.id not in self.index:
@@ -102,7 +108,7 @@ class Heads:
     def _save(self) -> None:
         temp = self._state_path.with_name(f".{self._state_path.name}.tmp")
         with open(temp, "w") as handle:
-            json.dump({"adopted": self.adopted}, handle)
+            json.dump({"adopted": self.adopted, "rollbacks": [r.to_wire() for r in self.rollbacks.values()]}, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, self._state_path)
@@ -214,6 +220,36 @@ class Heads:
             return HeadRecord.from_wire(canonical.decode(raw, canonical.Limits(max_size=2 << 20)))
         except Invalid:
             return None
+
+    # ---- operator rollbacks ----------------------------------------------------------
+
+    async def apply_rollback(self, rollback: RollbackRecord) -> None:
+        """Pin the canonical chain to ``rollback.target`` (fetching its record if we lack it)."""
+        if rollback.target not in self.index:
+            target = await asyncio.to_thread(self._load_body, rollback.target) or await self._fetch_body(rollback.target)
+            if target is None or await self._backfill(target) is not None:
+                self.rejected["rollback_target_unknown"] += 1
+                log.warning("rollback_target_unknown", target=rollback.target)
+                return
+            async with self._lock:
+                try:
+                    self.index.add(target)
+                except Invalid as exc:
+                    self.rejected[exc.reason] += 1
+                    return
+        async with self._lock:
+            self.index.pin(rollback)
+        self.rollbacks[rollback.id] = rollback
+        log.info("rollback_applied", target=rollback.target, rollback=rollback.id)
+        await self._reconsider()
+        await asyncio.to_thread(self._save)
+
+    def marker_for(self, base: HeadRecord) -> str | None:
+        """The rollback marker a head built on ``base`` carries: a new rollback starts at its target."""
+        order = self.index.rollback
+        if order is not None and order.target == base.id:
+            return order.id
+        return base.rollback
 
     # ---- the canonical head ----------------------------------------------------------
 

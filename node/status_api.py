@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from node.artifacts import MissingContent, materialise_safetensors
+from node.dashboard import Dashboard
 from node.http import (
     Event,
     EventStream,
@@ -20,6 +21,10 @@ from node.http import (
     json_response,
     start_http,
 )
+from node.convergence import convergence, node_view
+from node.operator import Operations, classify
+from node.metrics import NodeMetrics
+from node.openapi import OpenApi
 from protocol.cid import is_content_id
 
 if TYPE_CHECKING:
@@ -39,18 +44,37 @@ class StatusApi:
         self.app.route("GET", "/peers", self.peers, summary="The peer table with liveness")
         self.app.route("GET", "/heads", self.heads, summary="Recent heads, the canonical one marked")
         self.app.route("GET", "/heads/{id}", self.head, summary="One head record")
-        self.app.route("GET", "/heads/{id}/weights", self.head_weights, summary="A head's weights as safetensors")
+        self.app.route(
+            "GET", "/heads/{id}/weights", self.head_weights, summary="A head's weights as safetensors",
+            params=(Param("variant", str, "fp32 (default), bf16 or int8", default="fp32"),),
+        )
+        self.app.route("GET", "/heads/{id}/variants", self.head_variants, summary="Announced encodings of a head")
         self.app.route("GET", "/leases", self.leases, summary="Own and observed leases, epoch coverage")
         self.app.route(
             "GET", "/events", self.events, summary="Server-sent events: heads, rounds, peers, fetch progress",
             params=(Param("replay", int, "Past events to send first", default=0),),
         )
+        self.app.route("GET", "/convergence/{head}", self.convergence, summary="How far a head has spread")
+        self.app.route("GET", "/nodes/{peer}", self.node_status, summary="One peer's model status")
+        self.app.route("GET", "/heads/{id}/holders", self.holders, summary="Live peers holding a head")
+        self.app.route("POST", "/rollback", self.rollback, summary="Roll the swarm back to a head", mutating=True)
+        self.app.route("POST", "/patch", self.patch, summary="Change training settings from a round on", mutating=True)
         self.app.route("GET", "/exchange", self.exchange, summary="Chunk exchange counters and fetches")
         self.app.route("GET", "/fetches", self.fetches, summary="Fetches with their progress")
         self.app.route("POST", "/fetches", self.start_fetch, summary="Fetch an artifact by manifest id", mutating=True)
         self.app.route(
             "DELETE", "/fetches/{id}", self.cancel_fetch, summary="Cancel an in-flight fetch", mutating=True
         )
+        # Operator surfaces (issue 6); their logic lives in node/metrics.py, dashboard.py and openapi.py.
+        dashboard = Dashboard(self)
+        self.app.route("GET", "/", dashboard.index, summary="The dashboard page")
+        self.app.route("GET", "/static/{name}", dashboard.asset, summary="The dashboard's scripts and styles")
+        self.app.route(
+            "GET", "/chain", dashboard.chain, summary="The canonical chain, oldest first, with validation losses",
+            params=(Param("limit", int, "Newest heads to include (1-10000)", default=200),),
+        )
+        self.app.route("GET", "/metrics", NodeMetrics(node).handle, summary="Prometheus metrics")
+        self.app.route("GET", "/openapi.json", OpenApi(self.app).handle, summary="This API's OpenAPI 3.1 description")
 
     async def start(self, host: str, port: int) -> None:
         self._server = await start_http(self.app, host, port)
@@ -192,15 +216,32 @@ class StatusApi:
     async def head_weights(self, request: Request) -> Response:
         head = self._find_head(request.params["id"])
         node = self.node
-        assert node.store is not None
-        path = node.data_dir / "exports" / f"{head.id[3:19]}.safetensors"
+        assert node.store is not None and node.distribution is not None
+        variant = request.args.get("variant") or "fp32"
+        if variant not in ("fp32", "bf16", "int8"):
+            raise HttpError(400, "variant must be fp32, bf16 or int8")
+        manifest = node.distribution.manifest_for(head, variant)
+        if manifest is None:
+            raise HttpError(404, f"no {variant} variant of this head is known")
+        path = node.data_dir / "exports" / f"{manifest[3:19]}.safetensors"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                await asyncio.to_thread(materialise_safetensors, node.store, head.weights, path)
+                await asyncio.to_thread(materialise_safetensors, node.store, manifest, path)
             except MissingContent:
-                raise HttpError(404, "this peer does not hold the head's weights") from None
-        return await file_response(path, download_name=f"head-{head.round}-{head.id[3:15]}.safetensors")
+                raise HttpError(404, f"this peer does not hold the head's {variant} weights") from None
+        name = f"head-{head.round}-{head.id[3:15]}-{variant}.safetensors"
+        return await file_response(path, download_name=name)
+
+    async def head_variants(self, request: Request) -> Response:
+        head = self._find_head(request.params["id"])
+        assert self.node.distribution is not None
+        announced = self.node.distribution.variants.get(head.id, {})
+        return json_response({
+            "head": head.id,
+            "variants": {"fp32": {head.weights: ["(canonical)"]},
+                         **{v: {m: sorted(p) for m, p in ms.items()} for v, ms in announced.items()}},
+        })
 
     async def leases(self, request: Request) -> Response:
         outer = self.node.outer
@@ -226,3 +267,89 @@ class StatusApi:
                 yield Event(data=json.dumps(event.view()), event=event.kind, id=str(event.seq))
 
         return EventStream(stream())
+
+    # ---- convergence and operator control -------------------------------------------------
+
+    def _self_view(self) -> dict[str, Any]:
+        node = self.node
+        assert node.key is not None and node.outer is not None and node.exchange is not None
+        fields = node._heartbeat_fields()
+        caps = fields.get("capabilities", {})
+        return {
+            "peer_id": node.key.peer_id, "alive": True, "role": node.config.training.role,
+            "head": fields.get("head"), "round": fields.get("round", 0), "phase": caps.get("phase"),
+            "device": fields.get("device"),
+            "fetch": {
+                "manifest": caps.get("fetch"),
+                "progress": caps["fetch_permille"] / 1000 if "fetch_permille" in caps else None,
+                "rate_bytes_per_s": caps.get("fetch_rate"), "bytes_left": caps.get("fetch_left"),
+                "error": caps.get("fetch_error"),
+            },
+            "last_seen_ms": None,
+        }
+
+    async def convergence(self, request: Request) -> Response:
+        head = self._find_head(request.params["head"])
+        assert self.node.membership is not None
+        return json_response(convergence(self.node.membership.table, head.id, head.round, self._self_view()))
+
+    async def holders(self, request: Request) -> Response:
+        head = self._find_head(request.params["id"])
+        assert self.node.membership is not None
+        report = convergence(self.node.membership.table, head.id, head.round, self._self_view())
+        return json_response({"head": head.id, "holders": report["holder_ids"]})
+
+    async def node_status(self, request: Request) -> Response:
+        peer = request.params["peer"]
+        node = self.node
+        assert node.key is not None and node.membership is not None
+        if peer == node.key.peer_id:
+            return json_response(self._self_view())
+        view = node_view(node.membership.table, peer)
+        if view is None:
+            raise HttpError(404, "unknown peer")
+        return json_response(view)
+
+    def _operations(self) -> Operations:
+        if self.node.operations is None:
+            raise HttpError(503, "the node is not running")
+        return self.node.operations
+
+    async def _relay_or_sign(self, request: Request, sign: Any) -> Response:
+        body = request.json()
+        if not isinstance(body, dict):
+            raise HttpError(400, "body must be a JSON object")
+        operations = self._operations()
+        try:
+            if "record" in body:
+                raw = bytes.fromhex(str(body["record"]))
+                record = await operations.relay(raw)
+                return json_response({"relayed": record.id, "kind": record.kind}, status=202)
+            return json_response(await sign(operations, body), status=202)
+        except ValueError as exc:  # Invalid is a ValueError; so is bad hex
+            reason = getattr(exc, "reason", "malformed")
+            status = 403 if reason in ("not_operator",) else 400
+            raise HttpError(status, f"{reason}: {getattr(exc, 'detail', str(exc))}"[:300]) from None
+
+    async def rollback(self, request: Request) -> Response:
+        async def sign(operations: Operations, body: dict[str, Any]) -> dict[str, Any]:
+            target = body.get("head")
+            if not is_content_id(target):
+                raise HttpError(400, "body needs {\"head\": \"b3:...\"} or a signed {\"record\": hex}")
+            self._find_head(target)
+            record = await operations.rollback(target, str(body.get("reason", ""))[:500])
+            return {"rollback": record.id, "target": target}
+
+        return await self._relay_or_sign(request, sign)
+
+    async def patch(self, request: Request) -> Response:
+        async def sign(operations: Operations, body: dict[str, Any]) -> dict[str, Any]:
+            settings = body.get("settings")
+            effective = body.get("round")
+            if not isinstance(settings, dict) or type(effective) is not int:
+                raise HttpError(400, "body needs {\"settings\": {...}, \"round\": N} or a signed {\"record\": hex}")
+            record = await operations.patch(settings, effective)
+            supported = self.node.outer.workload.supported_settings if self.node.outer else {}
+            return {"patch": record.id, "effective_round": effective, "classes": classify(settings, supported)}
+
+        return await self._relay_or_sign(request, sign)

@@ -1,0 +1,125 @@
+"""Operator records on gossip: rollbacks that re-pin the canonical head, patches that change settings by round.
+
+Only peers listed in ``swarm.operators`` may author them. An operator signs
+either on its own machine (``p2p-node rollback --key FILE`` posts the signed
+record to any peer, which relays it) or by being the peer it posts to.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from node.gossip import Gossip
+from node.logs import get_logger
+from protocol.control import SETTINGS, PatchRecord, RollbackRecord, Setting, Temperature, settings_at
+from protocol.errors import Invalid
+from protocol.identity import SigningKey
+from protocol.kinds import PATCH, ROLLBACK, check_author
+from protocol.records import Record, sign_record
+
+log = get_logger("operator")
+
+OPERATOR_VERSION = 1
+RollbackSink = Callable[[RollbackRecord], Any]
+
+
+class Operations:
+    """The rollbacks and patches this peer knows, validated against the configured operator keys."""
+
+    def __init__(self, gossip: Gossip, key: SigningKey, operators: frozenset[str]) -> None:
+        self._gossip = gossip
+        self._key = key
+        self.operators = operators
+        self.rollbacks: dict[str, RollbackRecord] = {}
+        self.patches: dict[str, PatchRecord] = {}
+        self.rejected: Counter[str] = Counter()
+        self.on_rollback: RollbackSink | None = None
+        self.emit: Callable[..., None] = lambda kind, **data: None
+        gossip.on(ROLLBACK, self._on_rollback)
+        gossip.on(PATCH, self._on_patch)
+
+    @property
+    def is_operator(self) -> bool:
+        return self._key.peer_id in self.operators
+
+    def _check(self, record: Record) -> None:
+        try:
+            check_author(record, self.operators)
+        except Invalid as exc:
+            self.rejected[exc.reason] += 1
+            log.warning("operator_record_rejected", kind=record.kind, author=record.author, reason=exc.reason)
+            raise
+
+    async def _on_rollback(self, record: Record) -> None:
+        self._check(record)
+        rollback: RollbackRecord = record.body
+        if rollback.id in self.rollbacks:
+            return
+        self.rollbacks[rollback.id] = rollback
+        log.info("rollback_received", target=rollback.target, reason=rollback.reason, author=record.author)
+        self.emit("rollback", target=rollback.target, reason=rollback.reason, author=record.author)
+        if self.on_rollback is not None:
+            await self.on_rollback(rollback)
+
+    async def _on_patch(self, record: Record) -> None:
+        self._check(record)
+        patch: PatchRecord = record.body
+        if patch.id in self.patches:
+            return
+        self.patches[patch.id] = patch
+        log.info("patch_received", settings=patch.as_dict(), effective_round=patch.effective_round)
+        self.emit("patch", settings=patch.as_dict(), effective_round=patch.effective_round, author=record.author)
+
+    def settings_at(self, base: Mapping[str, Setting], round: int) -> dict[str, Setting]:
+        """Settings in force at ``round``: the same on every peer that knows the same patches."""
+        return settings_at(base, self.patches.values(), round)
+
+    # ---- publishing ------------------------------------------------------------------
+
+    async def relay(self, raw: bytes) -> Record:
+        """Validate a record an operator signed elsewhere and gossip it; Invalid if it is not one."""
+        record = self._gossip.validate(raw)
+        if record.kind not in (ROLLBACK, PATCH):
+            raise Invalid("wrong_kind", record.kind)
+        self._check(record)
+        await self._gossip.publish_raw(raw)
+        return record
+
+    async def rollback(self, target: str, reason: str) -> RollbackRecord:
+        """Sign (as this peer, which must be an operator) and gossip a rollback to ``target``."""
+        record = RollbackRecord(target, reason, int(time.time() * 1000))
+        await self._publish_own(ROLLBACK, record.to_wire())
+        return record
+
+    async def patch(self, settings: Mapping[str, Setting], effective_round: int) -> PatchRecord:
+        record = PatchRecord.create(settings, effective_round, int(time.time() * 1000))
+        await self._publish_own(PATCH, record.to_wire())
+        return record
+
+    async def _publish_own(self, kind: str, body: Any) -> None:
+        if not self.is_operator:
+            raise Invalid("not_operator", "this peer's key is not listed in swarm.operators")
+        raw = sign_record(self._key, kind, OPERATOR_VERSION, self._gossip.swarm, body, int(time.time() * 1000))
+        await self._gossip.publish_raw(raw)
+
+
+def classify(settings: Mapping[str, Any], supported: Mapping[str, Any]) -> dict[str, str]:
+    """How each patched setting applies here: hot, warm, cold, or unsupported by this workload."""
+    classes = {}
+    for key in settings:
+        spec = SETTINGS.get(key)
+        if spec is None:
+            classes[key] = "unknown"
+        elif key == "inner_lr" and "lr" not in supported:
+            classes[key] = "unsupported"
+        else:
+            classes[key] = spec.temperature.value if spec.temperature is not Temperature.COLD else "cold (restart)"
+    return classes
+
+
+def sign_operator_record(key: SigningKey, swarm: str, kind: str, body: Any) -> bytes:
+    """An operator record signed on the operator's machine (the CLI), ready to post to any peer."""
+    return sign_record(key, kind, OPERATOR_VERSION, swarm, body, int(time.time() * 1000))
