@@ -49,6 +49,7 @@ log = get_logger("diloco")
 UPDATE_VERSION = 1
 CODECS = {"fp32": FP32, "bf16": BF16, "int8": INT8}
 MAX_BUFFERED_ROUNDS = 4
+UNAVAILABLE = "unavailable"  # an exclusion reason that records what the merger could fetch, not the inputs
 
 
 EventSink = Callable[..., None]
@@ -428,32 +429,82 @@ class OuterLoop:
             return None
         return record.body  # type: ignore[no-any-return]
 
-    async def _decoded_delta(self, update: UpdateRecord) -> dict[str, torch.Tensor] | None:
+    async def _fetch_update(self, update: UpdateRecord) -> None:
+        """Fetch an update's artifact; FetchFailed early once its author is dead and no one else holds it.
+
+        Without the early end a peer killed right after publishing would hold every merge of
+        its round for the exchange's whole stall timeout.
+        """
+        # Always through the exchange: a fetch of this artifact may be half done right now,
+        # and joining it is what waits for the remaining chunks. The fetch itself is shielded
+        # in the exchange; cancelling ``waiter`` only ends our wait.
+        waiter = asyncio.ensure_future(self.exchange.fetch(update.artifact, hints=(update.peer,)))
         try:
-            # Always through the exchange: a fetch of this artifact may be half done right now,
-            # and joining it is what waits for the remaining chunks.
-            await self.exchange.fetch(update.artifact, hints=(update.peer,))
+            while True:
+                done, _ = await asyncio.wait({waiter}, timeout=0.5)
+                if done:
+                    waiter.result()
+                    return
+                holders = [p for p in self.availability.providers(update.artifact).full if p != self.peer_id]
+                if update.peer != self.peer_id and not self.membership.table.is_live(update.peer) and not holders:
+                    raise FetchFailed(f"{update.artifact}: its author left and no one else holds it")
+        finally:
+            waiter.cancel()
+
+    async def _decoded_delta(self, update: UpdateRecord) -> dict[str, torch.Tensor] | None:
+        """The update's pseudo-gradient; None when its bytes do not decode. FetchFailed when unavailable."""
+        try:
+            await self._fetch_update(update)
             return await asyncio.to_thread(load_artifact, self.store, update.artifact)
-        except (FetchFailed, MissingContent, Invalid, ValueError) as exc:
+        except (MissingContent, Invalid, ValueError) as exc:
             log.warning("update_undecodable", artifact=update.artifact, error=str(exc)[:200])
             return None
 
-    async def compute_head(self, base: HeadRecord, update_ids: list[str], rule: AggregationRule) -> HeadRecord | None:
-        """The head that merging ``update_ids`` onto ``base`` under ``rule`` gives: a pure function of them."""
+    async def compute_head(
+        self,
+        base: HeadRecord,
+        update_ids: list[str],
+        rule: AggregationRule,
+        absent: frozenset[str] = frozenset(),
+        strict: bool = False,
+    ) -> HeadRecord | None:
+        """The head that merging ``update_ids`` onto ``base`` under ``rule`` gives: a pure function of them.
+
+        An update whose record or artifact cannot be had is excluded as ``unavailable``; that is
+        the merger's observation, not a function of the inputs, so a verifier takes the head's
+        word for it (``absent``) and, with ``strict``, raises FetchFailed for any other input it
+        cannot get rather than compute a different head.
+        """
         records: dict[str, UpdateRecord] = {}
-        unavailable: list[tuple[str, str]] = []
+        dropped: list[tuple[str, str]] = []
         for update_id in sorted(set(update_ids)):
-            update = await self._update_record(update_id)
+            update = None if update_id in absent else await self._update_record(update_id)
+            if update is None and strict and update_id not in absent:
+                raise FetchFailed(f"update record {update_id} is unavailable")
             if update is None:
-                unavailable.append((update_id, "unavailable"))
+                dropped.append((update_id, UNAVAILABLE))
+            elif (update.base, update.round) != (base.id, base.round + 1):
+                dropped.append((update_id, "wrong_base"))
             else:
                 records[update_id] = update
         ledger = self._ledger(base)
-        selection = select_updates(ledger, records)
-        inputs = []
-        for update_id in selection.included:
-            update = records[update_id]
-            inputs.append(UpdateInput(update_id, update.samples, await self._decoded_delta(update)))
+        while True:
+            # Select as a verifier will: without the updates found unavailable, whose shards stay free.
+            selection = select_updates(ledger, records)
+            inputs = []
+            for update_id in selection.included:
+                update = records[update_id]
+                try:
+                    inputs.append(UpdateInput(update_id, update.samples, await self._decoded_delta(update)))
+                except FetchFailed as exc:
+                    if strict:
+                        raise
+                    log.warning("update_unavailable", update=update_id, error=str(exc)[:200])
+                    dropped.append((update_id, UNAVAILABLE))
+                    del records[update_id]
+                    break
+            else:
+                break
         weights, momentum = await self._ensure_state(base)
         result = await asyncio.to_thread(merge, weights, momentum, inputs, rule)
         if result is None:
@@ -466,7 +517,7 @@ class OuterLoop:
         head = HeadRecord(
             parent=base.id, round=base.round + 1, epoch=ledger.epoch,
             updates=result.included,
-            excluded=tuple(sorted((*unavailable, *selection.excluded, *result.excluded))),
+            excluded=tuple(sorted((*dropped, *selection.excluded, *result.excluded))),
             rule=rule, weights=weights_id, momentum=momentum_id,
             samples_total=base.samples_total + samples, tokens_total=base.tokens_total + tokens,
             samples=samples, tokens=tokens,
@@ -495,8 +546,9 @@ class OuterLoop:
                 return "weights_unavailable"
             return None
         inputs = [*head.updates, *(update_id for update_id, _ in head.excluded)]
+        absent = frozenset(update_id for update_id, reason in head.excluded if reason == UNAVAILABLE)
         try:
-            recomputed = await self.compute_head(parent, inputs, head.rule)
+            recomputed = await self.compute_head(parent, inputs, head.rule, absent, strict=True)
         except (FetchFailed, MissingContent) as exc:
             log.info("verify_inputs_unavailable", head=head.id, error=str(exc)[:200])
             return "inputs_unavailable"

@@ -78,6 +78,11 @@ class Leasing:
     ) -> frozenset[str]:
         """Claim up to ``wanted`` free microshards, wait for rivals' claims, keep what we win."""
         self.start_round(epoch, round)
+        # A peer that died holding a lease would keep its shards out of the pool for lease_s;
+        # taking them back is safe because the head chain counts each shard once.
+        for peer in {claim.peer for claim in self.book.owners().values()} - {*live_peers, self._peer}:
+            for lease in self.book.leases_of(peer):
+                self.book.release(lease.lease_id)
         available = free - self.book.leased()
         budget = min(wanted, budget_for(speed, total_speed, len(available)))
         chosen = choose_claims(self._peer, available, budget, frozenset(), live_peers)
