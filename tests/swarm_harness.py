@@ -137,9 +137,20 @@ class Swarm:
         self.peers: list[Peer] = []
 
     def add(
-        self, extra_toml: str = "", bootstrap: bool = True, heartbeat_s: float = 1.0, token: str = ""
+        self,
+        extra_toml: str = "",
+        bootstrap: bool = True,
+        heartbeat_s: float = 1.0,
+        token: str = "",
+        status_host: str = "",
+        allow_remote: bool = False,
+        operators: tuple[str, ...] = (),
     ) -> Peer:
-        """A new peer's data dir and config; ``token`` sets ``[status] token`` (mutating routes)."""
+        """A new peer's data dir and config; ``token`` sets ``[status] token`` (mutating routes).
+
+        ``status_host`` and ``allow_remote`` set the same-named ``[status]`` keys (the URL stays 127.0.0.1);
+        ``operators`` sets ``[swarm] operators`` (peer ids; ``Swarm.peer_id_of`` names a peer before it exists).
+        """
         index = len(self.peers) + 1
         name = f"peer{index}"
         data_dir = self.root / name
@@ -149,15 +160,22 @@ class Swarm:
         config_path = self.root / f"{name}.toml"
         config_path.write_text(
             f'[node]\nname = "{name}"\ndata_dir = "{data_dir}"\nlog_level = "info"\nlog_format = "json"\n\n'
-            f'[swarm]\nname = "{self.swarm}"\nbootstrap = {json.dumps(boot)}\n\n'
-            f'[network]\nlisten = ["/ip4/127.0.0.1/tcp/{p2p_port}"]\n\n'
+            f'[swarm]\nname = "{self.swarm}"\nbootstrap = {json.dumps(boot)}\n'
+            + (f"operators = {json.dumps(list(operators))}\n" if operators else "") + "\n"
+            + f'[network]\nlisten = ["/ip4/127.0.0.1/tcp/{p2p_port}"]\n\n'
             f"[membership]\nheartbeat_interval_s = {heartbeat_s}\n\n"
             f"[status]\nport = {status_port}\n" + (f"token = {json.dumps(token)}\n" if token else "")
+            + (f"host = {json.dumps(status_host)}\n" if status_host else "")
+            + ("allow_remote = true\n" if allow_remote else "")
             + f"\n{extra_toml}"
         )
         peer = Peer(name, data_dir, config_path, p2p_port, status_port, key.peer_id, token=token)
         self.peers.append(peer)
         return peer
+
+    def peer_id_of(self, index: int) -> str:
+        """The peer id the ``index``-th peer (1-based) has or will have: its key is made on first use."""
+        return load_or_create_key(self.root / f"peer{index}").peer_id
 
     def stop_all(self) -> None:
         for peer in self.peers:
@@ -167,3 +185,44 @@ class Swarm:
 
     def logs(self) -> str:
         return "\n".join(f"===== {p.name}\n{p.log()[-4000:]}" for p in self.peers)
+
+
+# ---------------------------------------------------------------- a swarm several test modules read
+
+TINY_TRAINING = '[workload]\nname = "tiny"\n\n[training]\ninner_steps = 10\nhead_reannounce_s = 1.0\n'
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_shared: dict[str, Swarm] = {}
+
+
+def training_swarm(root: Path, count: int, min_head_round: int, timeout: float = 120.0) -> Swarm:
+    """``count`` peers training the tiny workload, returned once the first one's head reaches ``min_head_round``.
+
+    The first peer binds its status port on 0.0.0.0 with ``allow_remote`` (its URL stays 127.0.0.1).
+    """
+    swarm = Swarm(root)
+    try:
+        peers = [swarm.add(TINY_TRAINING, status_host="0.0.0.0", allow_remote=True)]
+        peers += [swarm.add(TINY_TRAINING) for _ in range(count - 1)]
+        for peer in peers:
+            peer.start(extra_env=ONE_THREAD)
+        for peer in peers:
+            peer.wait_healthy(60)
+
+        def head_round() -> bool:
+            training = (peers[0].get("/status") or {}).get("training") or {}
+            return training.get("head_round", 0) >= min_head_round
+
+        wait_until(head_round, timeout, what=f"head round {min_head_round}")
+    except BaseException:
+        print(swarm.logs())
+        swarm.stop_all()
+        raise
+    return swarm
+
+
+def shared_swarm(name: str, make: Callable[[], Swarm]) -> Swarm:
+    """One running swarm per ``name`` for a whole test session, so read-only test modules share its start-up."""
+    swarm = _shared.get(name)
+    if swarm is None or any(p.process is None or p.process.poll() is not None for p in swarm.peers):
+        swarm = _shared[name] = make()
+    return swarm
