@@ -175,11 +175,13 @@ class ChunkServer:
 
 
 class _Drop(Exception):
-    """A provider is out of this fetch; ``reason`` says why."""
+    """A provider is out of this fetch; ``reason`` says why. ``ban``: for good (it served bad
+    data); otherwise it may rejoin after a backoff (unreachable, reset, timed out)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, ban: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.ban = ban
 
 
 class _FetchRun:
@@ -198,6 +200,8 @@ class _FetchRun:
         self.polling: set[str] = set()
         self.polled: dict[str, float] = {}
         self.dropped: set[str] = set()
+        self.retry_at: dict[str, float] = {}  # dropped, not banned: when it may rejoin
+        self.strikes: Counter[str] = Counter()
         self.changed = asyncio.Event()
         self.last_progress = time.monotonic()
         me = exchange.self_peer
@@ -447,6 +451,7 @@ class Exchange:
     async def _run_group(self, run: _FetchRun, hints: tuple[str, ...]) -> None:
         async with asyncio.TaskGroup() as tasks:
             while run.pending:
+                self._readmit(run)
                 full, partial = self._candidates(run.manifest.artifact_id, hints)
                 for peer in full:
                     if peer not in run.has and peer not in run.dropped:
@@ -511,7 +516,7 @@ class Exchange:
             while batch := run.pick(peer):
                 await self._request(run, stream, peer, batch)
         except _Drop as exc:
-            self._drop(run, peer, exc.reason)
+            self._drop(run, peer, exc.reason, exc.ban)
         finally:
             run.workers[peer] -= 1
             if stream is not None:
@@ -544,7 +549,7 @@ class Exchange:
                         self.stats.rejected_chunks_by_peer[peer] += 1
                         run.settle(cid, stored=False)
                         log.warning("corrupt_chunk", peer=peer, chunk=cid, manifest=run.manifest.artifact_id)
-                        raise _Drop("served a chunk whose hash does not match") from None
+                        raise _Drop("served a chunk whose hash does not match", ban=True) from None
                     self.stats.chunks_verified += 1
                     run.settle(cid, stored=True)
         except TimeoutError:
@@ -560,17 +565,35 @@ class Exchange:
         except (BridgeError, Invalid) as exc:
             for cid in remaining:
                 run.settle(cid, stored=False)
-            raise _Drop(f"{type(exc).__name__}: {str(exc)[:120]}") from None
+            # A malformed or out-of-order answer is a broken peer; a refusal ("busy") is not.
+            ban = isinstance(exc, Invalid) and exc.reason != "refused"
+            raise _Drop(f"{type(exc).__name__}: {str(exc)[:120]}", ban) from None
         finally:
             for cid in remaining:
                 run.inflight.discard(cid)
 
-    def _drop(self, run: _FetchRun, peer: str, reason: str) -> None:
+    def _drop(self, run: _FetchRun, peer: str, reason: str, ban: bool = False) -> None:
         if peer not in run.dropped:
             run.dropped.add(peer)
             run.progress.dropped[peer] = reason
-            log.info("provider_dropped", peer=peer, manifest=run.manifest.artifact_id, reason=reason)
+            if not ban:
+                # Unreachable for now (not dialled yet, reset, frozen): it may rejoin later, after
+                # a backoff that doubles per strike, if it is still a candidate then.
+                run.strikes[peer] += 1
+                backoff = self.settings.request_timeout_s * 2 ** (run.strikes[peer] - 1)
+                run.retry_at[peer] = time.monotonic() + min(backoff, self.settings.stall_timeout_s)
+            log.info("provider_dropped", peer=peer, manifest=run.manifest.artifact_id, reason=reason, ban=ban)
+        if ban:
+            run.retry_at.pop(peer, None)
         run.changed.set()
+
+    def _readmit(self, run: _FetchRun) -> None:
+        now = time.monotonic()
+        for peer, at in list(run.retry_at.items()):
+            if now >= at:
+                del run.retry_at[peer]
+                run.dropped.discard(peer)
+                run.has.pop(peer, None)  # re-learnt from the candidates: seed or partial holder
 
     async def fetch_record(self, record_id: str, providers: tuple[str, ...] = ()) -> bytes | None:
         """A small record by id from any connected peer that has it, hash-verified; None if nobody does."""

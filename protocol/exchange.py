@@ -52,7 +52,7 @@ def decode_request(data: bytes) -> Request:
         raise Invalid("malformed", "request must be a map with an op")
     if value["op"] == "get" and set(value) == {"op", "kind", "ids"}:
         kind, ids = value["kind"], value["ids"]
-        if kind not in CONTENT_KINDS:
+        if not isinstance(kind, str) or kind not in CONTENT_KINDS:  # a list or map is unhashable
             raise Invalid("malformed", f"unknown content kind {kind!r:.40}")
         if not isinstance(ids, list) or not ids or len(ids) > MAX_IDS_PER_REQUEST:
             raise Invalid("malformed", f"ids must list 1 to {MAX_IDS_PER_REQUEST} content ids")

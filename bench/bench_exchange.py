@@ -1,0 +1,324 @@
+"""Chunk exchange throughput, side by side in one run, every transfer between two processes:
+
+1. a daemon fetching an artifact from one daemon (``POST /fetches`` until ``done``, chunks
+   verified and fsynced into the store);
+2. the same bytes over one bare py-libp2p stream (noise + yamux), raw trio, no bridge;
+3. the same bytes over one libp2p stream through ``Libp2pBridge`` frames (the daemon's path);
+4. the same bytes over plain asyncio + uvloop TCP on loopback;
+5. a daemon fetching the artifact from three daemons at once.
+
+Run from the repository root: python -m bench.bench_exchange [--mib 256] [--repeats 1]
+It starts its own processes on 127.0.0.1 and stops them before it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MIB = 1 << 20
+BLOCK = MIB
+ACK = b"ok"
+
+
+# ---- bare transports: a server process that reads N bytes and answers "ok" ---------------
+
+
+def _raw_libp2p_host(seed: bytes):
+    from libp2p import new_host
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.crypto.x25519 import create_new_key_pair as x25519_pair
+    from libp2p.custom_types import TProtocol
+    from libp2p.security.noise.transport import PROTOCOL_ID as NOISE
+    from libp2p.security.noise.transport import Transport as NoiseTransport
+    from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    key_pair = create_new_key_pair(seed)
+    # The daemon's transport choices (see node/libp2p_bridge.py): noise only, yamux only.
+    return new_host(
+        key_pair=key_pair,
+        sec_opt={TProtocol(NOISE): NoiseTransport(key_pair, noise_privkey=x25519_pair().private_key)},
+        muxer_opt={TProtocol(YAMUX): Yamux},
+    )
+
+
+BENCH_PROTOCOL = "/p2p-node/bench/1.0.0"
+
+
+def serve_raw_libp2p(total: int) -> None:
+    import multiaddr
+    import trio
+
+    async def main() -> None:
+        host = _raw_libp2p_host(b"s" * 32)
+        listen = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
+
+        async def handler(stream) -> None:
+            got = 0
+            while got < total:
+                data = await stream.read(BLOCK)
+                if not data:
+                    return
+                got += len(data)
+            await stream.write(ACK)
+            await stream.close()
+
+        async with host.run(listen_addrs=[listen]):
+            host.set_stream_handler(BENCH_PROTOCOL, handler)
+            print(json.dumps({"addr": f"{host.get_addrs()[0]}"}), flush=True)
+            await trio.sleep_forever()
+
+    trio.run(main)
+
+
+def client_raw_libp2p(addr: str, total: int) -> float:
+    import multiaddr
+    import trio
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    result: list[float] = []
+
+    async def main() -> None:
+        host = _raw_libp2p_host(b"c" * 32)
+        info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            await host.connect(info)
+            block = bytes(BLOCK)
+            started = time.perf_counter()
+            stream = await host.new_stream(info.peer_id, [BENCH_PROTOCOL])
+            for _ in range(total // BLOCK):
+                await stream.write(block)
+            ack = await stream.read(len(ACK))
+            result.append(time.perf_counter() - started)
+            assert ack == ACK, ack
+            await stream.close()
+
+    trio.run(main)
+    return result[0]
+
+
+def serve_bridge(total: int) -> None:
+    import uvloop
+
+    from node.libp2p_bridge import FramedStream, Libp2pBridge
+
+    async def main() -> None:
+        bridge = Libp2pBridge(b"s" * 32, ["/ip4/127.0.0.1/tcp/0"], kademlia=False)
+        await bridge.start()
+
+        async def handler(stream: FramedStream) -> None:
+            got = 0
+            while got < total:
+                got += len(await stream.read_frame(BLOCK + 64, timeout=60))
+            await stream.write_frame(ACK, timeout=10)
+
+        await bridge.set_stream_handler(BENCH_PROTOCOL, handler)
+        print(json.dumps({"addr": bridge.listen_addrs()[0]}), flush=True)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+def client_bridge(addr: str, total: int) -> float:
+    import uvloop
+
+    from node.libp2p_bridge import Libp2pBridge
+
+    async def main() -> float:
+        bridge = Libp2pBridge(b"c" * 32, ["/ip4/127.0.0.1/tcp/0"], kademlia=False)
+        await bridge.start()
+        try:
+            peer = await bridge.connect(addr, timeout=10)
+            block = bytes(BLOCK)
+            started = time.perf_counter()
+            stream = await bridge.open_stream(peer, BENCH_PROTOCOL, timeout=10)
+            for _ in range(total // BLOCK):
+                await stream.write_frame(block, timeout=30)
+            ack = await stream.read_frame(16, timeout=60)
+            took = time.perf_counter() - started
+            assert ack == ACK, ack
+            await stream.close()
+            return took
+        finally:
+            await bridge.stop()
+
+    return uvloop.run(main())
+
+
+def serve_tcp(total: int) -> None:
+    import uvloop
+
+    async def main() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            got = 0
+            while got < total:
+                data = await reader.read(BLOCK)
+                if not data:
+                    return
+                got += len(data)
+            writer.write(ACK)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        print(json.dumps({"addr": f"127.0.0.1:{port}"}), flush=True)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+def client_tcp(addr: str, total: int) -> float:
+    import uvloop
+
+    async def main() -> float:
+        host, port = addr.split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        block = bytes(BLOCK)
+        started = time.perf_counter()
+        for _ in range(total // BLOCK):
+            writer.write(block)
+            await writer.drain()
+        ack = await reader.readexactly(len(ACK))
+        took = time.perf_counter() - started
+        assert ack == ACK
+        writer.close()
+        return took
+
+    return uvloop.run(main())
+
+
+SERVERS = {"raw-libp2p": serve_raw_libp2p, "bridge": serve_bridge, "tcp": serve_tcp}
+CLIENTS = {"raw-libp2p": client_raw_libp2p, "bridge": client_bridge, "tcp": client_tcp}
+
+
+def bare_transfer(kind: str, total: int) -> float:
+    """Seconds to move ``total`` bytes to a server process over ``kind`` (client in a process too)."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bench.bench_exchange", "--serve", kind, "--bytes", str(total)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        addr = json.loads(server.stdout.readline())["addr"]
+        client = subprocess.run(
+            [sys.executable, "-m", "bench.bench_exchange", "--client", kind, "--addr", addr, "--bytes", str(total)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        return float(json.loads(client.stdout.strip().splitlines()[-1])["seconds"])
+    finally:
+        server.kill()
+        server.wait()
+
+
+# ---- daemons -------------------------------------------------------------------------
+
+
+def daemon_fetch(root: Path, mib: int, providers: int) -> tuple[float, dict]:
+    """Seconds from ``POST /fetches`` to ``done`` for a daemon fetching from ``providers`` seeds."""
+    import torch
+
+    from node.artifacts import store_artifact
+    from node.store import ContentStore
+    from tests.swarm_harness import Swarm, wait_until
+
+    quiet = '[training]\nrole = "consumer"\nevaluate = false\n\n[exchange]\nannounce_interval_s = 1.0\n'
+    swarm = Swarm(root / f"swarm{providers}")
+    seeds = [swarm.add(quiet) for _ in range(providers)]
+    fetcher = swarm.add(quiet, token="bench")
+    generator = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(1024, 1024, generator=generator) for i in range(mib // 4)}
+    manifest_id = ""
+    for seed in seeds:
+        manifest_id = store_artifact(ContentStore(seed.data_dir / "store"), tensors)
+    del tensors
+    peers = [*seeds, fetcher]
+    try:
+        for peer in peers:
+            peer.start()
+        for peer in peers:
+            peer.wait_healthy(90)
+        wanted = {seed.peer_id for seed in seeds}
+        wait_until(lambda: wanted <= fetcher.live_peers(), 60, what="the fetcher to see every seed")
+        wait_until(
+            lambda: ((fetcher.get("/status") or {}).get("peers") or {}).get("connected", 0) >= len(seeds),
+            60,
+            what="the fetcher to connect to every seed",
+        )
+        time.sleep(2.0)  # a couple of announcements: the fetcher knows every seed
+        started = time.perf_counter()
+        status, body = fetcher.post("/fetches", {"manifest": manifest_id})
+        assert status == 202, body
+
+        def done() -> dict | None:
+            rows = (fetcher.get("/fetches") or {}).get("fetches", [])
+            return next((r for r in rows if r["state"] in ("done", "failed")), None)
+
+        view = wait_until(done, 300, interval=0.02, what="the fetch")
+        took = time.perf_counter() - started
+        assert view["state"] == "done", view
+        return took, view
+    finally:
+        swarm.stop_all()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mib", type=int, default=256, help="artifact / transfer size in MiB (multiple of 4)")
+    parser.add_argument("--repeats", type=int, default=1, help="best of N for each measurement")
+    parser.add_argument("--serve", choices=sorted(SERVERS), help=argparse.SUPPRESS)
+    parser.add_argument("--client", choices=sorted(CLIENTS), help=argparse.SUPPRESS)
+    parser.add_argument("--addr", help=argparse.SUPPRESS)
+    parser.add_argument("--bytes", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        SERVERS[args.serve](args.bytes)
+        return
+    if args.client:
+        print(json.dumps({"seconds": CLIENTS[args.client](args.addr, args.bytes)}), flush=True)
+        return
+
+    total = args.mib * MIB
+    rates: dict[str, float] = {}
+
+    def record(name: str, seconds: float) -> None:
+        rate = total / MIB / seconds
+        rates[name] = max(rates.get(name, 0.0), rate)
+        print(f"  {name:<28} {seconds:7.2f} s  {rate:8.1f} MiB/s", flush=True)
+
+    root = Path(tempfile.mkdtemp(prefix="bench-exchange-"))
+    try:
+        for attempt in range(args.repeats):
+            print(f"run {attempt + 1}/{args.repeats}: {args.mib} MiB", flush=True)
+            record("fetch, 1 provider", daemon_fetch(root / f"r{attempt}", args.mib, 1)[0])
+            record("bare libp2p stream (trio)", bare_transfer("raw-libp2p", total))
+            record("libp2p stream via bridge", bare_transfer("bridge", total))
+            record("asyncio+uvloop TCP", bare_transfer("tcp", total))
+            record("fetch, 3 providers", daemon_fetch(root / f"r{attempt}", args.mib, 3)[0])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    print("\nbest of each (MiB/s):")
+    for name, rate in rates.items():
+        print(f"  {name:<28} {rate:8.1f}")
+    bare = rates["bare libp2p stream (trio)"]
+    one, three = rates["fetch, 1 provider"], rates["fetch, 3 providers"]
+    print(f"\nfetch(1) / bare libp2p stream : {one / bare:6.2f}  (target >= 0.80)")
+    print(f"fetch(1) / bridge stream      : {one / rates['libp2p stream via bridge']:6.2f}")
+    print(f"bare libp2p / uvloop TCP      : {bare / rates['asyncio+uvloop TCP']:6.3f}")
+    print(f"fetch(3) / fetch(1)           : {three / one:6.2f}  (target >= 1.00)")
+
+
+if __name__ == "__main__":
+    main()
