@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 from node.gossip import Gossip, now_ms
@@ -16,6 +17,7 @@ from protocol.records import Record
 log = get_logger("leases")
 
 LEASE_VERSION = 1
+BACK_OFF_BASE_S = 5.0
 
 
 class Leasing:
@@ -31,6 +33,8 @@ class Leasing:
         self.rejected: Counter[str] = Counter()
         self.own: LeaseClaim | None = None
         self._pending_future: list[LeaseClaim] = []
+        self._failures_in_a_row = 0
+        self._benched_until_ms = 0
         gossip.on(LEASE, self._on_lease)
 
     async def _on_lease(self, record: Record) -> None:
@@ -126,6 +130,36 @@ class Leasing:
             self.book.release(self.own.lease_id)
             self.own = None
 
+    def back_off(self) -> float:
+        """Drop our lease and claim nothing for a while, doubling with each failure in a row.
+
+        A peer that cannot train (a workload bug, data nobody serves) would
+        otherwise reclaim the shards it is home to every round, win them under
+        the rendezvous rule and never finish them: the epoch would stall.
+        """
+        self.release_own()
+        delay_s = min(BACK_OFF_BASE_S * 2**self._failures_in_a_row, max(self._lease_ms / 1000, BACK_OFF_BASE_S))
+        self._failures_in_a_row += 1
+        self._benched_until_ms = now_ms() + int(delay_s * 1000)
+        log.warning("leases_backed_off", seconds=delay_s, failures_in_a_row=self._failures_in_a_row)
+        return delay_s
+
+    def recovered(self) -> None:
+        """A round trained fine: the next failure backs off from the shortest pause again."""
+        self._failures_in_a_row = 0
+
+    def drop_unfinished(self, peers: Iterable[str]) -> None:
+        """Forget this round's leases of ``peers``, whose updates the round closed without.
+
+        Without this a peer that claimed and then failed keeps its shards for
+        the whole lease lifetime whenever the round is retried on the same base
+        (nothing else merged), and every retry waits for it again.
+        """
+        for peer in set(peers) - {self._peer}:
+            for claim in self.book.leases_of(peer):
+                if claim.round == self.book.round:
+                    self.book.release(claim.lease_id)
+
     def participants(self) -> set[str]:
         """Peers that hold microshards in the current round: whose updates a round waits for."""
         return {claim.peer for claim in self.book.owners().values() if claim.round == self.book.round}
@@ -148,4 +182,5 @@ class Leasing:
                 for claim in sorted({c.lease_id: c for c in owners.values()}.values(), key=lambda c: c.lease_id)
             ],
             "rejected": dict(self.rejected),
+            "benched_s": round(max(self._benched_until_ms - now_ms(), 0) / 1000, 1),
         }
