@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -15,6 +16,9 @@ FETCH_RATE = "fetch_rate"  # bytes per second
 FETCH_LEFT = "fetch_left"  # bytes still to fetch
 FETCH_ERROR = "fetch_error"
 PHASE = "phase"
+# A failed fetch explains a lag only while it is news: the exchange keeps every fetch it ran,
+# and one that failed an hour ago (or was retried and done since) says nothing about now.
+FETCH_ERROR_FRESH_S = 60.0
 
 
 def fetch_capabilities(exchange: Exchange) -> dict[str, int | str]:
@@ -29,9 +33,11 @@ def fetch_capabilities(exchange: Exchange) -> dict[str, int | str]:
             FETCH_RATE: int(view["rate_bytes_per_s"]),
             FETCH_LEFT: max(progress.total_bytes - progress.have_bytes, 0),
         }
-    failed = [p for p in exchange.fetches.values() if p.state == "failed"]
-    if failed:
-        return {FETCH_ERROR: (failed[-1].error or "failed")[:180]}
+    ended = [p for p in exchange.fetches.values() if p.state in ("done", "failed") and p.finished is not None]
+    latest = max(ended, key=lambda p: p.finished or 0.0, default=None)
+    fresh = latest is not None and time.monotonic() - (latest.finished or 0.0) < FETCH_ERROR_FRESH_S
+    if latest is not None and latest.state == "failed" and fresh:
+        return {FETCH_ERROR: (latest.error or "failed")[:180]}
     return {}
 
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 
-from node.artifacts import materialise_safetensors, store_artifact
+from node.artifacts import load_artifact, materialise_safetensors, store_artifact
 from node.availability import Availability
 from node.gossip import Gossip
 from node.logs import get_logger
@@ -28,6 +30,34 @@ from protocol.variants import VARIANT_KIND, VARIANT_VERSION, VariantRecord
 log = get_logger("distribution")
 
 VARIANT_CODECS = {"fp32": FP32, "bf16": BF16, "int8": INT8}
+PINNED_VARIANTS = 16  # this peer's newest variant manifests that store GC keeps (it announces them as held)
+
+
+def write_variant_safetensors(store: ContentStore, manifest_id: str, variant: str, path: Path) -> None:
+    """A stored variant as a .safetensors file, atomically; MissingContent if the store lacks it.
+
+    A bf16 variant's floating tensors are written as bfloat16 (every value is one exactly, and
+    the file is half the size: the point of the variant); int8 has no standard blockwise form,
+    so it is written dequantised, in the source dtypes, like fp32.
+    """
+    if variant != "bf16":
+        materialise_safetensors(store, manifest_id, path)
+        return
+    tensors = {
+        name: tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+        for name, tensor in load_artifact(store, manifest_id).items()
+    }
+    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(tensors, temp, metadata={"artifact": manifest_id, "variant": variant})
+        with open(temp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 class Distribution:
@@ -53,6 +83,7 @@ class Distribution:
         # head -> variant -> manifest -> peers that announced it
         self.variants: dict[str, dict[str, dict[str, set[str]]]] = {}
         self.exported: str | None = None
+        self._pinned: list[str] = []
         gossip.on(VARIANT_KIND, self._on_variant)
 
     async def _on_variant(self, record: Record) -> None:
@@ -73,9 +104,13 @@ class Distribution:
         """Derive and announce configured variants of ``head``, then refresh the export."""
         for variant in self._publish:
             manifest = await asyncio.to_thread(store_artifact, self._store, weights, VARIANT_CODECS[variant])
+            self._pinned = [*self._pinned, manifest][-PINNED_VARIANTS:]
+            await asyncio.to_thread(self._store.pin, "variants", self._pinned)
             self._availability.add_held(manifest)
-            self.variants.setdefault(head.id, {}).setdefault(variant, {}).setdefault(manifest, set()).add(self._peer_id)
-            await self._gossip.publish(VARIANT_KIND, VARIANT_VERSION, VariantRecord(head.id, variant, manifest).to_wire())
+            announced = self.variants.setdefault(head.id, {}).setdefault(variant, {})
+            announced.setdefault(manifest, set()).add(self._peer_id)
+            record = VariantRecord(head.id, variant, manifest)
+            await self._gossip.publish(VARIANT_KIND, VARIANT_VERSION, record.to_wire())
         if self._export_dir is not None:
             await self._export(head, weights)
 
@@ -87,11 +122,19 @@ class Distribution:
         )
         directory = self._export_dir
         directory.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(materialise_safetensors, self._store, manifest, directory / "model.safetensors")
+        target = directory / "model.safetensors"
+        await asyncio.to_thread(write_variant_safetensors, self._store, manifest, variant, target)
         info = {"head": head.id, "round": head.round, "variant": variant, "manifest": manifest}
-        temp = directory / ".head.json.tmp"
-        temp.write_text(json.dumps(info))
-        os.replace(temp, directory / "head.json")
-        fsync_dir(directory)
+        await asyncio.to_thread(_write_atomic, directory / "head.json", json.dumps(info).encode())
         self.exported = head.id
         log.info("weights_exported", head=head.id, round=head.round, variant=variant, path=str(directory))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    fsync_dir(path.parent)

@@ -26,6 +26,10 @@ OPERATOR_VERSION = 1
 RollbackSink = Callable[[RollbackRecord], Any]
 
 
+class PublishFailed(RuntimeError):
+    """The record is valid but the network refused it: nobody heard it, not even this peer."""
+
+
 class Operations:
     """The rollbacks and patches this peer knows, validated against the configured operator keys."""
 
@@ -79,13 +83,19 @@ class Operations:
 
     # ---- publishing ------------------------------------------------------------------
 
-    async def relay(self, raw: bytes) -> Record:
-        """Validate a record an operator signed elsewhere and gossip it; Invalid if it is not one."""
+    async def relay(self, raw: bytes, check: Callable[[Record], None] | None = None) -> Record:
+        """Validate a record an operator signed elsewhere and gossip it; Invalid if it is not one.
+
+        ``check`` may refuse it further (raising Invalid) before anything is published.
+        """
         record = self._gossip.validate(raw)
         if record.kind not in (ROLLBACK, PATCH):
             raise Invalid("wrong_kind", record.kind)
         self._check(record)
-        await self._gossip.publish_raw(raw)
+        if check is not None:
+            check(record)
+        if not await self._gossip.publish_raw(raw):
+            raise PublishFailed("the record could not be published; see the node's log")
         return record
 
     async def rollback(self, target: str, reason: str) -> RollbackRecord:
@@ -103,7 +113,8 @@ class Operations:
         if not self.is_operator:
             raise Invalid("not_operator", "this peer's key is not listed in swarm.operators")
         raw = sign_record(self._key, kind, OPERATOR_VERSION, self._gossip.swarm, body, int(time.time() * 1000))
-        await self._gossip.publish_raw(raw)
+        if not await self._gossip.publish_raw(raw):
+            raise PublishFailed("the record could not be published; see the node's log")
 
 
 def classify(settings: Mapping[str, Any], supported: Mapping[str, Any]) -> dict[str, str]:

@@ -7,7 +7,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from node.artifacts import MissingContent, materialise_safetensors
+from node.artifacts import MissingContent
 from node.dashboard import Dashboard
 from node.http import (
     Event,
@@ -22,13 +22,20 @@ from node.http import (
     start_http,
 )
 from node.convergence import convergence, node_view
-from node.operator import Operations, classify
+from node.distribution import write_variant_safetensors
+from node.exchange import FetchFailed
+from node.operator import Operations, PublishFailed, classify
 from node.metrics import NodeMetrics
 from node.openapi import OpenApi
 from protocol.cid import is_content_id
+from protocol.control import SETTINGS, PatchRecord, Temperature
+from protocol.errors import Invalid
+from protocol.identity import public_key_from_peer_id
 
 if TYPE_CHECKING:
     from node.daemon import Node
+
+WEIGHTS_FETCH_TIMEOUT_S = 60.0
 
 
 class StatusApi:
@@ -216,20 +223,25 @@ class StatusApi:
     async def head_weights(self, request: Request) -> Response:
         head = self._find_head(request.params["id"])
         node = self.node
-        assert node.store is not None and node.distribution is not None
+        assert node.store is not None and node.distribution is not None and node.exchange is not None
         variant = request.args.get("variant") or "fp32"
         if variant not in ("fp32", "bf16", "int8"):
             raise HttpError(400, "variant must be fp32, bf16 or int8")
         manifest = node.distribution.manifest_for(head, variant)
         if manifest is None:
             raise HttpError(404, f"no {variant} variant of this head is known")
-        path = node.data_dir / "exports" / f"{manifest[3:19]}.safetensors"
+        path = node.data_dir / "exports" / f"{manifest[3:19]}-{variant}.safetensors"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                await asyncio.to_thread(materialise_safetensors, node.store, manifest, path)
+                await asyncio.to_thread(write_variant_safetensors, node.store, manifest, variant, path)
             except MissingContent:
-                raise HttpError(404, f"this peer does not hold the head's {variant} weights") from None
+                # Announced by others but not held here: fetch it from them, within bounds.
+                try:
+                    await asyncio.wait_for(node.exchange.fetch(manifest), WEIGHTS_FETCH_TIMEOUT_S)
+                    await asyncio.to_thread(write_variant_safetensors, node.store, manifest, variant, path)
+                except (FetchFailed, MissingContent, TimeoutError):
+                    raise HttpError(404, f"no peer could serve the head's {variant} weights") from None
         name = f"head-{head.round}-{head.id[3:15]}-{variant}.safetensors"
         return await file_response(path, download_name=name)
 
@@ -303,6 +315,10 @@ class StatusApi:
         peer = request.params["peer"]
         node = self.node
         assert node.key is not None and node.membership is not None
+        try:
+            public_key_from_peer_id(peer)
+        except Invalid:
+            raise HttpError(400, "peer must be an ed25519 libp2p peer id (12D3KooW...)") from None
         if peer == node.key.peer_id:
             return json_response(self._self_view())
         view = node_view(node.membership.table, peer)
@@ -323,13 +339,39 @@ class StatusApi:
         try:
             if "record" in body:
                 raw = bytes.fromhex(str(body["record"]))
-                record = await operations.relay(raw)
+                record = await operations.relay(raw, self._check_relayed)
                 return json_response({"relayed": record.id, "kind": record.kind}, status=202)
             return json_response(await sign(operations, body), status=202)
+        except PublishFailed as exc:
+            raise HttpError(503, str(exc)[:300]) from None
         except ValueError as exc:  # Invalid is a ValueError; so is bad hex
             reason = getattr(exc, "reason", "malformed")
             status = 403 if reason in ("not_operator",) else 400
             raise HttpError(status, f"{reason}: {getattr(exc, 'detail', str(exc))}"[:300]) from None
+
+    def _check_relayed(self, record: Any) -> None:
+        """What this peer checks of an operator record before it relays it: a patch's warm round."""
+        if isinstance(record.body, PatchRecord):
+            self._check_effective_round(record.body.as_dict(), record.body.effective_round)
+
+    def _check_effective_round(self, settings: dict[str, Any], effective: int) -> None:
+        """Refuse a warm setting whose round may already have begun somewhere: peers would split on it.
+
+        A warm setting enters heads (outer lr, momentum) or rounds (inner steps), so every peer
+        must apply it at the same round; a round is under way on some peer from the moment the
+        canonical head is one round before it, so the first safe round is canonical + 2.
+        """
+        warm = [k for k in settings if (spec := SETTINGS.get(k)) is not None and spec.temperature is Temperature.WARM]
+        outer = self.node.outer
+        if not warm or outer is None or outer.heads is None:
+            return
+        earliest = outer.heads.canonical().round + 2
+        if effective < earliest:
+            raise Invalid(
+                "too_soon",
+                f"{', '.join(sorted(warm))} must take effect at round {earliest} or later: "
+                f"round {earliest - 1} may be under way already",
+            )
 
     async def rollback(self, request: Request) -> Response:
         async def sign(operations: Operations, body: dict[str, Any]) -> dict[str, Any]:
@@ -348,6 +390,9 @@ class StatusApi:
             effective = body.get("round")
             if not isinstance(settings, dict) or type(effective) is not int:
                 raise HttpError(400, "body needs {\"settings\": {...}, \"round\": N} or a signed {\"record\": hex}")
+            if not operations.is_operator:
+                raise Invalid("not_operator", "this peer's key is not listed in swarm.operators")
+            self._check_effective_round(settings, effective)
             record = await operations.patch(settings, effective)
             supported = self.node.outer.workload.supported_settings if self.node.outer else {}
             return {"patch": record.id, "effective_round": effective, "classes": classify(settings, supported)}
