@@ -114,7 +114,15 @@ def test_resolve_is_independent_of_arrival_order(cs: list[LeaseClaim], rnd: rand
 @given(st.lists(claims(), max_size=10), st.integers(NOW - 10_000, NOW + 60_000))
 def test_resolve_gives_each_shard_to_the_heaviest_live_claim(cs: list[LeaseClaim], now: int) -> None:
     winners = resolve(cs, now)
-    live = [c for c in cs if c.expires_ms > now]
+    # Of several versions of one lease only the newest counts (latest expiry, then the smaller set).
+    newest: dict[str, LeaseClaim] = {}
+    for claim in (c for c in cs if c.expires_ms > now):
+        held = newest.get(claim.lease_id)
+        if held is None or (claim.expires_ms, -len(claim.microshards), claim.microshards) > (
+            held.expires_ms, -len(held.microshards), held.microshards
+        ):
+            newest[claim.lease_id] = claim
+    live = list(newest.values())
     assert set(winners) == {s for c in live for s in c.microshards}
     for shard, winner in winners.items():
         assert winner.expires_ms > now
