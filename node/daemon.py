@@ -30,7 +30,7 @@ from protocol.variants import VARIANT_KIND, VARIANT_VERSION, VariantRecord
 from workloads.registry import load_workload
 from protocol.availability import ANNOUNCE_KIND, ANNOUNCE_VERSION, Announce
 from protocol.identity import SigningKey
-from protocol.kinds import record_kinds
+from protocol.kinds import PATCH, ROLLBACK, record_kinds
 from protocol.membership import (
     HEARTBEAT_KIND,
     HEARTBEAT_VERSION,
@@ -112,7 +112,8 @@ class Node:
         await self.bridge.start()
         members = frozenset(cfg.swarm.members) | {self.key.peer_id} if cfg.swarm.members else None
         self.gossip = Gossip(
-            self.bridge, self.key, cfg.swarm.name, record_kinds(NODE_RECORDS), members, cfg.gossip.rate_limit_per_s
+            self.bridge, self.key, cfg.swarm.name, record_kinds(NODE_RECORDS), members, cfg.gossip.rate_limit_per_s,
+            timeless=frozenset({ROLLBACK, PATCH}),
         )
         await self.gossip.start()
         self.membership = Membership(
@@ -149,7 +150,9 @@ class Node:
             cfg, self.key.peer_id, trainer, self.store, self.exchange, self.availability, self.gossip, self.membership
         )
         self.outer.emit = self.events.emit
-        self.operations = Operations(self.gossip, self.key, frozenset(cfg.swarm.operators))
+        self.operations = Operations(
+            self.gossip, self.key, frozenset(cfg.swarm.operators), self.data_dir / "operator_records.json"
+        )
         self.operations.emit = self.events.emit
         self.outer.patches_at = self.operations.settings_at
         self.distribution = Distribution(
@@ -161,6 +164,7 @@ class Node:
         assert self.outer.heads is not None
         self.outer.heads.emit = self.events.emit
         self.operations.on_rollback = self.outer.heads.apply_rollback
+        await self.operations.restore()
         self.membership.set_fields(self._heartbeat_fields)
         if cfg.status.enabled:
             self.status = StatusApi(self)
@@ -205,7 +209,7 @@ class Node:
     async def _serve(self) -> None:
         assert self.gossip is not None and self.membership is not None
         assert self.availability is not None and self.exchange is not None
-        assert self.outer is not None and self.outer.heads is not None
+        assert self.outer is not None and self.outer.heads is not None and self.operations is not None
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.gossip.run(), name="gossip")
             tasks.create_task(self.membership.run(), name="membership")
@@ -215,6 +219,7 @@ class Node:
             tasks.create_task(self.outer.heads.run(), name="heads")
             tasks.create_task(self.outer.run(), name="outer-loop")
             tasks.create_task(self._report_fetches(), name="fetch-events")
+            tasks.create_task(self.operations.run(self.config.training.head_reannounce_s * 2), name="operator-replay")
             resumed = self.exchange.resume()
             if resumed:
                 log.info("fetches_resumed", manifests=resumed)

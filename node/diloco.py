@@ -49,6 +49,7 @@ log = get_logger("diloco")
 UPDATE_VERSION = 1
 CODECS = {"fp32": FP32, "bf16": BF16, "int8": INT8}
 MAX_BUFFERED_ROUNDS = 4
+SYNC_MAX_S = 120.0
 UNAVAILABLE = "unavailable"  # an exclusion reason that records what the merger could fetch, not the inputs
 
 
@@ -229,10 +230,18 @@ class OuterLoop:
         """Listen for the swarm's canonical head before training on a stale one."""
         assert self.heads is not None
         self.view.phase = "syncing"
-        try:
-            await asyncio.wait_for(self.heads.changed.wait(), self.config.training.head_reannounce_s * 1.5)
-        except TimeoutError:
-            pass
+        listen_s = self.config.training.head_reannounce_s * 1.5
+        started = time.monotonic()
+        # A head that arrived is still being verified (backfill, fetch, recompute): wait for the
+        # verdict, within bounds, rather than start a fork of our own from genesis meanwhile.
+        while not self.heads.changed.is_set():
+            elapsed = time.monotonic() - started
+            if elapsed >= SYNC_MAX_S or (elapsed >= listen_s and not self.heads.verifying):
+                return
+            try:
+                await asyncio.wait_for(self.heads.changed.wait(), 0.25)
+            except TimeoutError:
+                pass
 
     async def _follow(self, base: HeadRecord) -> None:
         assert self.heads is not None
@@ -276,6 +285,7 @@ class OuterLoop:
         if self.heads.adopted != base.id:
             return
         result = state.close(now_ms())
+        self.leasing.drop_unfinished(result.missing)
         log.info("round_closed", round=round_no, updates=len(result.updates), reason=result.reason.name.lower(),
                  missing=sorted(result.missing))
         self.emit("round_closed", round=round_no, updates=len(result.updates), reason=result.reason.name.lower(),
@@ -304,7 +314,7 @@ class OuterLoop:
             data = await self.source.bytes_of(shards)
         except MicroshardUnavailable as exc:
             log.warning("microshards_unavailable", error=str(exc))
-            self.leasing.release_own()
+            self.leasing.back_off()
             return
         examples = sum(self.source.by_id[s].source.examples for s in shards)
         settings = self.current_settings
@@ -316,12 +326,14 @@ class OuterLoop:
         try:
             result = await self.trainer.train_round(weights, data, steps, seed)
         except Exception as exc:  # a workload bug must not take the peer out of the swarm
-            log.error("training_failed", error=f"{type(exc).__name__}: {exc}")
-            self.leasing.release_own()
+            log.error("training_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+            self.round_failures += 1
+            self.leasing.back_off()
             return
         finally:
             done.set()
             await asyncio.gather(watcher, renewer, return_exceptions=True)
+        self.leasing.recovered()
         if result.metrics.stopped_early or self.heads.adopted != base.id:  # type: ignore[union-attr]
             return
         self.inner_durations_ms.append(int(result.metrics.seconds * 1000))
@@ -369,6 +381,10 @@ class OuterLoop:
                 alive = peer == self.peer_id or self.membership.table.is_live(peer)
                 state.set_live(peer, alive and not no_claim)
             if state.should_close(now_ms()):
+                return
+            if not state.updates and not state.waiting_for and not self.leasing.own and now_ms() > claim_window_ms:
+                # Nothing arrived and no live peer owes anything (the leaseholders died): waiting
+                # for the deadline would only delay the retry with the dead peers' shards freed.
                 return
             self.view.expected = sorted(state.expected)
             self.view.waiting_for = sorted(state.waiting_for)

@@ -21,7 +21,7 @@ from node.artifacts import load_artifact, materialise_safetensors, store_artifac
 from node.availability import Availability
 from node.gossip import Gossip
 from node.logs import get_logger
-from node.store import ContentStore, fsync_dir
+from node.store import ContentStore, fsync_dir, write_atomic
 from protocol.codecs import BF16, FP32, INT8
 from protocol.heads import HeadRecord
 from protocol.records import Record
@@ -125,16 +125,7 @@ class Distribution:
         target = directory / "model.safetensors"
         await asyncio.to_thread(write_variant_safetensors, self._store, manifest, variant, target)
         info = {"head": head.id, "round": head.round, "variant": variant, "manifest": manifest}
-        await asyncio.to_thread(_write_atomic, directory / "head.json", json.dumps(info).encode())
+        await asyncio.to_thread(write_atomic, directory / "head.json", json.dumps(info).encode())
         self.exported = head.id
         log.info("weights_exported", head=head.id, round=head.round, variant=variant, path=str(directory))
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-    fsync_dir(path.parent)

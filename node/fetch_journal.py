@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 
-from node.store import fsync_dir
+from node.store import write_atomic
 from protocol.cid import is_content_id
 
 
@@ -45,10 +44,4 @@ class FetchJournal:
 
     def _write(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        temp = self._path.with_name(f".{self._path.name}.tmp")
-        with open(temp, "w") as handle:
-            json.dump(self._ids, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, self._path)
-        fsync_dir(self._path.parent)
+        write_atomic(self._path, json.dumps(self._ids).encode())

@@ -12,7 +12,7 @@ from node.libp2p_bridge import BridgeError, Libp2pBridge
 from node.logs import get_logger
 from protocol.errors import Invalid
 from protocol.identity import SigningKey
-from protocol.records import Record, RecordKind, sign_record, validate_record
+from protocol.records import MAX_CLOCK_SKEW_MS, Record, RecordKind, sign_record, validate_record
 
 log = get_logger("gossip")
 
@@ -39,6 +39,7 @@ class Gossip:
         kinds: Mapping[str, RecordKind],
         members: frozenset[str] | None = None,
         rate_limit_per_s: float = 0.0,
+        timeless: frozenset[str] = frozenset(),
     ) -> None:
         self._bridge = bridge
         self._key = key
@@ -54,6 +55,8 @@ class Gossip:
         self.publish_failures = 0
         self.handler_errors = 0
         self._rate = rate_limit_per_s
+        # Kinds re-announced long after they were signed (operator orders): their age is no fault.
+        self._timeless = timeless
         self._buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, last refill)
 
     def on(self, kind: str, handler: RecordHandler) -> None:
@@ -93,9 +96,17 @@ class Gossip:
 
     def validate(self, data: bytes) -> Record:
         """Validate one message as a record of this swarm; raises Invalid with the reason."""
-        return validate_record(
-            data, swarm=self.swarm, kinds=self._kinds, now_ms=now_ms(), members=self._members
-        )
+        try:
+            return validate_record(
+                data, swarm=self.swarm, kinds=self._kinds, now_ms=now_ms(), members=self._members
+            )
+        except Invalid as exc:
+            if exc.reason != "clock_skew" or not self._timeless:
+                raise
+            record = self.validate_stored(data)
+            if record.kind not in self._timeless or record.created_ms > now_ms() + MAX_CLOCK_SKEW_MS:
+                raise
+            return record
 
     def validate_stored(self, data: bytes) -> Record:
         """Validate a record kept from earlier: everything but its age is checked."""

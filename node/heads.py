@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,12 +12,12 @@ from typing import Any
 from node.exchange import Exchange
 from node.gossip import Gossip
 from node.logs import get_logger
-from node.store import ContentStore, fsync_dir
+from node.store import ContentStore, write_atomic
 from protocol import canonical
 from protocol.cid import matches
 from protocol.errors import Invalid
 from protocol.control import RollbackRecord
-from protocol.heads import HeadIndex, HeadRecord
+from protocol.heads import HeadIndex, HeadRecord, fork_rank
 from protocol.kinds import HEAD
 from protocol.records import Record
 
@@ -106,13 +105,8 @@ class Heads:
             log.info("head_restored", head=adopted, round=self.index.get(adopted).round)  # type: ignore[union-attr]
 
     def _save(self) -> None:
-        temp = self._state_path.with_name(f".{self._state_path.name}.tmp")
-        with open(temp, "w") as handle:
-            json.dump({"adopted": self.adopted, "rollbacks": [r.to_wire() for r in self.rollbacks.values()]}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, self._state_path)
-        fsync_dir(self._state_path.parent)
+        state = {"adopted": self.adopted, "rollbacks": [r.to_wire() for r in self.rollbacks.values()]}
+        write_atomic(self._state_path, json.dumps(state).encode())
 
     # ---- heads we make ---------------------------------------------------------------
 
@@ -142,13 +136,20 @@ class Heads:
                 await self.publish(head)
 
     async def _verify_loop(self) -> None:
+        pending: dict[str, tuple[HeadRecord, str]] = {}
         while True:
-            head, author = await self._candidates.get()
-            if head.id in self.index:
-                self._verifying.discard(head.id)
-                continue
+            if not pending:
+                head, author = await self._candidates.get()
+                pending[head.id] = (head, author)
+            while not self._candidates.empty():
+                head, author = self._candidates.get_nowait()
+                pending[head.id] = (head, author)
+            # Best first: a peer far behind verifies the swarm's tip, not every head on the way to
+            # it, and a head that would not become canonical is not worth a recompute.
+            head, author = pending.pop(min(pending.values(), key=lambda item: fork_rank(item[0]))[0].id)
             try:
-                await self._accept(head, author)
+                if head.id not in self.index and fork_rank(head) < fork_rank(self.canonical()):
+                    await self._accept(head, author)
             finally:
                 self._verifying.discard(head.id)
 
@@ -268,6 +269,11 @@ class Heads:
         if self._retention > 0:
             self.index.prune(self._retention)
         self.changed.set()
+
+    @property
+    def verifying(self) -> bool:
+        """True while some head heard from the swarm waits for, or is in, verification."""
+        return bool(self._verifying)
 
     def canonical(self) -> HeadRecord:
         head = self.index.get(self.adopted)

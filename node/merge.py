@@ -9,6 +9,7 @@ in float64.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from protocol.heads import AggregationRule
 Tensors = dict[str, torch.Tensor]
 
 RULES = ("mean", "trimmed_mean", "median")
+_SLICE = 1 << 20  # elements per slice of a screening reduction
 
 
 @dataclass(frozen=True)
@@ -67,10 +69,13 @@ def _screen(
         if list(delta) != list(reference) or any(delta[k].shape != reference[k].shape for k in reference):
             excluded.append((update.update_id, "wrong_shapes"))
             continue
-        if not all(bool(torch.isfinite(t).all()) for t in delta.values()):
+        squares = sum(_square_sum(t) for t in delta.values())
+        # A NaN or Inf anywhere makes the float64 sum of squares non-finite (float32 squares
+        # cannot overflow it), so one pass both screens and measures.
+        if not math.isfinite(squares):
             excluded.append((update.update_id, "non_finite"))
             continue
-        norms[update.update_id] = float(sum(float(t.double().square().sum()) for t in delta.values())) ** 0.5
+        norms[update.update_id] = squares**0.5
         kept.append(update)
     if len(kept) >= 3 and outlier_factor > 0:
         ordered = sorted(norms[u.update_id] for u in kept)
@@ -83,13 +88,20 @@ def _screen(
     return kept, sorted(excluded)
 
 
+def _square_sum(tensor: torch.Tensor) -> float:
+    """The float64 sum of squares, a slice at a time: no full-size float64 temporaries."""
+    flat = tensor.reshape(-1)
+    return math.fsum(float(part.double().square().sum()) for part in flat.split(_SLICE))
+
+
 def _weighted_mean(updates: Sequence[UpdateInput], name: str) -> torch.Tensor:
     total = sum(u.samples for u in updates)
     acc = torch.zeros_like(updates[0].delta[name])  # type: ignore[index]
+    term = torch.empty_like(acc)  # one scratch tensor: a fresh one per update costs page faults
     for update in updates:
         weight = torch.tensor(update.samples / total, dtype=torch.float32)
-        term = torch.mul(update.delta[name], weight)  # type: ignore[index]
-        acc = torch.add(acc, term)
+        torch.mul(update.delta[name], weight, out=term)  # type: ignore[index]
+        acc.add_(term)
     return acc
 
 
@@ -145,10 +157,20 @@ def outer_step(
     new_momentum: Tensors = {}
     for name, weight in weights.items():
         grad = gradient[name]
-        previous = momentum[name] if momentum is not None else torch.zeros_like(weight)
-        buffer = torch.add(torch.mul(previous, mu), grad)
-        step = torch.add(grad, torch.mul(buffer, mu)) if nesterov else buffer
-        new_weights[name] = torch.sub(weight, torch.mul(step, lr))
+        # The same element-wise ops as buffer = previous*mu + grad, step = grad + buffer*mu and
+        # weight - step*lr (IEEE addition commutes exactly), done in place on two tensors.
+        if momentum is not None:
+            buffer = torch.mul(momentum[name], mu)
+        else:
+            buffer = torch.zeros_like(weight)
+        buffer.add_(grad)
+        if nesterov:
+            step = torch.mul(buffer, mu)
+            step.add_(grad)
+        else:
+            step = buffer.clone()
+        step.mul_(lr)
+        new_weights[name] = torch.sub(weight, step)
         new_momentum[name] = buffer
     return new_weights, new_momentum
 

@@ -7,13 +7,17 @@ record to any peer, which relays it) or by being the peer it posts to.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
+from pathlib import Path
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from node.gossip import Gossip
 from node.logs import get_logger
+from node.store import write_atomic
 from protocol.control import SETTINGS, PatchRecord, RollbackRecord, Setting, Temperature, settings_at
 from protocol.errors import Invalid
 from protocol.identity import SigningKey
@@ -23,6 +27,7 @@ from protocol.records import Record, sign_record
 log = get_logger("operator")
 
 OPERATOR_VERSION = 1
+MAX_REPLAYED = 32
 RollbackSink = Callable[[RollbackRecord], Any]
 
 
@@ -33,10 +38,16 @@ class PublishFailed(RuntimeError):
 class Operations:
     """The rollbacks and patches this peer knows, validated against the configured operator keys."""
 
-    def __init__(self, gossip: Gossip, key: SigningKey, operators: frozenset[str]) -> None:
+    def __init__(
+        self, gossip: Gossip, key: SigningKey, operators: frozenset[str], journal: Path | None = None
+    ) -> None:
         self._gossip = gossip
         self._key = key
         self.operators = operators
+        # Operator records are replayed to late joiners and survive restarts: a peer that
+        # missed a rollback or a patch would otherwise fork from the swarm.
+        self._journal = journal
+        self.raw: dict[str, bytes] = {}
         self.rollbacks: dict[str, RollbackRecord] = {}
         self.patches: dict[str, PatchRecord] = {}
         self.rejected: Counter[str] = Counter()
@@ -57,9 +68,46 @@ class Operations:
             log.warning("operator_record_rejected", kind=record.kind, author=record.author, reason=exc.reason)
             raise
 
+    def _remember(self, record: Record) -> None:
+        if record.id in self.raw:
+            return
+        self.raw[record.id] = record.raw
+        if self._journal is not None:
+            write_atomic(self._journal, json.dumps({i: raw.hex() for i, raw in self.raw.items()}).encode())
+
+    async def restore(self) -> None:
+        """Re-apply the operator records this peer knew when it stopped."""
+        if self._journal is None or not self._journal.exists():
+            return
+        try:
+            stored = {i: bytes.fromhex(h) for i, h in json.loads(self._journal.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            log.warning("operator_journal_unreadable", path=str(self._journal))
+            return
+        for raw in stored.values():
+            try:
+                record = self._gossip.validate_stored(raw)
+                await self._dispatch(record)
+            except Invalid:
+                continue
+
+    async def _dispatch(self, record: Record) -> None:
+        if record.kind == ROLLBACK:
+            await self._on_rollback(record)
+        elif record.kind == PATCH:
+            await self._on_patch(record)
+
+    async def run(self, interval_s: float) -> None:
+        """Re-announce the operator records we know, newest last, so late joiners learn them."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for raw in list(self.raw.values())[-MAX_REPLAYED:]:
+                await self._gossip.publish_raw(raw)
+
     async def _on_rollback(self, record: Record) -> None:
         self._check(record)
         rollback: RollbackRecord = record.body
+        self._remember(record)
         if rollback.id in self.rollbacks:
             return
         self.rollbacks[rollback.id] = rollback
@@ -71,6 +119,7 @@ class Operations:
     async def _on_patch(self, record: Record) -> None:
         self._check(record)
         patch: PatchRecord = record.body
+        self._remember(record)
         if patch.id in self.patches:
             return
         self.patches[patch.id] = patch

@@ -163,7 +163,7 @@ class ContentStore:
             raise Invalid("bad_cid", f"pin {name} lists a malformed id")
         data = canonical.encode({"name": name, "ids": sorted(pinned)})
         with self._lock:
-            _write_atomic(self._pin_path(name), data)
+            write_atomic(self._pin_path(name), data)
             self._pins[name] = pinned
 
     def unpin(self, name: str) -> None:
@@ -382,7 +382,8 @@ def _write_temp(directory: Path, data: Buffer) -> Path:
     return path
 
 
-def _write_atomic(path: Path, data: Buffer) -> None:
+def write_atomic(path: Path, data: Buffer) -> None:
+    """Replace ``path`` with ``data`` atomically: temp file in the same folder, fsync, rename, fsync the folder."""
     temp = _write_temp(path.parent, data)
     os.replace(temp, path)
     fsync_dir(path.parent)

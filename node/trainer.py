@@ -8,7 +8,6 @@ computing the pseudo-gradient and saving the inner optimizer all happen in
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from node.logs import get_logger
+from node.store import write_atomic
 from workloads.base import EvalMetrics, InnerState, TrainMetrics, Workload, WorkloadError
 
 log = get_logger("trainer")
@@ -108,13 +108,7 @@ class Trainer:
 
     def _save_inner_state(self) -> None:
         assert self.inner is not None
-        data = self.workload.save_inner_state(self.inner)
-        temp = self._state_path.with_name(f".{self._state_path.name}.tmp")
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, self._state_path)
+        write_atomic(self._state_path, self.workload.save_inner_state(self.inner))
 
     async def evaluate(self, weights: Mapping[str, torch.Tensor]) -> EvalMetrics:
         """Validation loss of ``weights`` on a scratch model (the training copy is left alone)."""

@@ -58,3 +58,34 @@ def test_valid_records_are_dispatched_to_handlers():
     assert record is not None and seen == [author.peer_id]
     assert rejected == {"wrong_swarm": 1}
     assert topic == records_topic("g") == "/p2p-node/g/records/1"
+
+
+def test_operator_orders_are_accepted_however_old_other_records_are_not():
+    operator = SigningKey.generate()
+    old = int(time.time() * 1000) - 3_600_000
+
+    async def replay(gossip):
+        from protocol.control import RollbackRecord
+
+        rollback = RollbackRecord("b3:" + "1" * 64, "bad merge", old)
+        order = sign_record(operator, "rollback", 1, "g", rollback.to_wire(), old)
+        stale_beat = sign_record(
+            operator, HEARTBEAT_KIND, 1, "g", Heartbeat(operator.peer_id, (), "t", 1, "trainer", 1000).to_wire(), old
+        )
+        return (await gossip.handle_message(order, operator.peer_id),
+                await gossip.handle_message(stale_beat, operator.peer_id), dict(gossip.rejected))
+
+    async def with_timeless():
+        key = SigningKey.generate()
+        bridge = Libp2pBridge(key.seed, ["/ip4/127.0.0.1/tcp/0"], kademlia=False)
+        await bridge.start()
+        try:
+            gossip = Gossip(bridge, key, "g", record_kinds(NODE_RECORDS), timeless=frozenset({"rollback", "patch"}))
+            await gossip.start()
+            return await replay(gossip)
+        finally:
+            await bridge.stop()
+
+    order, beat, rejected = asyncio.run(with_timeless())
+    assert order is not None and order.kind == "rollback"
+    assert beat is None and rejected == {"clock_skew": 1}
