@@ -251,7 +251,7 @@ def check_inputs(head: HeadRecord, updates: Mapping[str, UpdateRecord]) -> None:
         raise Invalid("inputs_mismatch", "microshards")
 
 
-def _rank(head: HeadRecord) -> tuple[int, int, str]:
+def fork_rank(head: HeadRecord) -> tuple[int, int, str]:
     # min() of this is the best head: highest round, most samples, smallest id.
     return (-head.round, -head.samples_total, head.id)
 
@@ -290,7 +290,7 @@ def choose_head(heads: Iterable[HeadRecord], rollback: RollbackRecord | None = N
     """
     by_id = {head.id: head for head in heads}
     candidates = list(by_id.values()) if rollback is None else _under_rollback(by_id, rollback)
-    return min(candidates, key=_rank).id if candidates else None
+    return min(candidates, key=fork_rank).id if candidates else None
 
 
 class HeadIndex:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from node.store import ContentStore
 from protocol.heads import HeadRecord
 from protocol.identity import SigningKey
 from protocol.kinds import HEAD
@@ -81,6 +83,16 @@ def canonical_chain(peer: Peer, head_id: str) -> list[HeadRecord]:
     return chain[::-1]
 
 
+def events(log: str, name: str) -> list[dict[str, Any]]:
+    """The structured log lines of one event."""
+    found = []
+    for line in log.splitlines():
+        if f'"event": "{name}"' in line:
+            with contextlib.suppress(ValueError):
+                found.append(json.loads(line))
+    return found
+
+
 def agreed_head(peers: list[Peer], min_round: int = 0) -> str | None:
     """The head every peer reports, once they all report the same one at ``min_round`` or later."""
     rows = [training(p) for p in peers]
@@ -90,6 +102,16 @@ def agreed_head(peers: list[Peer], min_round: int = 0) -> str | None:
     return None
 
 
+def wait_agreed(peers: list[Peer], min_round: int, timeout: float, what: str) -> str:
+    """Wait for ``agreed_head``; on timeout say where each peer stood."""
+    try:
+        return wait_until(lambda: agreed_head(peers, min_round), timeout, interval=0.05, what=what)
+    except AssertionError as exc:
+        rows = [(p.name, r.get("head_round"), (r.get("head") or "")[-8:], r.get("phase"))
+                for p in peers for r in [training(p)]]
+        raise AssertionError(f"{exc}; peers: {rows}") from None
+
+
 def test_three_peers_share_every_head_lose_loss_and_cover_epoch_zero_once(swarm):
     peers = start_peers(swarm, 3)
     with logs_on_failure(swarm):
@@ -97,7 +119,7 @@ def test_three_peers_share_every_head_lose_loss_and_cover_epoch_zero_once(swarm)
         # At several points along the way all three hold the very same head.
         agreed = []
         for target in (2, 4, 6, 8):
-            agreed.append(wait_until(lambda t=target: agreed_head(peers, t), 60, interval=0.1, what=f"agreement at round {target}+"))
+            agreed.append(wait_agreed(peers, target, 60, what=f"agreement at round {target}+"))
         final = agreed[-1]
         chains = [canonical_chain(p, final) for p in peers]
         assert [[h.id for h in c] for c in chains[1:]] == [[h.id for h in chains[0]]] * 2
@@ -130,7 +152,7 @@ def test_churn_kill_restart_and_late_joiner_reach_the_canonical_head(swarm):
     peers = start_peers(swarm, 3, f"round_deadline_s = {deadline_s}")
     survivors, victim = peers[:2], peers[2]
     with logs_on_failure(swarm):
-        wait_until(lambda: agreed_head(peers, 3), 60, interval=0.1, what="three peers at round 3")
+        wait_agreed(peers, 3, 60, what="three peers at round 3")
         # Kill the victim while it holds a lease and trains or waits: the round it leased in
         # must still close, at the latest by the deadline, without it.
         wait_until(lambda: training(victim).get("phase") in ("training", "publishing", "waiting")
@@ -139,19 +161,22 @@ def test_churn_kill_restart_and_late_joiner_reach_the_canonical_head(swarm):
         held_before = training(victim)["head"]
         victim.kill9()
         killed_at = time.monotonic()
-        wait_until(lambda: agreed_head(survivors, killed_round), deadline_s + 6, interval=0.1,
-                   what=f"survivors close round {killed_round}")
+        wait_agreed(survivors, killed_round, deadline_s + 6, what=f"survivors close round {killed_round}")
         assert time.monotonic() - killed_at < deadline_s + 6
-        wait_until(lambda: agreed_head(survivors, killed_round + 2), 30, interval=0.1, what="survivors keep going")
+        wait_agreed(survivors, killed_round + 2, 30, what="survivors keep going")
 
         # The victim comes back on its data dir: it resumes from heads.json and catches up.
         assert held_before in (victim.data_dir / "heads.json").read_text()
+        kept = set(ContentStore(victim.data_dir / "store").manifest_ids())
+        assert kept, "the victim's store is empty"
         first_life = len(victim.log())
         victim.start(extra_env=ONE_THREAD)
         victim.wait_healthy(60)
-        wait_until(lambda: agreed_head(peers, killed_round + 3), 60, interval=0.1, what="the restarted peer catches up")
+        wait_agreed(peers, killed_round + 3, 60, what="the restarted peer catches up")
         second_life = victim.log()[first_life:]
         assert '"head_restored"' in second_life and held_before in second_life
+        refetched = [e["manifest"] for e in events(second_life, "fetch_done") if e["fetched_bytes"] and e["manifest"] in kept]
+        assert not refetched, f"the restarted peer downloaded artifacts it already held: {refetched}"
         fetched = victim.get("/status")["exchange"]["bytes_in"]
         fetched_by_survivor = survivors[0].get("/status")["exchange"]["bytes_in"]
 
@@ -160,64 +185,72 @@ def test_churn_kill_restart_and_late_joiner_reach_the_canonical_head(swarm):
         late.start(extra_env=ONE_THREAD)
         late.wait_healthy(60)
         everyone = [*peers, late]
-        head = wait_until(lambda: agreed_head(everyone, killed_round + 4), 60, interval=0.1, what="four peers agree")
+        head = wait_agreed(everyone, killed_round + 4, 60, what="four peers agree")
         chains = [canonical_chain(p, head) for p in everyone]
         assert all([h.id for h in c] == [h.id for h in chains[0]] for c in chains)
-        # Resuming from what it held, the victim downloaded far less than a peer that ran all along.
-        assert fetched < fetched_by_survivor / 2, (fetched, fetched_by_survivor)
+        # What the victim downloaded to catch up is a few rounds' updates and one head, no history.
+        print(f"restarted peer fetched {fetched} B to catch up; a survivor fetched {fetched_by_survivor} B in all")
+        assert fetched < 64 * 1024
         for peer in everyone:
             assert peer.process.poll() is None
 
 
-async def _publish_forgeries(target: Peer, topic: str, swarm_name: str, heads: list[HeadRecord]) -> None:
+def forgeries(peer: Peer) -> list[HeadRecord]:
+    """Two heads that would win the fork choice over ``peer``'s canonical head if they were believed."""
+    real = head_record(peer, training(peer)["head"])
+    parent = head_record(peer, real.parent)
+    extra = 100_000
+    return [
+        # The real head's inputs, but the parent's weights (a real stored manifest) and more samples.
+        dataclasses.replace(real, weights=parent.weights, samples=real.samples + extra,
+                            samples_total=real.samples_total + extra),
+        # A child of the real head that claims a round's worth of samples while merging nothing.
+        dataclasses.replace(real, parent=real.id, round=real.round + 1, updates=(), excluded=(),
+                            samples=extra, samples_total=real.samples_total + extra, tokens=0,
+                            tokens_total=real.tokens_total, microshards=()),
+    ]
+
+
+async def _publish_forgeries(target: Peer, topic: str, swarm_name: str) -> set[str]:
     from node.libp2p_bridge import GossipSettings, Libp2pBridge
 
     forger = SigningKey.generate()
     bridge = Libp2pBridge(forger.seed, ["/ip4/127.0.0.1/tcp/0"], kademlia=False,
                           gossip=GossipSettings(max_message_bytes=512 * 1024))
+    published: set[str] = set()
     await bridge.start()
     try:
         await bridge.subscribe(topic)
         await bridge.connect(target.addr, timeout=10)
         await asyncio.sleep(2.5)  # let the gossip mesh form
         for _ in range(3):
-            for head in heads:
+            # Forged against the head of the moment, so that they outrank it when they arrive.
+            for head in await asyncio.to_thread(forgeries, target):
                 now = int(time.time() * 1000)
                 await bridge.publish(topic, sign_record(forger, HEAD, 1, swarm_name, head.to_wire(), now))
-            await asyncio.sleep(0.5)
+                published.add(head.id)
+            await asyncio.sleep(1.0)
     finally:
         await bridge.stop()
+    return published
 
 
 def test_forged_heads_are_rejected_by_recompute_and_training_goes_on(swarm):
     peers = start_peers(swarm, 3)
     with logs_on_failure(swarm):
-        real_id = wait_until(lambda: agreed_head(peers, 3), 60, interval=0.1, what="three peers at round 3")
-        real = head_record(peers[0], real_id)
-        parent = head_record(peers[0], real.parent)
-        extra = 100_000
-        # Same inputs, but the weights are the parent's (a real stored manifest), and more samples
-        # so that fork choice would prefer it over the real head of its round if it were believed.
-        swapped = dataclasses.replace(real, weights=parent.weights, samples=real.samples + extra,
-                                      samples_total=real.samples_total + extra)
-        # A child of the real head that claims a round's worth of samples while merging nothing.
-        empty = dataclasses.replace(real, parent=real.id, round=real.round + 1, updates=(), excluded=(),
-                                    samples=extra, samples_total=real.samples_total + extra, tokens=0,
-                                    tokens_total=real.tokens_total, microshards=())
-        forged = {swapped.id, empty.id}
+        wait_agreed(peers, 3, 60, what="three peers at round 3")
         topic = peers[0].get("/status")["gossip"]["topic"]
-        asyncio.run(_publish_forgeries(peers[0], topic, swarm.swarm, [swapped, empty]))
+        forged = asyncio.run(_publish_forgeries(peers[0], topic, swarm.swarm))
 
         def rejected_everywhere() -> bool:
-            return all(sum(training(p).get("head_rejections", {}).values()) >= 2 for p in peers)
+            return all(training(p).get("head_rejections", {}).get("recompute_mismatch", 0) >= 1 for p in peers)
 
-        wait_until(rejected_everywhere, 20, what="every peer rejects both forgeries")
+        wait_until(rejected_everywhere, 20, what="every peer rejects forgeries by recomputing them")
         for peer in peers:
             rejections = training(peer)["head_rejections"]
-            assert set(rejections) <= {"recompute_mismatch", "unknown_parent"}, rejections
-            assert rejections.get("recompute_mismatch", 0) >= 1, rejections
+            assert set(rejections) == {"recompute_mismatch"}, rejections
         before = training(peers[0])["head_round"]
-        after = wait_until(lambda: agreed_head(peers, before + 2), 30, interval=0.1, what="training goes on")
+        after = wait_agreed(peers, before + 2, 30, what="training goes on")
         for peer in peers:
             assert all(peer.get(f"/heads/{f}") is None for f in forged), "a forged head entered an index"
             chain = {h.id for h in canonical_chain(peer, after)}

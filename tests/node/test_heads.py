@@ -1,0 +1,136 @@
+"""Heads on a real libp2p host and store: persistence across restarts, best-first verification, rejections."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from node.availability import Availability
+from node.daemon import NODE_RECORDS
+from node.exchange import Exchange
+from node.gossip import Gossip
+from node.heads import STATE_FILE, Heads
+from node.libp2p_bridge import Libp2pBridge
+from node.merge import outer_rule
+from node.store import ContentStore
+from protocol.cid import content_id
+from protocol.heads import HeadRecord, genesis_head
+from protocol.identity import SigningKey
+from protocol.kinds import HEAD, record_kinds
+from protocol.records import sign_record
+
+SWARM = "heads-test"
+RULE = outer_rule("mean", 0.7, 0.9, True, 0.2, 0.0)
+GENESIS = genesis_head(content_id(b"genesis weights"), content_id(b"workload"), content_id(b"dataset"), RULE)
+
+
+def child(parent: HeadRecord, samples: int, tag: str) -> HeadRecord:
+    return HeadRecord(
+        parent=parent.id, round=parent.round + 1, epoch=0, updates=(content_id(tag.encode()),), excluded=(),
+        rule=RULE, weights=content_id(f"weights {tag}".encode()), momentum=content_id(f"momentum {tag}".encode()),
+        samples_total=parent.samples_total + samples, tokens_total=0, samples=samples, tokens=0,
+        microshards=(), eval=None, workload=parent.workload, dataset=parent.dataset,
+    )
+
+
+@contextlib.asynccontextmanager
+async def components(data_dir: Path):
+    """A real host (no peers), gossip, store and exchange, as the daemon wires them for Heads."""
+    key = SigningKey.generate()
+    bridge = Libp2pBridge(key.seed, ["/ip4/127.0.0.1/tcp/0"], kademlia=False)
+    await bridge.start()
+    try:
+        gossip = Gossip(bridge, key, SWARM, record_kinds(NODE_RECORDS))
+        await gossip.start()
+        store = ContentStore(data_dir / "store")
+        exchange = Exchange(bridge, store, Availability(gossip, key.peer_id, 5.0))
+        yield key, gossip, store, exchange
+    finally:
+        await bridge.stop()
+
+
+def test_the_adopted_head_and_its_chain_survive_a_restart(tmp_path):
+    first = child(GENESIS, 100, "a")
+    second = child(first, 50, "b")
+
+    async def run() -> None:
+        async with components(tmp_path) as (_key, gossip, store, exchange):
+            heads = Heads(GENESIS, gossip, store, exchange, tmp_path, 5.0, 200)
+            await heads.add_own(first)
+            await heads.add_own(second)
+            assert heads.adopted == second.id
+        assert json.loads((tmp_path / STATE_FILE).read_text())["adopted"] == second.id
+        async with components(tmp_path) as (_key, gossip, store, exchange):
+            restarted = Heads(GENESIS, gossip, store, exchange, tmp_path, 5.0, 200)
+            assert restarted.adopted == GENESIS.id
+            await restarted.restore()
+            assert restarted.adopted == second.id
+            assert [h.id for h in restarted.index.chain(second.id)] == [GENESIS.id, first.id, second.id]
+
+    asyncio.run(run())
+
+
+def test_a_corrupt_state_file_leaves_the_genesis_head(tmp_path):
+    (tmp_path / STATE_FILE).write_text("{not json")
+
+    async def run() -> None:
+        async with components(tmp_path) as (_key, gossip, store, exchange):
+            heads = Heads(GENESIS, gossip, store, exchange, tmp_path, 5.0, 200)
+            await heads.restore()
+            assert heads.adopted == GENESIS.id
+
+    asyncio.run(run())
+
+
+def test_heads_heard_are_verified_best_first_and_rejections_counted(tmp_path):
+    honest = child(GENESIS, 100, "honest")
+    forged = dataclasses.replace(honest, weights=GENESIS.weights, samples=10_000, samples_total=10_000)
+    low = child(GENESIS, 10, "low")  # outranked by the honest head of the same round
+    next_round = child(honest, 100, "next")
+    verified: list[str] = []
+
+    async def verifier(head: HeadRecord) -> str | None:
+        # Stands for the recompute: only heads whose weights a merge of their inputs gives pass.
+        verified.append(head.id)
+        return "recompute_mismatch" if head.weights == GENESIS.weights else None
+
+    async def run() -> None:
+        async with components(tmp_path) as (_key, gossip, store, exchange):
+            heads = Heads(GENESIS, gossip, store, exchange, tmp_path, 60.0, 200)
+            heads.verifier = verifier
+            author = SigningKey.generate()
+
+            async def hear(*batch: HeadRecord) -> None:
+                for head in batch:
+                    raw = sign_record(author, HEAD, 1, SWARM, head.to_wire(), int(time.time() * 1000))
+                    await gossip.handle_message(raw, author.peer_id)
+
+            async def settled() -> None:
+                while heads.verifying:
+                    await asyncio.sleep(0.01)
+
+            runner = asyncio.create_task(heads.run())
+            try:
+                # Queued together: the forged head (more samples) ranks first and is rejected,
+                # then the honest one; the low one is outranked by then and never recomputed.
+                await hear(low, honest, forged)
+                await asyncio.wait_for(settled(), 10)
+                assert verified == [forged.id, honest.id]
+                assert heads.adopted == honest.id
+                assert heads.rejected == {"recompute_mismatch": 1}
+                assert heads.penalties[author.peer_id] == 1
+                assert forged.id not in heads.index and low.id not in heads.index
+                await hear(next_round, forged)
+                await asyncio.wait_for(settled(), 10)
+                assert heads.adopted == next_round.id
+                assert verified[2:] == [next_round.id]  # the forged head now ranks below the tip
+            finally:
+                runner.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await runner
+
+    asyncio.run(run())
