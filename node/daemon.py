@@ -158,6 +158,7 @@ class Node:
         self.distribution = Distribution(
             self.gossip, self.key.peer_id, self.store, self.availability,
             cfg.training.publish_variants, cfg.training.export_dir, cfg.training.export_variant,
+            self.outer.chunking,
         )
         self.outer.adopted_hooks.append(self.distribution.on_adopted)
         await self.outer.start(self.data_dir)

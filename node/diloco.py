@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +34,7 @@ from node.microshards import MicroshardSource, MicroshardUnavailable
 from node.store import ContentStore
 from node.trainer import Trainer
 from protocol import canonical
+from protocol.chunking import FixedChunking
 from protocol.codecs import BF16, FP32, INT8
 from protocol.coverage import EpochLedger, replay, select_updates
 from protocol.errors import Invalid
@@ -95,6 +96,7 @@ class OuterLoop:
         self.gossip = gossip
         self.membership = membership
         self.is_trainer = config.training.role == "trainer"
+        self.chunking = FixedChunking(config.exchange.chunk_bytes)
         self.view = RoundView()
         self.updates: dict[int, dict[str, UpdateRecord]] = {}
         self.updates_by_id: dict[str, UpdateRecord] = {}  # the last few rounds', for expecting peers
@@ -149,7 +151,7 @@ class OuterLoop:
         cfg = self.config
         self.source = MicroshardSource(self.workload, self.store, self.exchange, self.availability, cfg.workload.local_data)
         initial = await asyncio.to_thread(self.trainer.initial_weights)
-        weights_id = await asyncio.to_thread(store_artifact, self.store, initial)
+        weights_id = await asyncio.to_thread(store_artifact, self.store, initial, FP32, self.chunking)
         genesis = genesis_head(weights_id, self.workload.schema_hash(), self.source.dataset_id, self.rule())
         self.availability.add_held(weights_id)
         self.heads = Heads(
@@ -200,13 +202,18 @@ class OuterLoop:
     async def run(self) -> None:
         assert self.heads is not None
         await self._sync()
-        evaluated: set[str] = set()
+        evaluated: OrderedDict[str, None] = OrderedDict()
+        handled: str | None = None
         while True:
             base = self.heads.canonical()
             try:
-                if base.id not in evaluated:
-                    evaluated.add(base.id)
-                    if self.config.training.evaluate:
+                if base.id != handled:
+                    # Hooks run on every adoption (a rollback re-adopts an old head); evaluation once per head.
+                    handled = base.id
+                    if self.config.training.evaluate and base.id not in evaluated:
+                        evaluated[base.id] = None
+                        while len(evaluated) > 1024:
+                            evaluated.popitem(last=False)
                         await self._evaluate(base)
                     if self.adopted_hooks:
                         weights, _ = await self._ensure_state(base)
@@ -338,7 +345,7 @@ class OuterLoop:
             return
         self.inner_durations_ms.append(int(result.metrics.seconds * 1000))
         codec = CODECS[settings["codec"]]
-        artifact = await asyncio.to_thread(store_artifact, self.store, result.delta, codec)
+        artifact = await asyncio.to_thread(store_artifact, self.store, result.delta, codec, self.chunking)
         self.availability.add_held(artifact)
         update = UpdateRecord(
             round=base.round + 1, base=base.id, artifact=artifact, codec=settings["codec"],
@@ -525,8 +532,8 @@ class OuterLoop:
         result = await asyncio.to_thread(merge, weights, momentum, inputs, rule)
         if result is None:
             return None
-        weights_id = await asyncio.to_thread(store_artifact, self.store, result.weights)
-        momentum_id = await asyncio.to_thread(store_artifact, self.store, result.momentum)
+        weights_id = await asyncio.to_thread(store_artifact, self.store, result.weights, FP32, self.chunking)
+        momentum_id = await asyncio.to_thread(store_artifact, self.store, result.momentum, FP32, self.chunking)
         included = [records[i] for i in result.included]
         samples = sum(u.samples for u in included)
         tokens = sum(u.tokens for u in included)

@@ -22,6 +22,7 @@ from node.availability import Availability
 from node.gossip import Gossip
 from node.logs import get_logger
 from node.store import ContentStore, fsync_dir, write_atomic
+from protocol.chunking import Chunking, FixedChunking
 from protocol.codecs import BF16, FP32, INT8
 from protocol.heads import HeadRecord
 from protocol.records import Record
@@ -72,8 +73,10 @@ class Distribution:
         publish: tuple[str, ...],
         export_dir: str,
         export_variant: str,
+        chunking: Chunking = FixedChunking(),
     ) -> None:
         self._gossip = gossip
+        self.chunking = chunking
         self._peer_id = peer_id
         self._store = store
         self._availability = availability
@@ -103,7 +106,7 @@ class Distribution:
     async def on_adopted(self, head: HeadRecord, weights: Mapping[str, torch.Tensor]) -> None:
         """Derive and announce configured variants of ``head``, then refresh the export."""
         for variant in self._publish:
-            manifest = await asyncio.to_thread(store_artifact, self._store, weights, VARIANT_CODECS[variant])
+            manifest = await asyncio.to_thread(store_artifact, self._store, weights, VARIANT_CODECS[variant], self.chunking)
             self._pinned = [*self._pinned, manifest][-PINNED_VARIANTS:]
             await asyncio.to_thread(self._store.pin, "variants", self._pinned)
             self._availability.add_held(manifest)
@@ -118,7 +121,7 @@ class Distribution:
         assert self._export_dir is not None
         variant = self._export_variant
         manifest = head.weights if variant == "fp32" else await asyncio.to_thread(
-            store_artifact, self._store, weights, VARIANT_CODECS[variant]
+            store_artifact, self._store, weights, VARIANT_CODECS[variant], self.chunking
         )
         directory = self._export_dir
         directory.mkdir(parents=True, exist_ok=True)

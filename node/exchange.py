@@ -346,6 +346,7 @@ class Exchange:
     async def _fetch(self, manifest_id: str, hints: tuple[str, ...]) -> Manifest:
         progress = FetchProgress(manifest_id)
         self.fetches[manifest_id] = progress
+        self._prune_finished()
         self.availability.set_fetching(manifest_id, True)
         if self._journal is not None:
             await asyncio.to_thread(self._journal.add, manifest_id)
@@ -385,6 +386,12 @@ class Exchange:
         finally:
             progress.finished = time.monotonic()
             self.availability.set_fetching(manifest_id, False)
+
+    def _prune_finished(self, keep: int = 64) -> None:
+        """Forget the oldest finished fetches beyond ``keep``: a long-running peer fetches every head."""
+        finished = [m for m, p in self.fetches.items() if p.state in ("done", "failed", "cancelled")]
+        for manifest_id in finished[: max(len(finished) - keep, 0)]:
+            del self.fetches[manifest_id]
 
     async def _settle_journal(self, manifest_id: str) -> None:
         if self._journal is not None:
