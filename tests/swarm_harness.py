@@ -226,3 +226,9 @@ def shared_swarm(name: str, make: Callable[[], Swarm]) -> Swarm:
     if swarm is None or any(p.process is None or p.process.poll() is not None for p in swarm.peers):
         swarm = _shared[name] = make()
     return swarm
+
+
+def stop_shared_swarms(keep: tuple[str, ...] = ()) -> None:
+    """Stop every shared swarm not named in ``keep``: idle swarms would train on and slow later tests."""
+    for name in [n for n in _shared if n not in keep]:
+        _shared.pop(name).stop_all()

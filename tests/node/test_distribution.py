@@ -102,11 +102,13 @@ def download(peer: Peer, path: str, target: Path) -> int:
         return int(exc.code)
 
 
-@pytest.fixture(scope="session")
+SHARED_SWARMS = ("distribution",)
+
+
+@pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     swarm = distribution_swarm(tmp_path_factory)
-    yield swarm
-    swarm.stop_all()
+    yield swarm  # stopped by tests/node/conftest.py once no following module shares it
 
 
 def test_consumer_export_follows_new_heads_and_fetches_only_changed_chunks(swarm: Swarm, tmp_path: Path) -> None:

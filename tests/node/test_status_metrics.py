@@ -150,11 +150,13 @@ def test_fetch_durations_count_each_ended_fetch_once() -> None:
 # ---------------------------------------------------------------- a training daemon
 
 
-@pytest.fixture(scope="session")
+SHARED_SWARMS = ("operator-surfaces",)
+
+
+@pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     swarm = shared_swarm("operator-surfaces", lambda: training_swarm(tmp_path_factory.mktemp("ops"), 2, 4))
-    yield swarm
-    swarm.stop_all()
+    yield swarm  # stopped by tests/node/conftest.py once no following module shares it
 
 
 @pytest.mark.slow

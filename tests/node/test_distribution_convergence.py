@@ -27,11 +27,13 @@ UNKNOWN_HEAD = "b3:" + "0" * 64
 SLOW_FETCHES = '\n[exchange]\nstreams_per_provider = 1\nbatch_bytes = 4096\n'
 
 
-@pytest.fixture(scope="session")
+SHARED_SWARMS = ("distribution",)
+
+
+@pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     swarm = distribution_swarm(tmp_path_factory)
-    yield swarm
-    swarm.stop_all()
+    yield swarm  # stopped by tests/node/conftest.py once no following module shares it
 
 
 def test_late_consumer_is_reported_lagging_then_converged(swarm: Swarm) -> None:

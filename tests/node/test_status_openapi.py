@@ -69,11 +69,13 @@ def test_the_document_is_valid_openapi_3_1() -> None:
 # ---------------------------------------------------------------- a running daemon against it
 
 
-@pytest.fixture(scope="session")
+SHARED_SWARMS = ("operator-surfaces",)
+
+
+@pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     swarm = shared_swarm("operator-surfaces", lambda: training_swarm(tmp_path_factory.mktemp("ops"), 2, 4))
-    yield swarm
-    swarm.stop_all()
+    yield swarm  # stopped by tests/node/conftest.py once no following module shares it
 
 
 def call(url: str, method: str = "GET") -> tuple[int, str, bytes]:
