@@ -61,6 +61,18 @@ def _multiaddrs(values: tuple[str, ...]) -> str | None:
     return None
 
 
+def _dialable(values: tuple[str, ...]) -> str | None:
+    # libp2p's noise handshake checks the remote's identity, so a dial needs the peer id.
+    problem = _multiaddrs(values)
+    if problem is not None:
+        return problem
+    for value in values:
+        _, sep, peer = value.rpartition("/p2p/")
+        if not sep or _peer_ids((peer,)) is not None:
+            return f"{describe(value)} must end in /p2p/<peer id> (p2p-node keygen prints a peer's id)"
+    return None
+
+
 def _peer_ids(values: tuple[str, ...]) -> str | None:
     for value in values:
         try:
@@ -116,7 +128,7 @@ class SwarmSection:
     bootstrap: tuple[str, ...] = setting(
         (),
         "Multiaddrs (ending in /p2p/<peer id>) dialled at start to join the swarm.",
-        check=_multiaddrs,
+        check=_dialable,
     )
     members: tuple[str, ...] = setting(
         (),

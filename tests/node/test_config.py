@@ -50,12 +50,25 @@ def test_every_shipped_config_loads(path: Path) -> None:
     load_config(str(path), environ={})
 
 
-def test_local_swarm_peers_do_not_collide() -> None:
-    peers = [load_config(str(CONFIGS / "local-swarm" / f"peer{n}.toml"), environ={}) for n in (1, 2, 3)]
+def test_local_swarm_configs_do_not_collide_and_bootstrap_from_peer_one(tmp_path: Path) -> None:
+    from node.keys import load_or_create_key
+    from node.local_swarm import write_peer_configs
+
+    paths = write_peer_configs(3, tmp_path, base_port=4101, status_port=8471)
+    peers = [load_config(str(path), environ={}) for path in paths]
+    first = load_or_create_key(tmp_path / "peer1").peer_id
     assert [p.network.listen for p in peers] == [(f"/ip4/127.0.0.1/tcp/410{n}",) for n in (1, 2, 3)]
     assert [p.status.port for p in peers] == [8471, 8472, 8473]
     assert len({p.node.data_dir for p in peers}) == 3
-    assert peers[1].swarm.bootstrap == peers[2].swarm.bootstrap == ("/ip4/127.0.0.1/tcp/4101",)
+    assert peers[0].swarm.bootstrap == ()
+    assert peers[1].swarm.bootstrap == peers[2].swarm.bootstrap == (f"/ip4/127.0.0.1/tcp/4101/p2p/{first}",)
+
+
+def test_a_bootstrap_address_without_a_peer_id_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[swarm]\nbootstrap = ["/ip4/127.0.0.1/tcp/4101"]\n')
+    with pytest.raises(ConfigError) as error:
+        load_config(path, environ={})
+    assert "swarm.bootstrap" in str(error.value) and "/p2p/" in str(error.value)
 
 
 def test_a_file_sets_what_it_names_and_leaves_the_rest(tmp_path: Path) -> None:
@@ -121,7 +134,7 @@ def test_environment_and_set_override_with_cli_winning(tmp_path: Path) -> None:
     environ = {
         "P2P_NODE_STATUS_PORT": "9002",
         "P2P_NODE_NETWORK_MDNS": "true",
-        "P2P_NODE_SWARM_BOOTSTRAP": "/ip4/10.0.0.1/tcp/4001, /dns4/boot/tcp/4001",
+        "P2P_NODE_SWARM_BOOTSTRAP": f"/ip4/10.0.0.1/tcp/4001/p2p/{PEER_ID}, /dns4/boot/tcp/4001/p2p/{PEER_ID}",
         "P2P_NODE_STATUS_TOKEN": "from-env",
         "HOME": "/root",  # unrelated variables are ignored
         "P2P_NODE_CONFIG": "/etc/p2p-node.toml",  # read by the CLI, not a key
@@ -129,7 +142,7 @@ def test_environment_and_set_override_with_cli_winning(tmp_path: Path) -> None:
     config = load_config(path, environ=environ)
     assert config.status.port == 9002
     assert config.network.mdns is True
-    assert config.swarm.bootstrap == ("/ip4/10.0.0.1/tcp/4001", "/dns4/boot/tcp/4001")
+    assert config.swarm.bootstrap == (f"/ip4/10.0.0.1/tcp/4001/p2p/{PEER_ID}", f"/dns4/boot/tcp/4001/p2p/{PEER_ID}")
     assert config.status.token == "from-env"
     # The token never reaches logs or a printed config.
     assert "from-env" not in repr(config) and "from-env" not in render_starter_config(config)
