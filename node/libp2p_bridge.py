@@ -178,6 +178,9 @@ class Libp2pBridge:
         """Start the trio thread and wait until the host listens; raise BridgeError if it cannot."""
         self._loop = asyncio.get_running_loop()
         self.done = self._loop.create_future()
+        # The daemon watches ``done``; after a shutdown nobody does, and an error the trio run
+        # raised while stopping must not surface as "Future exception was never retrieved".
+        self.done.add_done_callback(_retrieve)
         ready: asyncio.Future[None] = self._loop.create_future()
         self._thread = threading.Thread(
             target=self._thread_main, args=(ready,), name="libp2p-trio", daemon=True
@@ -482,6 +485,11 @@ class Libp2pBridge:
             self._host.new_stream, ID.from_base58(peer_id), [TProtocol(protocol)], timeout=timeout
         )
         return FramedStream(self, stream, peer_id)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("libp2p run ended with %r", future.exception())
 
 
 def _run_sync_soon_quietly(token: trio.lowlevel.TrioToken, fn: Callable[[], None]) -> None:

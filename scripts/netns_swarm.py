@@ -484,6 +484,7 @@ def plan_swarm(
     subnet: str = DEFAULT_SUBNET,
     base_env: Mapping[str, str] | None = None,
     dns: bool = False,
+    sets: Mapping[str, str] | None = None,
 ) -> list[PeerPlan]:
     """What `up` runs for each service; loads each config the way the peer will (a check in itself).
 
@@ -502,6 +503,7 @@ def plan_swarm(
         volume_dirs = {volume: peer_dir / "volumes" / volume for volume in service.volumes}
         container_config = load_config(str(service.config_file), environ=service.environment)
         overrides = translations(service, container_config, {} if dns else addresses, volume_dirs)
+        overrides.update(sets or {})  # applied to every service, like an edit to every config
         command = list(service.command)
         command[command.index(service.config_target)] = str(service.config_file)
         for dotted, value in sorted(overrides.items()):
@@ -649,7 +651,8 @@ class Swarm:
             "import json, urllib.request as u\n"
             f"s = json.load(u.urlopen({base + '/status'!r}, timeout=2))\n"
             f"p = json.load(u.urlopen({base + '/peers'!r}, timeout=2))\n"
-            "print(json.dumps({'status': s, 'peers': p['peers']}))\n"
+            f"c = json.load(u.urlopen({base + '/chain?limit=200'!r}, timeout=2))\n"
+            "print(json.dumps({'status': s, 'peers': p['peers'], 'chain': c['chain']}))\n"
         )
         try:
             result = subprocess.run(
@@ -741,6 +744,8 @@ class PeerReport:
     connected: int = 0
     alive_ids: frozenset[str] = frozenset()
     sees_all: bool = False
+    head_round: int = 0
+    chain: dict[int, str] = field(default_factory=dict)  # round -> canonical head id
 
 
 @dataclass
@@ -752,12 +757,12 @@ class Result:
 
     def summary(self) -> str:
         width = max(len(p.service) for p in self.peers) if self.peers else 8
-        lines = [f"{'service':<{width}}  {'address':<15}  {'peer id':<14}  live  conn  sees all"]
+        lines = [f"{'service':<{width}}  {'address':<15}  {'peer id':<14}  live  conn  sees all  head round"]
         for p in self.peers:
             pid = f"...{p.peer_id[-10:]}" if p.peer_id else "(no answer)"
             lines.append(
                 f"{p.service:<{width}}  {p.address:<15}  {pid:<14}  {p.live:>4}  {p.connected:>4}  "
-                f"{'yes' if p.sees_all else 'no'}"
+                f"{'yes' if p.sees_all else 'no':<8}  {p.head_round:>10}"
             )
         verdict = "converged" if self.converged else f"NOT converged: {self.problem}"
         lines.append(f"{len(self.peers)} peers, {verdict} after {self.seconds:.1f} s")
@@ -781,6 +786,8 @@ def poll(swarm: Swarm) -> list[PeerReport]:
             report.alive_ids = frozenset(row["peer_id"] for row in answer["peers"] if row.get("alive"))
             others = {pid for other, pid in ids.items() if other != name}
             report.sees_all = len(ids) == len(swarm.plans) and None not in others and others <= report.alive_ids
+            report.head_round = int((status.get("training") or {}).get("head_round") or 0)
+            report.chain = {int(h["round"]): str(h["id"]) for h in answer.get("chain", [])}
         reports.append(report)
     return reports
 
@@ -793,7 +800,17 @@ def _parallel_queries(swarm: Swarm) -> dict[str, dict[str, Any] | None]:
     return {plan.service.name: answer for plan, answer in zip(swarm.plans, answers)}
 
 
-def wait_converged(swarm: Swarm, timeout: float, interval: float = 0.5) -> Result:
+def trained_and_agree(reports: list[PeerReport], min_round: int) -> bool:
+    """Every peer has adopted a head of round ``min_round`` or later, and all name the same head there."""
+    if min_round <= 0:
+        return True
+    if not all(r.head_round >= min_round for r in reports):
+        return False
+    heads = {r.chain.get(min_round) for r in reports}
+    return len(heads) == 1 and None not in heads
+
+
+def wait_converged(swarm: Swarm, timeout: float, interval: float = 0.5, min_round: int = 0) -> Result:
     started = time.monotonic()
     reports: list[PeerReport] = []
     while True:
@@ -804,10 +821,12 @@ def wait_converged(swarm: Swarm, timeout: float, interval: float = 0.5) -> Resul
             return Result(False, time.monotonic() - started, reports or poll(swarm),
                           f"{name} exited with status {code}; its log ends:\n{tail}")
         reports = poll(swarm)
-        if reports and all(r.sees_all for r in reports):
+        if reports and all(r.sees_all for r in reports) and trained_and_agree(reports, min_round):
             return Result(True, time.monotonic() - started, reports)
         if time.monotonic() - started > timeout:
-            lagging = ", ".join(r.service for r in reports if not r.sees_all)
+            lagging = ", ".join(
+                r.service for r in reports if not r.sees_all or r.head_round < min_round
+            ) or f"heads of round {min_round} differ"
             return Result(False, time.monotonic() - started, reports, f"timed out after {timeout:.0f} s ({lagging})")
         time.sleep(interval)
 
@@ -826,6 +845,8 @@ def run_swarm(
     keep: bool = False,
     dns: bool = False,
     out: Any = None,
+    min_round: int = 2,
+    sets: Mapping[str, str] | None = None,
 ) -> Result:
     """Build the namespaces, start every service, wait for convergence; with ``check`` tear down
     right after, otherwise stay up until Ctrl-C/SIGTERM. Always tears down before returning."""
@@ -838,7 +859,7 @@ def run_swarm(
     run_id = str(os.getpid())
     services = compose_services(compose_file)
     root = Path(tempfile.mkdtemp(prefix="p2pns-")) if workdir is None else workdir
-    plans = plan_swarm(services, run_id, root, subnet, dns=dns)
+    plans = plan_swarm(services, run_id, root, subnet, dns=dns, sets=sets)
     swarm = Swarm(plans, hub=f"{NS_PREFIX}{run_id}-hub", workdir=root, keep_workdir=keep or workdir is not None,
                   rate=rate, subnet=subnet, dns=dns)
 
@@ -852,7 +873,7 @@ def run_swarm(
             swarm.start_dns()
         swarm.start_peers()
         print(f"started {len(plans)} peers from {compose_file.name} (logs in {root})", file=out, flush=True)
-        result = wait_converged(swarm, timeout)
+        result = wait_converged(swarm, timeout, min_round=min_round)
         print(result.summary(), file=out, flush=True)
         if not check and result.converged:
             print("up; Ctrl-C tears it down. Inspect a peer with e.g.", file=out)
@@ -939,7 +960,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="start the compose services in namespaces")
     up.add_argument("--check", action="store_true", help="tear down as soon as it converged; exit 0 or 1")
-    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for convergence")
+    up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for convergence")
+    up.add_argument("--min-round", type=int, default=2,
+                    help="converged also means every peer adopted the same head of this round (0: membership only)")
+    up.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config key on every peer, e.g. workload.name=tiny")
     up.add_argument("--rate", help="shape every link with tc tbf at this rate, e.g. 100mbit")
     up.add_argument("--subnet", default=DEFAULT_SUBNET, help="private test subnet for the namespaces")
     up.add_argument("--workdir", type=Path, help="keep peer data and logs here (kept afterwards)")
@@ -971,8 +996,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "down":
         return down()
     try:
+        sets = dict(item.split("=", 1) for item in args.set if "=" in item)
         result = run_swarm(args.compose_file, check=args.check, timeout=args.timeout, rate=args.rate,
-                           subnet=args.subnet, workdir=args.workdir, keep=args.keep, dns=args.dns)
+                           subnet=args.subnet, workdir=args.workdir, keep=args.keep, dns=args.dns,
+                           min_round=args.min_round, sets=sets)
     except NetnsUnavailable as exc:
         print(f"netns_swarm: {exc}", file=sys.stderr)
         return 2

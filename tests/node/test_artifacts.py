@@ -115,13 +115,17 @@ def test_similar_models_share_most_chunks(tmp_path: Path) -> None:
     # What delta distribution relies on: a peer with one head fetches only what changed.
     store = ContentStore(tmp_path)
     chunking = ContentDefinedChunking(1024, 4096, 16384)
-    first = {f"layer{i}": torch.randn(4096) for i in range(16)}
+    generator = torch.Generator().manual_seed(7)
+    first = {f"layer{i}": torch.randn(4096, generator=generator) for i in range(16)}
     store_artifact(store, first, chunking=chunking)
     second = dict(first)
-    second["layer7"] = torch.randn(4096)
+    second["layer7"] = torch.randn(4096, generator=generator)
     artifact = encode_state_dict(second, chunking=chunking)
     missing = store.missing(c.cid for c in artifact.manifest.chunks)
-    assert 0 < len(missing) <= len(artifact.manifest.chunks) // 8
+    # One of 16 equal layers changed: its own chunks plus at most the boundary chunks on either side.
+    changed_bytes = sum(c.size for c in artifact.manifest.chunks if c.cid in set(missing))
+    assert 0 < len(missing) <= len(artifact.manifest.chunks) // 4
+    assert changed_bytes <= 3 * 16384
 
 
 @pytest.mark.parametrize("codec", [FP32, BF16, INT8])

@@ -68,7 +68,11 @@ def test_compose_topology_converges_in_namespaces_and_is_torn_down(
     before = _namespaces()
     out = io.StringIO()
     workdir = tmp_path / "swarm"
-    result = netns_swarm.run_swarm(check=True, timeout=45, rate=rate, dns=dns, workdir=workdir, out=out)
+    # The tiny workload keeps five peers on two cores quick; the compose configs train charlm.
+    result = netns_swarm.run_swarm(
+        check=True, timeout=120, rate=rate, dns=dns, workdir=workdir, out=out, min_round=2,
+        sets={"workload.name": "tiny", "training.inner_steps": "10"},
+    )
     print(out.getvalue())
 
     assert result.converged, f"{result.problem}\n{out.getvalue()}"
@@ -78,6 +82,8 @@ def test_compose_topology_converges_in_namespaces_and_is_torn_down(
     for report in result.peers:
         assert report.sees_all and report.live >= 4, report
         assert set(ids) - {report.peer_id} <= report.alive_ids, report
+        # They trained and converged: every peer, consumers included, holds the same round-2 head.
+        assert report.head_round >= 2 and report.chain[2] == result.peers[0].chain[2], report
     # The bootstrap peer runs with the compose demo identity the other configs dial.
     demo = read_key(REPO / "configs" / "compose" / "bootstrap.key").peer_id
     assert result.peers[0].peer_id == demo
@@ -100,7 +106,7 @@ def test_compose_topology_converges_in_namespaces_and_is_torn_down(
 
 def test_ctrl_c_tears_everything_down() -> None:
     process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "up", "--timeout", "60"],
+        [sys.executable, str(SCRIPT), "up", "--timeout", "60", "--set", "workload.name=tiny"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     prefix = f"{netns_swarm.NS_PREFIX}{process.pid}-"
