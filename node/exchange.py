@@ -34,7 +34,7 @@ log = get_logger("exchange")
 class ExchangeSettings:
     request_timeout_s: float = 10.0
     streams_per_provider: int = 2
-    batch_bytes: int = 4 * 1024 * 1024
+    batch_bytes: int = 16 * 1024 * 1024
     max_streams_per_peer: int = 8
     max_bytes_in_flight: int = 256 * 1024 * 1024
     stall_timeout_s: float = 60.0
@@ -117,7 +117,7 @@ class ChunkServer:
         self._settings = settings
         self._stats = stats
         self._streams: Counter[str] = Counter()
-        self._budget = asyncio.Semaphore(max(1, settings.max_bytes_in_flight // wire.MAX_ITEM_BYTES))
+        self._budget = asyncio.Semaphore(max(1, settings.max_bytes_in_flight // (2 * wire.MAX_ITEM_BYTES)))
 
     async def handle(self, stream: FramedStream) -> None:
         peer = stream.peer_id
@@ -143,18 +143,31 @@ class ChunkServer:
                 if isinstance(request, HaveRequest):
                     await stream.write_frame(await self._have(request), timeout=self._settings.request_timeout_s)
                 else:
-                    for content_id in request.ids:
-                        async with self._budget:
-                            item = Item(content_id, await asyncio.to_thread(self._read, request.kind, content_id))
-                            payload = item.encode()
-                            await stream.write_frame(payload, timeout=self._settings.request_timeout_s)
-                        if item.data is not None:
-                            self._stats.bytes_out += len(item.data)
-                            self._stats.chunks_out += 1
+                    await self._serve_items(stream, request.kind, request.ids)
         finally:
             self._streams[peer] -= 1
             if not self._streams[peer]:
                 del self._streams[peer]
+
+    async def _serve_items(self, stream: FramedStream, kind: str, ids: tuple[str, ...]) -> None:
+        """Answer each id in order, reading the next item from disk while the current one is sent."""
+        async with self._budget:
+            upcoming = asyncio.ensure_future(asyncio.to_thread(self._encoded, kind, ids[0]))
+            try:
+                for index in range(len(ids)):
+                    payload, size = await upcoming
+                    if index + 1 < len(ids):
+                        upcoming = asyncio.ensure_future(asyncio.to_thread(self._encoded, kind, ids[index + 1]))
+                    await stream.write_frame(payload, timeout=self._settings.request_timeout_s)
+                    if size:
+                        self._stats.bytes_out += size
+                        self._stats.chunks_out += 1
+            finally:
+                upcoming.cancel()
+
+    def _encoded(self, kind: str, content_id: str) -> tuple[bytes, int]:
+        data = self._read(kind, content_id)
+        return Item(content_id, data).encode(), len(data) if data is not None else 0
 
     def _read(self, kind: str, content_id: str) -> bytes | None:
         if kind == "chunk":
@@ -532,6 +545,8 @@ class Exchange:
     async def _request(self, run: _FetchRun, stream: FramedStream, peer: str, batch: list[str]) -> None:
         timeout = self.settings.request_timeout_s
         remaining = list(batch)
+        # Chunks are verified and written in worker threads while the next ones are read.
+        storing: list[tuple[str, asyncio.Future[str]]] = []
         try:
             async with asyncio.timeout(timeout):
                 await stream.write_frame(GetRequest("chunk", tuple(batch)).encode(), timeout)
@@ -550,16 +565,9 @@ class Exchange:
                     self.stats.bytes_in += len(item.data)
                     self.stats.chunks_in += 1
                     run.progress.fetched_bytes += len(item.data)
-                    try:
-                        await asyncio.to_thread(self.store.put, item.data, cid)
-                    except Invalid:
-                        self.stats.rejected_chunks_by_peer[peer] += 1
-                        run.settle(cid, stored=False)
-                        log.warning("corrupt_chunk", peer=peer, chunk=cid, manifest=run.manifest.artifact_id)
-                        raise _Drop("served a chunk whose hash does not match", ban=True) from None
-                    self.stats.chunks_verified += 1
-                    run.settle(cid, stored=True)
+                    storing.append((cid, asyncio.ensure_future(asyncio.to_thread(self.store.put, item.data, cid))))
         except TimeoutError:
+            await self._settle_stored(run, peer, storing)
             self.stats.timeouts_by_peer[peer] += 1
             for cid in remaining:
                 run.settle(cid, stored=False)
@@ -570,6 +578,7 @@ class Exchange:
                 pass
             raise _Drop(f"no answer within {timeout:.0f} s") from None
         except (BridgeError, Invalid) as exc:
+            await self._settle_stored(run, peer, storing)
             for cid in remaining:
                 run.settle(cid, stored=False)
             # A malformed or out-of-order answer is a broken peer; a refusal ("busy") is not.
@@ -578,6 +587,25 @@ class Exchange:
         finally:
             for cid in remaining:
                 run.inflight.discard(cid)
+        if not await self._settle_stored(run, peer, storing):
+            raise _Drop("served a chunk whose hash does not match", ban=True)
+
+    async def _settle_stored(self, run: _FetchRun, peer: str, storing: list[tuple[str, asyncio.Future[str]]]) -> bool:
+        """Wait for the chunks being written; False if any failed its hash (the peer lied)."""
+        honest = True
+        for cid, writing in storing:
+            try:
+                await asyncio.shield(writing)
+            except Invalid:
+                honest = False
+                self.stats.rejected_chunks_by_peer[peer] += 1
+                run.settle(cid, stored=False)
+                log.warning("corrupt_chunk", peer=peer, chunk=cid, manifest=run.manifest.artifact_id)
+                continue
+            self.stats.chunks_verified += 1
+            run.settle(cid, stored=True)
+        storing.clear()
+        return honest
 
     def _drop(self, run: _FetchRun, peer: str, reason: str, ban: bool = False) -> None:
         if peer not in run.dropped:

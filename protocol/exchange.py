@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
+
 from protocol import canonical
 from protocol.cid import is_content_id
 from protocol.errors import Invalid
@@ -22,7 +24,6 @@ MAX_ITEM_BYTES = 16 * 1024 * 1024 + 1024
 CONTENT_KINDS = frozenset({"chunk", "manifest", "record"})
 
 _REQUEST_LIMITS = canonical.Limits(max_size=MAX_REQUEST_BYTES, max_array_len=MAX_IDS_PER_REQUEST)
-_ITEM_LIMITS = canonical.Limits(max_size=MAX_ITEM_BYTES, max_bin_len=MAX_ITEM_BYTES, max_array_len=4)
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,26 @@ class Item:
     data: bytes | None
 
     def encode(self) -> bytes:
-        return canonical.encode([self.id, self.data])
+        # Byte-for-byte the canonical form of [str, bytes|nil], without re-walking a megabyte payload.
+        return msgpack.packb([self.id, self.data], use_bin_type=True)
 
 
 def decode_item(data: bytes, expected_id: str) -> Item:
-    """Parse an item frame and check it answers ``expected_id`` (the hash is checked by the caller)."""
-    value = canonical.decode(data, _ITEM_LIMITS)
+    """Parse an item frame and check it answers ``expected_id`` (the hash is checked by the caller).
+
+    Items are not content-addressed (their payload is, and is verified against its id), so
+    unlike records they are not re-encoded to check canonical form: that would copy every
+    chunk once more on the hot path.
+    """
+    if len(data) > MAX_ITEM_BYTES:
+        raise Invalid("oversized", f"{len(data)} bytes")
+    try:
+        value = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, max_bin_len=MAX_ITEM_BYTES, max_str_len=MAX_REQUEST_BYTES,
+            max_array_len=4, max_map_len=4, max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several types on garbage; all mean "malformed"
+        raise Invalid("malformed", type(exc).__name__) from None
     refused = is_error(value)
     if refused is not None:
         raise Invalid("refused", refused[:80])
