@@ -315,7 +315,6 @@ class OuterLoop:
         self, base: HeadRecord, epoch: int, shards: list[str], weights: dict[str, torch.Tensor]
     ) -> None:
         assert self.source is not None and self.leasing is not None
-        cfg = self.config.training
         self.view.phase = "training"
         try:
             data = await self.source.bytes_of(shards)

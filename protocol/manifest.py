@@ -17,7 +17,7 @@ import numpy as np
 from protocol import canonical
 from protocol.chunking import Chunking, chunking_from_wire, split
 from protocol.cid import content_id, is_content_id
-from protocol.codecs import DTYPES, NUMPY_DTYPES, RAW, Codec, codec_from_wire
+from protocol.codecs import DTYPES, RAW, Codec, codec_from_wire
 from protocol.errors import Invalid
 
 KIND = "artifact"

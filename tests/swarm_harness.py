@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import signal
@@ -11,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,3 +234,20 @@ def stop_shared_swarms(keep: tuple[str, ...] = ()) -> None:
     """Stop every shared swarm not named in ``keep``: idle swarms would train on and slow later tests."""
     for name in [n for n in _shared if n not in keep]:
         _shared.pop(name).stop_all()
+
+
+@contextlib.contextmanager
+def logs_on_failure(swarm: Swarm) -> Iterator[None]:
+    """On any failure inside the block, print every peer's status and log tail before re-raising."""
+    try:
+        yield
+    except BaseException:
+        for peer in swarm.peers:
+            print(f"===== {peer.name} ({peer.peer_id}) status: {peer.get('/status')}")
+        print(swarm.logs())
+        raise
+
+
+def training(peer: Peer) -> dict[str, Any]:
+    """The ``training`` section of a peer's /status (empty while it does not answer)."""
+    return (peer.get("/status") or {}).get("training") or {}

@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ from protocol.heads import HeadRecord
 from protocol.identity import SigningKey
 from protocol.kinds import HEAD
 from protocol.records import sign_record
-from tests.swarm_harness import Peer, Swarm, wait_until
+from tests.swarm_harness import Peer, Swarm, logs_on_failure, training, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -47,16 +46,6 @@ def swarm(tmp_path):
     swarm.stop_all()
 
 
-@contextlib.contextmanager
-def logs_on_failure(swarm: Swarm) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        for peer in swarm.peers:
-            print(f"===== {peer.name} status: {peer.get('/status')}")
-        print(swarm.logs())
-        raise
-
 
 def start_peers(swarm: Swarm, count: int, training: str = "") -> list[Peer]:
     peers = [swarm.add(extra_toml=TRAINING.format(training=training)) for _ in range(count)]
@@ -66,9 +55,6 @@ def start_peers(swarm: Swarm, count: int, training: str = "") -> list[Peer]:
         peer.wait_healthy(60)
     return peers
 
-
-def training(peer: Peer) -> dict[str, Any]:
-    return (peer.get("/status") or {}).get("training") or {}
 
 
 def head_record(peer: Peer, head_id: str) -> HeadRecord:

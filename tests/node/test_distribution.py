@@ -8,7 +8,6 @@ one chunk of its weights.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import urllib.error
 import urllib.request
@@ -21,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.swarm_harness import ONE_THREAD, Peer, Swarm, shared_swarm, wait_until
+from tests.swarm_harness import ONE_THREAD, Peer, Swarm, logs_on_failure, shared_swarm, training, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -77,19 +76,6 @@ def consumer_toml(**training: Any) -> str:
     return WORKLOAD.format(training="\n".join(lines))
 
 
-@contextlib.contextmanager
-def logs_on_failure(swarm: Swarm) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        for peer in swarm.peers:
-            print(f"===== {peer.name} ({peer.peer_id}) status: {peer.get('/status')}")
-        print(swarm.logs())
-        raise
-
-
-def training(peer: Peer) -> dict[str, Any]:
-    return (peer.get("/status") or {}).get("training") or {}
 
 
 def download(peer: Peer, path: str, target: Path) -> int:

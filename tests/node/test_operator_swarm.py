@@ -7,7 +7,6 @@ every peer has a status token, so the mutating routes are open to the test.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from protocol.control import RollbackRecord
 from protocol.identity import SigningKey
 from protocol.kinds import ROLLBACK
 from protocol.records import sign_record
-from tests.swarm_harness import ONE_THREAD, REPO, Peer, Swarm, wait_until
+from tests.swarm_harness import ONE_THREAD, Peer, REPO, Swarm, logs_on_failure, training, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -60,19 +59,6 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
         swarm.stop_all()
 
 
-@contextlib.contextmanager
-def logs_on_failure(swarm: Swarm) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        for peer in swarm.peers:
-            print(f"===== {peer.name} ({peer.peer_id}) status: {peer.get('/status')}")
-        print(swarm.logs())
-        raise
-
-
-def training(peer: Peer) -> dict[str, Any]:
-    return (peer.get("/status") or {}).get("training") or {}
 
 
 def record(peer: Peer, head_id: str) -> dict[str, Any]:
