@@ -182,14 +182,25 @@ class NodeMetrics:
         outer = self.node.outer
         heads = outer.heads if outer is not None else None
         head = heads.canonical() if heads is not None else None
-        losses = list(heads.eval.get(head.id, {}).values()) if heads is not None and head is not None else []
+        # The newest head on the canonical chain that someone has evaluated: a head just adopted
+        # is evaluated a moment later, and the gauge should not blink out meanwhile.
+        losses: list[float] = []
+        evaluated_round = None
+        if heads is not None and head is not None:
+            for ancestor in heads.index.ancestors(head.id):
+                losses = list(heads.eval.get(ancestor.id, {}).values())
+                if losses:
+                    evaluated_round = ancestor.round
+                    break
         out.gauge("round", "The round this peer is working on.", outer.view.round if outer else None)
         out.gauge("head_round", "Round of the canonical head.", head.round if head else None)
         out.gauge("epoch", "Epoch of the canonical head.", head.epoch if head else None)
         out.gauge(
-            "validation_loss", "Validation loss of the canonical head (mean over the peers that evaluated it).",
+            "validation_loss",
+            "Validation loss of the newest evaluated head of the canonical chain (mean over the peers that evaluated it).",
             sum(losses) / len(losses) if losses else None,
         )
+        out.gauge("validation_loss_round", "Round of the head validation_loss was measured on.", evaluated_round)
         out.family(
             "samples_total", "counter", "Samples merged into the canonical chain.",
             [({}, head.samples_total)] if head else [],
