@@ -127,16 +127,19 @@ def materialise_safetensors(store: ContentStore, manifest_id: str, path: str | o
     int8-coded float32 tensor is written as its dequantised float32 values); the file's
     metadata names the artifact id.
     """
-    target = Path(path)
-    tensors = load_artifact(store, manifest_id)
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=target.parent)
+    save_safetensors(load_artifact(store, manifest_id), Path(path), {"artifact": manifest_id})
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write ``tensors`` as a .safetensors file atomically (temp file, fsync, rename, fsync the folder)."""
+    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
     os.close(fd)
     try:
-        safetensors.torch.save_file(tensors, temp, metadata={"artifact": manifest_id})
+        safetensors.torch.save_file(dict(tensors), temp, metadata=metadata)
         with open(temp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(temp, target)
+        os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
-    fsync_dir(target.parent)
+    fsync_dir(path.parent)

@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-import safetensors.torch
 import torch
 
-from node.artifacts import load_artifact, materialise_safetensors, store_artifact
+from node.artifacts import load_artifact, materialise_safetensors, save_safetensors, store_artifact
 from node.availability import Availability
 from node.gossip import Gossip
 from node.logs import get_logger
-from node.store import ContentStore, fsync_dir, write_atomic
+from node.store import ContentStore, write_atomic
 from protocol.chunking import Chunking, FixedChunking
 from protocol.codecs import BF16, FP32, INT8
 from protocol.heads import HeadRecord
@@ -47,17 +44,7 @@ def write_variant_safetensors(store: ContentStore, manifest_id: str, variant: st
         name: tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
         for name, tensor in load_artifact(store, manifest_id).items()
     }
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, temp, metadata={"artifact": manifest_id, "variant": variant})
-        with open(temp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    save_safetensors(tensors, path, {"artifact": manifest_id, "variant": variant})
 
 
 class Distribution:
