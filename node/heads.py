@@ -176,21 +176,23 @@ class Heads:
             return
         reason = await self.verifier(head) if self.verifier is not None else None
         if reason is not None:
-            self.rejected[reason] += 1
-            self.penalties[author] += 1
-            log.warning("head_rejected", head=head.id, author=author, reason=reason)
-            self.emit("head_rejected", head=head.id, author=author, reason=reason)
+            self._reject(head, author, reason)
             return
         async with self._lock:
             try:
                 self.index.add(head)
             except Invalid as exc:
-                self.rejected[exc.reason] += 1
-                self.penalties[author] += 1
-                log.warning("head_rejected", head=head.id, author=author, reason=exc.reason)
+                self._reject(head, author, exc.reason)
                 return
         await asyncio.to_thread(self._put_body, head)
         await self._reconsider()
+
+    def _reject(self, head: HeadRecord, author: str, reason: str) -> None:
+        """Count, penalise and report a head this peer will not adopt."""
+        self.rejected[reason] += 1
+        self.penalties[author] += 1
+        log.warning("head_rejected", head=head.id, author=author, reason=reason)
+        self.emit("head_rejected", head=head.id, author=author, reason=reason)
 
     async def _backfill(self, head: HeadRecord) -> str | None:
         """Fetch unknown ancestors' records (by id, from the swarm) into the index; the id we could not get."""

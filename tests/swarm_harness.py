@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-
+import importlib.util
 import json
 import os
 import signal
@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from node.keys import load_or_create_key
@@ -251,3 +252,15 @@ def logs_on_failure(swarm: Swarm) -> Iterator[None]:
 def training(peer: Peer) -> dict[str, Any]:
     """The ``training`` section of a peer's /status (empty while it does not answer)."""
     return (peer.get("/status") or {}).get("training") or {}
+
+
+def netns_script() -> ModuleType:
+    """scripts/netns_swarm.py as a module (it is a script, not a package), loaded once per session."""
+    if "netns_swarm" in sys.modules:
+        return sys.modules["netns_swarm"]
+    spec = importlib.util.spec_from_file_location("netns_swarm", REPO / "scripts" / "netns_swarm.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["netns_swarm"] = module  # dataclasses look their module up while being created
+    spec.loader.exec_module(module)
+    return module

@@ -8,17 +8,15 @@ the file and, where PyYAML happens to be installed, against ``yaml.safe_load``.
 from __future__ import annotations
 
 import ast
-import importlib.util
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 from node.config import Config, load_config
 from node.keys import read_key
+from tests.swarm_harness import netns_script
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
@@ -27,18 +25,7 @@ EXPECTED_SERVICES = ["bootstrap", "trainer1", "trainer2", "trainer3", "consumer"
 DNS_ADDR = re.compile(r"^/dns4/(?P<host>[a-z0-9-]+)/tcp/(?P<port>\d+)(?:/p2p/(?P<peer>\w+))?$")
 
 
-def _script() -> ModuleType:
-    if "netns_swarm" in sys.modules:
-        return sys.modules["netns_swarm"]
-    spec = importlib.util.spec_from_file_location("netns_swarm", REPO / "scripts" / "netns_swarm.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["netns_swarm"] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
-
-
-netns_swarm = _script()
+netns_swarm = netns_script()
 
 
 @pytest.fixture(scope="module")

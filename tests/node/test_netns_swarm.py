@@ -9,7 +9,6 @@ permitted in this container).
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import signal
@@ -17,11 +16,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from node.keys import read_key
+from tests.swarm_harness import netns_script
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "netns_swarm.py"
@@ -29,18 +28,7 @@ SCRIPT = REPO / "scripts" / "netns_swarm.py"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
 
-def _script() -> ModuleType:
-    if "netns_swarm" in sys.modules:
-        return sys.modules["netns_swarm"]
-    spec = importlib.util.spec_from_file_location("netns_swarm", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["netns_swarm"] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
-
-
-netns_swarm = _script()
+netns_swarm = netns_script()
 
 
 @pytest.fixture(scope="module", autouse=True)
