@@ -221,9 +221,10 @@ def run_dp(
     settings = workload.settings()
     model = workload.init_model(args.seed)
     optimizer = workload.new_inner_state(model).optimizer
-    if args.dp_lr is not None:
-        for group in optimizer.param_groups:
-            group["lr"] = args.dp_lr
+    # DP follows the same inner lr schedule as each DiLoCo worker (step t of the run has the lr
+    # of inner step t), scaled when --dp-lr asks for another peak lr.
+    lr_scale = 1.0 if args.dp_lr is None else args.dp_lr / settings["lr"]
+    step = 0
     trainable = [p for p in model.parameters() if p.requires_grad]
     n = args.workers
     per_step = 2 * (n - 1) * gradient_bytes // n  # ring all-reduce: sent, and again received, per worker
@@ -234,6 +235,9 @@ def run_dp(
         batches = dp_batches(workload, round_slices_, shard_bytes, settings["batch_size"], args.seed, r)
         for _ in range(args.H):
             batch = next(batches)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_scale * workload.lr_at(step)
+            step += 1
             loss = workload.batch_loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -278,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-dp", action="store_true", help="run DiLoCo only (no baseline, no verdict)")
+    parser.add_argument("--skip-diloco", action="store_true", help="run the data-parallel baseline only (no verdict)")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
 
@@ -308,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f" per worker per round (>= H x batch examples each); torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
 
     wall = time.perf_counter()
-    diloco = run_diloco(workload, args, slices, shard_bytes)
+    diloco = None if args.skip_diloco else run_diloco(workload, args, slices, shard_bytes)
     dp = None if args.skip_dp else run_dp(workload, args, slices, shard_bytes, gradient_bytes)
     wall = time.perf_counter() - wall
 
@@ -360,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for key, r in (("dp", dp), ("diloco", diloco)) if r is not None
         },
     }
-    if dp is not None:
+    if dp is not None and diloco is not None:
         gap = (diloco.final_loss - dp.final_loss) / dp.final_loss
         ratio = dp.bytes_total / diloco.bytes_total
         ratio_sent = dp.bytes_sent / diloco.bytes_sent

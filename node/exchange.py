@@ -10,6 +10,9 @@ serves a corrupt chunk is banned from it and penalised.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import itertools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,7 +20,7 @@ from typing import Any
 
 from node.availability import Availability
 from node.fetch_journal import FetchJournal
-from node.libp2p_bridge import BridgeError, FramedStream, Libp2pBridge
+from node.libp2p_bridge import BridgeError, FramedStream, FrameWriter, Libp2pBridge
 from node.logs import get_logger
 from node.store import ContentStore
 from protocol import exchange as wire
@@ -29,6 +32,8 @@ from protocol.manifest import Manifest, parse_manifest
 
 log = get_logger("exchange")
 
+_READ_AHEAD = 4  # chunks a server reads from disk ahead of the one it is sending
+
 
 @dataclass(frozen=True)
 class ExchangeSettings:
@@ -39,6 +44,7 @@ class ExchangeSettings:
     max_bytes_in_flight: int = 256 * 1024 * 1024
     stall_timeout_s: float = 60.0
     have_poll_s: float = 0.5
+    serve_pending_bytes: int = 4 * 1024 * 1024  # answers queued per stream ahead of the wire
 
 
 @dataclass
@@ -126,6 +132,10 @@ class ChunkServer:
             await stream.write_frame(wire.encode_error("busy"), timeout=5.0)
             return
         self._streams[peer] += 1
+        # Answers go out through a queue drained on the trio side, so the stream keeps sending
+        # while the next chunk is read from disk.
+        writer = stream.writer(self._settings.serve_pending_bytes)
+        timeout = self._settings.request_timeout_s
         try:
             while True:
                 try:
@@ -137,33 +147,40 @@ class ChunkServer:
                 except Invalid as exc:
                     self._stats.bad_requests += 1
                     log.debug("bad_request", peer=peer, reason=exc.reason)
-                    await stream.write_frame(wire.encode_error(exc.reason), timeout=5.0)
+                    await writer.send(wire.encode_error(exc.reason), timeout=5.0)
+                    await writer.drain(timeout=5.0)
                     return
                 self._stats.requests_served += 1
                 if isinstance(request, HaveRequest):
-                    await stream.write_frame(await self._have(request), timeout=self._settings.request_timeout_s)
+                    await writer.send(await self._have(request), timeout=timeout)
                 else:
-                    await self._serve_items(stream, request.kind, request.ids)
+                    await self._serve_items(writer, request.kind, request.ids)
+                await writer.drain(timeout=timeout)
         finally:
+            writer.close()
             self._streams[peer] -= 1
             if not self._streams[peer]:
                 del self._streams[peer]
 
-    async def _serve_items(self, stream: FramedStream, kind: str, ids: tuple[str, ...]) -> None:
-        """Answer each id in order, reading the next item from disk while the current one is sent."""
+    async def _serve_items(self, writer: FrameWriter, kind: str, ids: tuple[str, ...]) -> None:
+        """Answer each id in order, reading the next few items from disk while one is sent."""
         async with self._budget:
-            upcoming = asyncio.ensure_future(asyncio.to_thread(self._encoded, kind, ids[0]))
+            reads: collections.deque[asyncio.Future[tuple[bytes, int]]] = collections.deque()
+            upcoming = iter(ids)
             try:
-                for index in range(len(ids)):
-                    payload, size = await upcoming
-                    if index + 1 < len(ids):
-                        upcoming = asyncio.ensure_future(asyncio.to_thread(self._encoded, kind, ids[index + 1]))
-                    await stream.write_frame(payload, timeout=self._settings.request_timeout_s)
+                for content_id in itertools.islice(upcoming, _READ_AHEAD):
+                    reads.append(asyncio.ensure_future(asyncio.to_thread(self._encoded, kind, content_id)))
+                while reads:
+                    payload, size = await reads.popleft()
+                    for content_id in itertools.islice(upcoming, 1):
+                        reads.append(asyncio.ensure_future(asyncio.to_thread(self._encoded, kind, content_id)))
+                    await writer.send(payload, timeout=self._settings.request_timeout_s)
                     if size:
                         self._stats.bytes_out += size
                         self._stats.chunks_out += 1
             finally:
-                upcoming.cancel()
+                for read in reads:
+                    read.cancel()
 
     def _encoded(self, kind: str, content_id: str) -> tuple[bytes, int]:
         data = self._read(kind, content_id)
@@ -550,22 +567,23 @@ class Exchange:
         try:
             async with asyncio.timeout(timeout):
                 await stream.write_frame(GetRequest("chunk", tuple(batch)).encode(), timeout)
-                for cid in batch:
-                    frame = await stream.read_frame(wire.MAX_ITEM_BYTES, timeout)
-                    item = wire.decode_item(frame, cid)
-                    remaining.remove(cid)
-                    if item.data is None:
-                        held = run.has.get(peer)
-                        if held is not None:
-                            held.discard(cid)
-                        else:
-                            run.has[peer] = set(run.sizes) - {cid}
-                        run.settle(cid, stored=False)
-                        continue
-                    self.stats.bytes_in += len(item.data)
-                    self.stats.chunks_in += 1
-                    run.progress.fetched_bytes += len(item.data)
-                    storing.append((cid, asyncio.ensure_future(asyncio.to_thread(self.store.put, item.data, cid))))
+                async with contextlib.aclosing(stream.read_frames(len(batch), wire.MAX_ITEM_BYTES, timeout)) as frames:
+                    for cid in batch:
+                        item = wire.decode_item(await anext(frames), cid)
+                        remaining.remove(cid)
+                        if item.data is None:
+                            held = run.has.get(peer)
+                            if held is not None:
+                                held.discard(cid)
+                            else:
+                                run.has[peer] = set(run.sizes) - {cid}
+                            run.settle(cid, stored=False)
+                            continue
+                        self.stats.bytes_in += len(item.data)
+                        self.stats.chunks_in += 1
+                        run.progress.fetched_bytes += len(item.data)
+                        writing = asyncio.to_thread(self.store.put, item.data, cid, drop_cache=True)
+                        storing.append((cid, asyncio.ensure_future(writing)))
         except TimeoutError:
             await self._settle_stored(run, peer, storing)
             self.stats.timeouts_by_peer[peer] += 1
@@ -664,7 +682,7 @@ class Exchange:
                             continue
                         self.stats.bytes_in += len(item.data)
                         self.stats.chunks_in += 1
-                        await asyncio.to_thread(self.store.put, item.data, cid)
+                        await asyncio.to_thread(self.store.put, item.data, cid, drop_cache=True)
                         self.stats.chunks_verified += 1
             except Invalid as exc:
                 self.stats.rejected_chunks_by_peer[peer] += 1

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import struct
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import multiaddr
 import trio
@@ -97,11 +98,129 @@ class FramedStream:
     async def read_frame(self, max_size: int, timeout: float) -> bytes:
         return await self._bridge.call(_read_frame, self._stream, max_size, timeout=timeout)
 
+    async def read_frames(self, count: int, max_size: int, timeout: float) -> AsyncIterator[bytes]:
+        """The next ``count`` frames, read by one task on the trio side as fast as they arrive.
+
+        One hop into trio for the whole run instead of one per frame: the stream keeps
+        reading (and crediting the sender's flow-control window) while asyncio handles the
+        frames already read. ``timeout`` bounds the whole run. Leaving the loop early cancels
+        the reader; what it had read and not yet yielded is dropped.
+        """
+        loop = asyncio.get_running_loop()
+        frames: asyncio.Queue[bytes] = asyncio.Queue()
+        stream = self._stream
+
+        async def pump() -> None:
+            for _ in range(count):
+                frame = await _read_frame(stream, max_size)
+                loop.call_soon_threadsafe(frames.put_nowait, frame)
+
+        task = self._bridge.spawn(pump, timeout=timeout)
+        try:
+            for _ in range(count):
+                # Frames are delivered before the task settles (one thread, FIFO callbacks), so
+                # an empty queue after it settled means it failed or timed out.
+                if frames.empty():
+                    waiting = asyncio.ensure_future(frames.get())
+                    try:
+                        await asyncio.wait((waiting, task.future), return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        waiting.cancel()
+                    if not waiting.cancelled() and waiting.done():
+                        yield waiting.result()
+                        continue
+                    if frames.empty():
+                        task.future.result()  # raises what ended the reader
+                        raise StreamClosed("reader ended early")
+                yield frames.get_nowait()
+        finally:
+            task.cancel()
+
+    def writer(self, max_pending_bytes: int) -> FrameWriter:
+        """A queue of outgoing frames drained by one trio task (see ``FrameWriter``)."""
+        return FrameWriter(self._bridge, self._stream, max_pending_bytes)
+
     async def close(self) -> None:
         await self._bridge.call(_close_quietly, self._stream, timeout=5.0)
 
     async def reset(self) -> None:
         await self._bridge.call(_reset_quietly, self._stream, timeout=5.0)
+
+
+class FrameWriter:
+    """Frames written in order by one trio task, so the stream never waits on asyncio.
+
+    ``send`` queues a frame and returns at once while less than ``max_pending_bytes`` are
+    queued or being written, else it waits for room; ``drain`` waits until all is written.
+    A failed write fails every later call with the same error.
+    """
+
+    def __init__(self, bridge: Libp2pBridge, stream: Any, max_pending_bytes: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._max_pending = max_pending_bytes
+        self._pending = 0
+        self._room = asyncio.Event()
+        self._room.set()
+        self._error: BaseException | None = None
+        self._bridge = bridge
+        self._stream = stream
+        self._send: Any = None
+        self._task: _TrioTask[None] | None = None
+
+    def _start(self) -> None:
+        send, receive = trio.open_memory_channel(math.inf)
+        self._send = send
+        loop, stream = self._loop, self._stream
+
+        async def drain_queue() -> None:
+            async with receive:
+                async for data in receive:
+                    await stream.write(data)
+                    loop.call_soon_threadsafe(self._written, len(data))
+
+        self._task = self._bridge.spawn(drain_queue, timeout=math.inf)
+        self._task.future.add_done_callback(self._ended)
+
+    def _written(self, size: int) -> None:
+        self._pending -= size
+        if self._pending < self._max_pending:
+            self._room.set()
+
+    def _ended(self, future: asyncio.Future[None]) -> None:
+        if future.cancelled():
+            self._error = self._error or StreamClosed("writer cancelled")
+        elif future.exception() is not None:
+            self._error = future.exception()
+        self._room.set()
+
+    async def send(self, payload: bytes, timeout: float) -> None:
+        if self._task is None:
+            self._start()
+        async with asyncio.timeout(timeout):
+            while self._pending >= self._max_pending and self._error is None:
+                self._room.clear()
+                await self._room.wait()
+        if self._error is not None:
+            raise self._error
+        data = _FRAME_HEADER.pack(len(payload)) + payload
+        self._pending += len(data)
+        self._bridge.run_soon(self._send.send_nowait, data)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until every queued frame is written; raise the write's error if one failed."""
+        if self._task is None:
+            return
+        async with asyncio.timeout(timeout):
+            while self._pending > 0 and self._error is None:
+                self._room.clear()
+                await self._room.wait()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Stop the writer task (frames still queued are dropped)."""
+        if self._task is not None:
+            self._task.cancel()
 
 
 async def _read_exactly(stream: Any, size: int) -> bytes:
@@ -282,13 +401,13 @@ class Libp2pBridge:
 
     # ---- calling into trio -----------------------------------------------------------
 
-    async def call(self, afn: Callable[..., Awaitable[T]], *args: Any, timeout: float) -> T:
-        """Run ``afn(*args)`` in the trio thread with a deadline; cancelling this cancels it."""
+    def spawn(self, afn: Callable[..., Awaitable[T]], *args: Any, timeout: float) -> _TrioTask[T]:
+        """Start ``afn(*args)`` in the trio thread with a deadline; its result settles ``future``."""
         if self._token is None or self._nursery is None or self._loop is None:
             raise BridgeError("libp2p host is not running")
         loop, nursery = self._loop, self._nursery
-        future: asyncio.Future[T] = loop.create_future()
-        holder: dict[str, trio.CancelScope] = {}
+        task: _TrioTask[T] = _TrioTask(loop.create_future(), self._token)
+        future = task.future
 
         def settle(result: Any, error: BaseException | None) -> None:
             if future.done():
@@ -299,39 +418,55 @@ class Libp2pBridge:
                 future.set_exception(error)
 
         async def runner() -> None:
-            with trio.move_on_after(timeout) as cancel_scope:
-                holder["scope"] = cancel_scope
-                try:
-                    result = await afn(*args)
-                except BridgeError as exc:
-                    loop.call_soon_threadsafe(settle, None, exc)
+            name = getattr(afn, "__name__", "call")
+            try:
+                with trio.move_on_after(timeout) as cancel_scope:
+                    task.scope = cancel_scope
+                    if task.cancelled:
+                        cancel_scope.cancel()
+                    try:
+                        result = await afn(*args)
+                    except BridgeError as exc:
+                        _call_soon_quietly(loop, settle, None, exc)
+                        return
+                    except trio.Cancelled:
+                        raise
+                    except Exception as exc:
+                        _call_soon_quietly(loop, settle, None, BridgeError(f"{name}: {exc!r}"))
+                        return
+                    _call_soon_quietly(loop, settle, result, None)
                     return
-                except trio.Cancelled:
-                    raise
-                except Exception as exc:
-                    loop.call_soon_threadsafe(
-                        settle, None, BridgeError(f"{getattr(afn, '__name__', 'call')}: {exc!r}")
-                    )
-                    return
-                loop.call_soon_threadsafe(settle, result, None)
-                return
-            loop.call_soon_threadsafe(
-                settle, None, TimeoutError(f"{getattr(afn, '__name__', 'call')} timed out after {timeout} s")
-            )
+                if task.cancelled:
+                    _call_soon_quietly(loop, future.cancel)
+                else:
+                    _call_soon_quietly(loop, settle, None, TimeoutError(f"{name} timed out after {timeout} s"))
+            finally:
+                # Only reached unsettled when the host's shutdown cancelled the task: say so.
+                # (Callbacks run in order, so an outcome queued above always wins.)
+                _call_soon_quietly(loop, settle, None, BridgeError("libp2p host stopped"))
 
         try:
             self._token.run_sync_soon(nursery.start_soon, runner)
         except trio.RunFinishedError:
             raise BridgeError("libp2p host has stopped") from None
+        return task
+
+    def run_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Call ``fn(*args)`` in the trio thread soon, after everything submitted before it."""
+        if self._token is None:
+            raise BridgeError("libp2p host is not running")
         try:
-            return await future
+            self._token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            raise BridgeError("libp2p host has stopped") from None
+
+    async def call(self, afn: Callable[..., Awaitable[T]], *args: Any, timeout: float) -> T:
+        """Run ``afn(*args)`` in the trio thread with a deadline; cancelling this cancels it."""
+        task = self.spawn(afn, *args, timeout=timeout)
+        try:
+            return await task.future
         except asyncio.CancelledError:
-            cancel_scope = holder.get("scope")
-            if cancel_scope is not None:
-                try:
-                    self._token.run_sync_soon(cancel_scope.cancel)
-                except trio.RunFinishedError:
-                    pass
+            task.cancel()
             raise
 
     def _to_asyncio(self, coro: Awaitable[None]) -> concurrent.futures.Future[None]:
@@ -487,9 +622,45 @@ class Libp2pBridge:
         return FramedStream(self, stream, peer_id)
 
 
-def _retrieve(future: asyncio.Future[None]) -> None:
+class _TrioTask(Generic[T]):
+    """A function running in the trio thread: ``future`` settles with its outcome."""
+
+    def __init__(self, future: asyncio.Future[T], token: trio.lowlevel.TrioToken) -> None:
+        self.future = future
+        self.scope: trio.CancelScope | None = None
+        self.cancelled = False
+        self._token = token
+        future.add_done_callback(_mark_retrieved)
+
+    def cancel(self) -> None:
+        """Cancel it (from asyncio); the future is cancelled unless it settled first."""
+        if self.future.done() or self.cancelled:
+            return
+        self.cancelled = True
+
+        def cancel_in_trio() -> None:
+            if self.scope is not None:
+                self.scope.cancel()
+
+        _run_sync_soon_quietly(self._token, cancel_in_trio)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.debug("libp2p run ended with %r", future.exception())
+
+
+def _mark_retrieved(future: asyncio.Future[Any]) -> None:
+    # Whoever spawned the task may stop listening (a reader left early): no "never retrieved" noise.
+    if not future.cancelled():
+        future.exception()
+
+
+def _call_soon_quietly(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the asyncio loop is closed: nobody is waiting any more
+        pass
 
 
 def _run_sync_soon_quietly(token: trio.lowlevel.TrioToken, fn: Callable[[], None]) -> None:

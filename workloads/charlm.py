@@ -35,6 +35,9 @@ class CharLMConfig:
     lr: float = 2e-3
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    warmup_steps: int = 0  # inner lr schedule (see InnerSettings): linear warm-up,
+    decay_steps: int = 0  # then cosine decay to lr * min_lr_ratio by this inner step (0: constant)
+    min_lr_ratio: float = 0.1
     microshard_chars: int = 32 * 1024
     val_fraction: float = 0.1
     eval_examples: int = 256
@@ -76,7 +79,17 @@ class CharLM(SupervisedWorkload):
             raise WorkloadError("option 'val_fraction' must be between 0 and 1")
         if config.eval_examples < 1:
             raise WorkloadError("option 'eval_examples' must be >= 1")
-        super().__init__(InnerSettings(config.lr, config.batch_size, config.weight_decay, config.grad_clip))
+        super().__init__(
+            InnerSettings(
+                config.lr,
+                config.batch_size,
+                config.weight_decay,
+                config.grad_clip,
+                warmup_steps=config.warmup_steps,
+                decay_steps=config.decay_steps,
+                min_lr_ratio=config.min_lr_ratio,
+            )
+        )
         self.config = config
         self.gpt_config = GPTConfig(
             vocab_size=len(ALPHABET),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,6 +42,24 @@ class InnerSettings:
     batch_size: int
     weight_decay: float
     grad_clip: float  # 0 disables clipping
+    # The inner learning-rate schedule, counted in this peer's inner steps (``InnerState.steps``,
+    # which persists across rounds and restarts): linear warm-up over ``warmup_steps``, then a
+    # cosine decay from ``lr`` to ``lr * min_lr_ratio`` that ends ``decay_steps`` after the start
+    # and stays there. ``decay_steps`` 0 keeps ``lr`` constant after the warm-up.
+    warmup_steps: int = 0
+    decay_steps: int = 0
+    min_lr_ratio: float = 0.1
+
+    def lr_at(self, step: int) -> float:
+        """The inner learning rate of inner step ``step`` (0-based)."""
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if not self.decay_steps:
+            return self.lr
+        span = max(self.decay_steps - self.warmup_steps, 1)
+        progress = min(max(step - self.warmup_steps, 0) / span, 1.0)
+        floor = self.lr * self.min_lr_ratio
+        return floor + (self.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def validate(self) -> None:
         if not self.lr > 0:
@@ -51,6 +70,14 @@ class InnerSettings:
             raise WorkloadError(f"setting 'weight_decay' must be >= 0, got {self.weight_decay}")
         if self.grad_clip < 0:
             raise WorkloadError(f"setting 'grad_clip' must be >= 0, got {self.grad_clip}")
+        if self.warmup_steps < 0 or self.decay_steps < 0:
+            raise WorkloadError("settings 'warmup_steps' and 'decay_steps' must be >= 0")
+        if self.decay_steps and self.decay_steps <= self.warmup_steps:
+            raise WorkloadError(
+                f"setting 'decay_steps' ({self.decay_steps}) must exceed 'warmup_steps' ({self.warmup_steps}) or be 0"
+            )
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise WorkloadError(f"setting 'min_lr_ratio' must be between 0 and 1, got {self.min_lr_ratio}")
 
 
 class SupervisedWorkload(ABC):
@@ -66,6 +93,9 @@ class SupervisedWorkload(ABC):
         "batch_size": int,
         "weight_decay": float,
         "grad_clip": float,
+        "warmup_steps": int,
+        "decay_steps": int,
+        "min_lr_ratio": float,
     }
     eval_batch_size = 64
     tokens_per_example = 1
@@ -196,7 +226,10 @@ class SupervisedWorkload(ABC):
         loss_sum = torch.zeros((), device=target)
         last = torch.zeros((), device=target)
         done = 0
+        scheduled = bool(settings.warmup_steps or settings.decay_steps)
         while done < steps and not (should_stop is not None and should_stop()):
+            if scheduled:
+                _set_lr(state.optimizer, settings.lr_at(state.steps + done))
             batch = tuple(t.to(target, non_blocking=True) for t in next(batches))
             loss = self.batch_loss(model, batch)
             state.optimizer.zero_grad(set_to_none=True)
@@ -262,6 +295,10 @@ class SupervisedWorkload(ABC):
     def settings(self) -> dict[str, Any]:
         return dataclasses.asdict(self._settings)
 
+    def lr_at(self, step: int) -> float:
+        """The inner learning rate ``train`` uses at inner step ``step`` (the schedule applied)."""
+        return self._settings.lr_at(step)
+
     def apply_settings(self, changes: Mapping[str, Any]) -> None:
         checked = {}
         for key, value in changes.items():
@@ -278,6 +315,11 @@ def _apply_to_groups(optimizer: torch.optim.Optimizer, settings: InnerSettings) 
     for group in optimizer.param_groups:
         group["lr"] = settings.lr
         group["weight_decay"] = settings.weight_decay if group["decay"] else 0.0
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def _check_state_shapes(optimizer: torch.optim.Optimizer) -> None:

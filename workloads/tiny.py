@@ -30,6 +30,9 @@ class TinyConfig:
     lr: float = 1e-2
     weight_decay: float = 0.0
     grad_clip: float = 0.0
+    warmup_steps: int = 0  # inner lr schedule (see InnerSettings): linear warm-up,
+    decay_steps: int = 0  # then cosine decay to lr * min_lr_ratio by this inner step (0: constant)
+    min_lr_ratio: float = 0.1
     freeze: tuple[str, ...] = ()  # parameter name prefixes that never train, e.g. ("hidden",)
 
 
@@ -55,7 +58,17 @@ class Tiny(SupervisedWorkload):
                 raise WorkloadError(f"option {key!r} must be >= 1")
         if not 2 <= config.classes <= 256:
             raise WorkloadError("option 'classes' must be between 2 and 256 (labels are one byte)")
-        super().__init__(InnerSettings(config.lr, config.batch_size, config.weight_decay, config.grad_clip))
+        super().__init__(
+            InnerSettings(
+                config.lr,
+                config.batch_size,
+                config.weight_decay,
+                config.grad_clip,
+                warmup_steps=config.warmup_steps,
+                decay_steps=config.decay_steps,
+                min_lr_ratio=config.min_lr_ratio,
+            )
+        )
         self.config = config
         known = {p.name for p in self.model_schema()}
         for prefix in config.freeze:

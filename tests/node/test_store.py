@@ -57,6 +57,14 @@ def test_put_get_has_missing(tmp_path: Path) -> None:
     assert counters.bytes_read == 5 and counters.items_verified == 1
 
 
+def test_a_chunk_written_with_drop_cache_reads_back_verified(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path)
+    data = os.urandom(3 << 20)
+    cid = store.put(data, content_id(data), drop_cache=True)
+    assert store.get(cid) == data
+    assert store.put_many([b"a", b"b"], drop_cache=True) == [content_id(b"a"), content_id(b"b")]
+
+
 def test_put_rejects_data_that_does_not_match_its_id(tmp_path: Path) -> None:
     store = ContentStore(tmp_path)
     with pytest.raises(Invalid):

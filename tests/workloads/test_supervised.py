@@ -104,7 +104,10 @@ def test_settings_apply_to_the_next_train_call(tiny: Tiny) -> None:
     model = tiny.init_model(0)
     state = tiny.new_inner_state(model)
     tiny.apply_settings({"lr": 0.5, "batch_size": 8})
-    assert tiny.settings() == {"lr": 0.5, "batch_size": 8, "weight_decay": 0.0, "grad_clip": 0.0}
+    assert tiny.settings() == {
+        "lr": 0.5, "batch_size": 8, "weight_decay": 0.0, "grad_clip": 0.0,
+        "warmup_steps": 0, "decay_steps": 0, "min_lr_ratio": 0.1,
+    }
     metrics = tiny.train(model, state, shards(tiny), 3)
     assert metrics.examples == 24
     assert {g["lr"] for g in state.optimizer.param_groups} == {0.5}
@@ -118,6 +121,9 @@ def test_settings_apply_to_the_next_train_call(tiny: Tiny) -> None:
         ({"lr": -1.0}, "'lr' must be > 0"),
         ({"batch_size": 0}, "'batch_size' must be >= 1"),
         ({"lr": 0.1, "batch_size": 2.5}, "'batch_size' must be int"),
+        ({"warmup_steps": 10, "decay_steps": 10}, "'decay_steps' \\(10\\) must exceed 'warmup_steps'"),
+        ({"min_lr_ratio": 1.5}, "'min_lr_ratio' must be between 0 and 1"),
+        ({"warmup_steps": -1}, "must be >= 0"),
     ],
 )
 def test_bad_settings_are_rejected_whole(tiny: Tiny, changes: dict[str, object], message: str) -> None:
@@ -125,6 +131,27 @@ def test_bad_settings_are_rejected_whole(tiny: Tiny, changes: dict[str, object],
     with pytest.raises(WorkloadError, match=message):
         tiny.apply_settings(changes)
     assert tiny.settings() == before
+
+
+def test_the_inner_lr_schedule_warms_up_decays_and_holds_its_floor() -> None:
+    tiny = Tiny(TinyConfig(lr=0.1, warmup_steps=4, decay_steps=14, min_lr_ratio=0.1))
+    assert [round(tiny.lr_at(s), 6) for s in range(4)] == [0.025, 0.05, 0.075, 0.1]
+    assert tiny.lr_at(4) == pytest.approx(0.1)
+    assert tiny.lr_at(9) == pytest.approx(0.055)  # half way through the cosine: the mean of lr and floor
+    assert tiny.lr_at(14) == pytest.approx(0.01) and tiny.lr_at(1000) == pytest.approx(0.01)
+    assert all(tiny.lr_at(s) >= tiny.lr_at(s + 1) for s in range(4, 30))
+    assert Tiny().lr_at(12345) == Tiny().settings()["lr"]  # no schedule: constant
+
+
+def test_train_follows_the_schedule_across_calls() -> None:
+    scheduled = Tiny(TinyConfig(lr=0.1, warmup_steps=4, decay_steps=14))
+    model = scheduled.init_model(0)
+    state = scheduled.new_inner_state(model)
+    scheduled.train(model, state, shards(scheduled), 3)
+    assert [g["lr"] for g in state.optimizer.param_groups] == [pytest.approx(scheduled.lr_at(2))] * 2
+    scheduled.train(model, state, shards(scheduled), 7)  # counts on from the persisted step count
+    assert state.steps == 10
+    assert [g["lr"] for g in state.optimizer.param_groups] == [pytest.approx(scheduled.lr_at(9))] * 2
 
 
 def test_train_rejects_an_unsupported_device(tiny: Tiny) -> None:

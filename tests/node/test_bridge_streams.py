@@ -1,0 +1,185 @@
+"""Framed streams through the libp2p bridge: two real hosts in this process, on 127.0.0.1.
+
+``read_frames`` reads a run of frames with one task on the trio side and ``FrameWriter``
+queues frames for one trio task to write; these are the exchange's hot path, so their
+ordering, limits, deadlines and early exits are checked here directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+
+import pytest
+
+from node.libp2p_bridge import BridgeError, FramedStream, FrameTooLarge, Libp2pBridge, StreamClosed
+
+PROTOCOL = "/p2p-node/test-frames/1.0.0"
+
+
+async def pair(handler) -> tuple[Libp2pBridge, Libp2pBridge, FramedStream]:
+    """A server bridge serving ``handler``, a client bridge, and a client stream to the server."""
+    server = Libp2pBridge(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"], kademlia=False)
+    client = Libp2pBridge(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"], kademlia=False)
+    await server.start()
+    await client.start()
+    await server.set_stream_handler(PROTOCOL, handler)
+    peer = await client.connect(server.listen_addrs()[0], timeout=10)
+    stream = await client.open_stream(peer, PROTOCOL, timeout=10)
+    return server, client, stream
+
+
+async def stop(*bridges: Libp2pBridge) -> None:
+    for bridge in bridges:
+        await bridge.stop()
+
+
+def frame(index: int, size: int) -> bytes:
+    return index.to_bytes(4, "big") * (size // 4)
+
+
+async def serve_frames(stream: FramedStream) -> None:
+    """Answer "N SIZE" with N frames of SIZE bytes through a FrameWriter with a small queue."""
+    writer = stream.writer(max_pending_bytes=3 * 65536)
+    try:
+        while True:
+            try:
+                request = await stream.read_frame(64, timeout=30)
+            except (BridgeError, TimeoutError):
+                return
+            count, size = map(int, request.split())
+            for index in range(count):
+                await writer.send(frame(index, size), timeout=30)
+            await writer.drain(timeout=30)
+    finally:
+        writer.close()
+
+
+def test_read_frames_yields_a_run_of_frames_in_order_and_the_stream_stays_usable():
+    async def scenario() -> None:
+        server, client, stream = await pair(serve_frames)
+        try:
+            for count, size in ((40, 65536), (3, 1 << 20), (1, 0)):
+                await stream.write_frame(f"{count} {size}".encode(), timeout=10)
+                got = [f async for f in stream.read_frames(count, 1 << 21, timeout=30)]
+                assert got == [frame(i, size) for i in range(count)]
+            # The single-frame path still works on the same stream afterwards.
+            await stream.write_frame(b"1 8", timeout=10)
+            assert await stream.read_frame(64, timeout=10) == frame(0, 8)
+        finally:
+            await stop(client, server)
+
+    asyncio.run(scenario())
+
+
+def test_read_frames_enforces_the_frame_limit():
+    async def scenario() -> None:
+        server, client, stream = await pair(serve_frames)
+        try:
+            await stream.write_frame(b"2 4096", timeout=10)
+            frames = stream.read_frames(2, 1024, timeout=10)
+            with pytest.raises(FrameTooLarge):
+                await anext(frames)
+            await frames.aclose()
+        finally:
+            await stop(client, server)
+
+    asyncio.run(scenario())
+
+
+def test_read_frames_times_out_on_a_silent_peer_and_reports_a_closed_stream():
+    async def silent(stream: FramedStream) -> None:
+        # Reads the request, sends one frame of the three asked for, then holds the stream open.
+        await stream.read_frame(64, timeout=10)
+        await stream.write_frame(b"only one", timeout=10)
+        await asyncio.sleep(30)
+
+    async def closes(stream: FramedStream) -> None:
+        await stream.read_frame(64, timeout=10)
+        await stream.write_frame(b"only one", timeout=10)
+
+    async def scenario() -> None:
+        server, client, stream = await pair(silent)
+        try:
+            await stream.write_frame(b"go", timeout=10)
+            got = []
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(TimeoutError):
+                async with contextlib.aclosing(stream.read_frames(3, 1024, timeout=1.0)) as frames:
+                    async for item in frames:
+                        got.append(item)
+            assert got == [b"only one"]
+            assert loop.time() - started < 5.0
+        finally:
+            await stop(client, server)
+
+        server, client, stream = await pair(closes)
+        try:
+            await stream.write_frame(b"go", timeout=10)
+            got = []
+            with pytest.raises(StreamClosed):
+                async with contextlib.aclosing(stream.read_frames(3, 1024, timeout=10)) as frames:
+                    async for item in frames:
+                        got.append(item)
+            assert got == [b"only one"]
+        finally:
+            await stop(client, server)
+
+    asyncio.run(scenario())
+
+
+def test_leaving_read_frames_early_cancels_the_reader():
+    async def scenario() -> None:
+        server, client, stream = await pair(serve_frames)
+        try:
+            await stream.write_frame(b"1000 1024", timeout=10)
+            async with contextlib.aclosing(stream.read_frames(1000, 4096, timeout=30)) as frames:
+                assert await anext(frames) == frame(0, 1024)
+            # The reader stopped; the host is healthy and a new stream works.
+            peer = server.peer_id
+            fresh = await client.open_stream(peer, PROTOCOL, timeout=10)
+            await fresh.write_frame(b"2 16", timeout=10)
+            assert [f async for f in fresh.read_frames(2, 64, timeout=10)] == [frame(0, 16), frame(1, 16)]
+        finally:
+            await stop(client, server)
+
+    asyncio.run(scenario())
+
+
+def test_a_frame_writer_bounds_its_queue_and_fails_once_the_stream_is_gone():
+    sent: dict[str, object] = {}
+
+    async def writer_side(stream: FramedStream) -> None:
+        writer = stream.writer(max_pending_bytes=1 << 20)
+        try:
+            await stream.read_frame(64, timeout=10)
+            # The client reads nothing more: the queue fills, then send must wait (and time out).
+            with pytest.raises(TimeoutError):
+                for _ in range(1000):
+                    await writer.send(bytes(256 * 1024), timeout=2.0)
+            sent["pending_bounded"] = writer._pending <= (1 << 20) + 256 * 1024 + 4
+            await stream.reset()
+            with pytest.raises((BridgeError, StreamClosed)):
+                for _ in range(1000):
+                    await writer.send(b"x" * 1024, timeout=2.0)
+                    await writer.drain(timeout=2.0)
+            sent["failed_after_reset"] = True
+        finally:
+            writer.close()
+            sent["done"] = True
+
+    async def scenario() -> None:
+        server, client, stream = await pair(writer_side)
+        try:
+            await stream.write_frame(b"go", timeout=10)
+            async with asyncio.timeout(30):
+                while "done" not in sent:
+                    await asyncio.sleep(0.05)
+        finally:
+            await stop(client, server)
+
+    asyncio.run(scenario())
+    assert sent.get("pending_bounded") is True
+    assert sent.get("failed_after_reset") is True
