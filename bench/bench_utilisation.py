@@ -6,7 +6,8 @@ growth of ``training.inner_seconds`` over the wall time since the first round be
 and the phase samples (leasing, training, publishing, waiting, merging, evaluating…)
 say what the remaining time is spent on.
 
-Run from the repository root: python -m bench.bench_utilisation [--peers 4] [--inner-steps 40] [--seconds 120]
+Run from the repository root:
+    python -m bench.bench_utilisation [--peers 4] [--inner-steps 40] [--seconds 120] [--inner-budget time]
 """
 
 from __future__ import annotations
@@ -33,11 +34,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per peer")
     parser.add_argument("--evaluate", action="store_true", help="evaluate every head (off by default)")
     parser.add_argument("--lease-settle", type=float, default=None, help="training.lease_settle_s")
+    parser.add_argument("--inner-budget", choices=("steps", "time"), default="steps", help="training.inner_budget")
+    parser.add_argument("--microshard-chars", type=int, default=None,
+                        help="charlm microshard size (default 32768: 39 microshards, an epoch every ~2.5 rounds of 4 peers)")
     args = parser.parse_args()
     settle = f"lease_settle_s = {args.lease_settle}\n" if args.lease_settle is not None else ""
     extra = (
-        '[workload]\nname = "charlm"\n\n'
-        f"[training]\ninner_steps = {args.inner_steps}\nhead_reannounce_s = 2.0\n"
+        '[workload]\nname = "charlm"\n'
+        + (f"[workload.options]\nmicroshard_chars = {args.microshard_chars}\n" if args.microshard_chars else "")
+        + "\n"
+        f"[training]\ninner_steps = {args.inner_steps}\ninner_budget = \"{args.inner_budget}\"\nhead_reannounce_s = 2.0\n"
         f"evaluate = {'true' if args.evaluate else 'false'}\n{settle}"
     )
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
@@ -64,7 +70,9 @@ def main() -> None:
             last = [training(p) for p in peers]
         finally:
             swarm.stop_all()
-        print(f"{args.peers} peers, charlm, inner_steps={args.inner_steps}, {args.threads} torch thread(s) each, "
+        print(f"{args.peers} peers, charlm (microshard_chars={args.microshard_chars or 'default'}), "
+              f"inner_steps={args.inner_steps}, inner_budget={args.inner_budget}, "
+              f"{args.threads} torch thread(s) each, "
               f"evaluate={args.evaluate}, {wall:.0f} s measured from the first round's start")
         total_inner = 0.0
         for index, (row, counts) in enumerate(zip(last, phases)):

@@ -305,6 +305,12 @@ class TrainingSection:
         "trainer", "trainer: lease data, train and merge; consumer: follow the canonical head only."
     )
     inner_steps: int = setting(50, "Inner steps (H) each trainer runs per round.", check=_positive)
+    inner_budget: Literal["steps", "time"] = setting(
+        "steps",
+        "steps: every trainer runs H inner steps; time: every trainer trains for the time the swarm's median"
+        " peer needs for H steps (a faster peer runs more steps, up to 2H, a slower one fewer), so no peer"
+        " idles waiting for the slowest.",
+    )
     codec: Literal["fp32", "bf16", "int8"] = setting("int8", "Encoding of the pseudo-gradients a peer publishes.")
     lease_s: float = setting(120.0, "Lifetime of a lease; renewed while training takes longer.", check=_positive)
     lease_settle_s: float = setting(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import statistics
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
@@ -101,7 +102,7 @@ class OuterLoop:
         self.updates: dict[int, dict[str, UpdateRecord]] = {}
         self.updates_by_id: dict[str, UpdateRecord] = {}  # the last few rounds', for expecting peers
         self.update_rejections: Counter[str] = Counter()
-        self.inner_durations_ms: list[int] = []
+        self.inner_step_ms: list[float] = []  # this peer's recent inner-loop time per step
         self.started = time.monotonic()
         self.speed = 1.0
         self.round_failures = 0
@@ -265,14 +266,16 @@ class OuterLoop:
         self.current_settings = settings
         ledger = self._ledger(base)
         self.view = RoundView(round=round_no, phase="leasing", base=base.id)
-        state = RoundState(round_no, base.id, (), now_ms() + self._deadline_ms())
+        live_trainers = [p for p in self.membership.table.live() if self._is_trainer_peer(p)]
+        speeds = self._swarm_speeds(base, live_trainers)
+        steps, budget_s = self._inner_budget(settings["inner_steps"], speeds)
+        state = RoundState(round_no, base.id, (), now_ms() + self._deadline_ms(settings["inner_steps"], budget_s))
         self._state = state
         for update_id, update in self.updates.get(round_no, {}).items():
             self._offer(update_id, update)
         weights, _momentum = await self._ensure_state(base)
-        wanted = max(1, math.ceil(settings["inner_steps"] * self._batch_size() / max(self.source.examples_per_microshard, 1)))
-        live_trainers = [p for p in self.membership.table.live() if self._is_trainer_peer(p)]
-        total_speed = self.speed + sum(self._peer_speed(p) for p in live_trainers)
+        wanted = max(1, math.ceil(steps * self._batch_size() / max(self.source.examples_per_microshard, 1)))
+        total_speed = sum(speeds.values())
         # Peers that trained last round will most likely train this one: wait for their
         # claims for a short window even if their claims reach us after ours settled.
         claim_window_ms = now_ms() + int(max(2 * cfg.lease_settle_s, 1.0) * 1000)
@@ -281,11 +284,11 @@ class OuterLoop:
             if previous is not None and self.membership.table.is_live(previous.peer):
                 state.expect(previous.peer)
         shards = await self.leasing.claim(
-            ledger.epoch, round_no, ledger.remaining, wanted, self.speed, total_speed, live_trainers
+            ledger.epoch, round_no, ledger.remaining, wanted, speeds[self.peer_id], total_speed, live_trainers
         )
         self.view.leased = len(shards)
         if shards and self.heads.adopted == base.id:
-            await self._train_and_publish(base, ledger.epoch, sorted(shards), weights)
+            await self._train_and_publish(base, ledger.epoch, sorted(shards), weights, steps, budget_s)
         await self._wait_for_close(base, state, claim_window_ms)
         self.leasing.release_own()
         self._state = None
@@ -311,8 +314,52 @@ class OuterLoop:
             except TimeoutError:
                 pass
 
+    def _swarm_speeds(self, base: HeadRecord, live_trainers: list[str]) -> dict[str, float]:
+        """Inner steps per second of this peer and each live trainer, as every peer sees them.
+
+        A peer whose update was merged into the base head is credited with that update's measured
+        steps per second of inner time: every peer holds those records, so every peer computes
+        the same shares of the data and the same time budget, and an epoch's last microshards
+        are split in one round instead of trickling out over several. Other peers (first round,
+        newcomers) count at the speed their heartbeats announce."""
+        measured: dict[str, float] = {}
+        for update_id in base.updates:
+            update = self.updates_by_id.get(update_id)
+            if update is not None and update.metrics.steps >= 2 and update.metrics.inner_ms > 0:
+                measured[update.peer] = update.metrics.steps * 1000 / update.metrics.inner_ms
+        speeds = {peer: measured.get(peer) or self._peer_speed(peer) for peer in live_trainers}
+        speeds[self.peer_id] = measured.get(self.peer_id) or self.speed
+        return {peer: max(speed, 1e-3) for peer, speed in speeds.items()}
+
+    def _inner_budget(self, inner_steps: int, speeds: dict[str, float]) -> tuple[int, float | None]:
+        """Most inner steps this peer runs this round, and its training time budget (None: no limit).
+
+        ``inner_budget = "time"``: the budget is what H steps take the median trainer, so every
+        trainer stops at about the same moment; a peer faster than the median leases data for
+        (and may run) more steps, up to 2H, a slower one runs fewer. Updates are weighted by their
+        samples, so the merge counts each peer's work for what it was.
+        """
+        if self.config.training.inner_budget != "time":
+            return inner_steps, None
+        reference = statistics.median(speeds.values())
+        mine = speeds[self.peer_id]
+        steps = min(2 * inner_steps, math.ceil(inner_steps * max(1.0, mine / reference)))
+        return steps, inner_steps / reference
+
+    def _observe_speed(self, metrics: Any) -> None:
+        """Fold a round's measured inner steps per second into ``speed`` (what heartbeats announce)."""
+        if metrics.steps >= 2 and metrics.seconds > 0:
+            observed = metrics.steps / metrics.seconds
+            self.speed = max(0.5 * self.speed + 0.5 * observed, 1e-3)
+
     async def _train_and_publish(
-        self, base: HeadRecord, epoch: int, shards: list[str], weights: dict[str, torch.Tensor]
+        self,
+        base: HeadRecord,
+        epoch: int,
+        shards: list[str],
+        weights: dict[str, torch.Tensor],
+        max_steps: int,
+        budget_s: float | None,
     ) -> None:
         assert self.source is not None and self.leasing is not None
         self.view.phase = "training"
@@ -324,13 +371,13 @@ class OuterLoop:
             return
         examples = sum(self.source.by_id[s].source.examples for s in shards)
         settings = self.current_settings
-        steps = max(1, min(settings["inner_steps"], math.ceil(examples / max(self._batch_size(), 1))))
+        steps = max(1, min(max_steps, math.ceil(examples / max(self._batch_size(), 1))))
         seed = int.from_bytes(canonical.encode([base.id, self.peer_id])[-8:], "big") % (2**31)
         done = asyncio.Event()
         watcher = asyncio.create_task(self._abort_if_superseded(base, done))
         renewer = asyncio.create_task(self.leasing.renew_while(done))
         try:
-            result = await self.trainer.train_round(weights, data, steps, seed)
+            result = await self.trainer.train_round(weights, data, steps, seed, time_budget_s=budget_s)
         except Exception as exc:  # a workload bug must not take the peer out of the swarm
             log.error("training_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
             self.round_failures += 1
@@ -340,9 +387,12 @@ class OuterLoop:
             done.set()
             await asyncio.gather(watcher, renewer, return_exceptions=True)
         self.leasing.recovered()
-        if result.metrics.stopped_early or self.heads.adopted != base.id:  # type: ignore[union-attr]
+        if self.trainer.interrupted or self.heads.adopted != base.id:  # type: ignore[union-attr]
             return
-        self.inner_durations_ms.append(int(result.metrics.seconds * 1000))
+        self._observe_speed(result.metrics)
+        if result.metrics.steps:
+            self.inner_step_ms.append(result.metrics.seconds * 1000 / result.metrics.steps)
+            del self.inner_step_ms[:-20]
         codec = CODECS[settings["codec"]]
         artifact = await asyncio.to_thread(store_artifact, self.store, result.delta, codec, self.chunking)
         self.availability.add_held(artifact)
@@ -360,7 +410,8 @@ class OuterLoop:
             record = self.gossip.validate(raw)
             await self._on_update(record)
         log.info("update_published", round=update.round, loss=round(update.metrics.loss, 4), samples=update.samples,
-                 microshards=len(shards), seconds=round(result.metrics.seconds, 2))
+                 microshards=len(shards), steps=result.metrics.steps, seconds=round(result.metrics.seconds, 2),
+                 budget_s=round(budget_s, 2) if budget_s is not None else None)
 
     async def _abort_if_superseded(self, base: HeadRecord, done: asyncio.Event) -> None:
         assert self.heads is not None
@@ -592,17 +643,24 @@ class OuterLoop:
 
     # ---- helpers ---------------------------------------------------------------------
 
-    def _deadline_ms(self) -> int:
+    def _deadline_ms(self, inner_steps: int, budget_s: float | None) -> int:
+        """How long this round waits for updates: a patched or configured deadline, or else 1.5x
+        the expected inner loop (H steps at the observed time per step, or the time budget) plus
+        a margin. Per step, so a short round at an epoch's end does not shrink the next one's."""
         cfg = self.config.training
         patched = self.current_settings.get("round_deadline_s", cfg.round_deadline_s)
         if patched and patched > 0:
             return int(patched * 1000)
-        observed = self.inner_durations_ms[-20:] + [
-            u.metrics.inner_ms for updates in self.updates.values() for u in updates.values()
-        ]
-        estimate = observed or [int(cfg.inner_steps / self.speed * 1000)]
+        if budget_s is not None:
+            expected = [int(budget_s * 1000)]
+        else:
+            per_step = self.inner_step_ms[-20:] + [
+                u.metrics.inner_ms / u.metrics.steps
+                for updates in self.updates.values() for u in updates.values() if u.metrics.steps > 0
+            ]
+            expected = [int(ms * inner_steps) for ms in per_step] or [int(inner_steps / self.speed * 1000)]
         return adaptive_deadline_ms(
-            estimate, min_ms=int(cfg.min_round_deadline_s * 1000), max_ms=int(cfg.max_round_deadline_s * 1000),
+            expected, min_ms=int(cfg.min_round_deadline_s * 1000), max_ms=int(cfg.max_round_deadline_s * 1000),
             margin_ms=int(cfg.lease_settle_s * 1000) + 2000,
         )
 

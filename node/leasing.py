@@ -88,7 +88,10 @@ class Leasing:
             for lease in self.book.leases_of(peer):
                 self.book.release(lease.lease_id)
         available = free - self.book.leased()
-        budget = min(wanted, budget_for(speed, total_speed, len(available)))
+        # Our share of the whole pool, not of what is still unclaimed: peers start a round a few
+        # milliseconds apart, and shares of a shrinking remainder would leave the end of an
+        # epoch to trickle out over several short rounds.
+        budget = min(wanted, budget_for(speed, total_speed, len(free)))
         chosen = choose_claims(self._peer, available, budget, frozenset(), live_peers)
         if not chosen:
             return frozenset()

@@ -43,7 +43,8 @@ class Trainer:
         self._lock = asyncio.Lock()
         self.model: torch.nn.Module | None = None
         self.inner: InnerState | None = None
-        self.inner_seconds = 0.0
+        self._inner_done_s = 0.0  # finished rounds' time in train_round
+        self._round_started: float | None = None
         self.last_metrics: TrainMetrics | None = None
         self.last_error: str | None = None
 
@@ -71,31 +72,65 @@ class Trainer:
     def request_stop(self) -> None:
         self._stop.set()
 
+    @property
+    def inner_seconds(self) -> float:
+        """Seconds spent in inner-loop rounds so far, the one in progress included."""
+        running = self._round_started
+        return self._inner_done_s + (time.perf_counter() - running if running is not None else 0.0)
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the last (or current) round was stopped by ``request_stop`` (not by its time budget)."""
+        return self._stop.is_set()
+
     async def train_round(
-        self, base: Mapping[str, torch.Tensor], microshards: Sequence[bytes], steps: int, seed: int
+        self,
+        base: Mapping[str, torch.Tensor],
+        microshards: Sequence[bytes],
+        steps: int,
+        seed: int,
+        time_budget_s: float | None = None,
     ) -> InnerResult:
-        """Load ``base``, run ``steps`` inner steps on ``microshards``, return metrics and the pseudo-gradient."""
+        """Load ``base``, run ``steps`` inner steps on ``microshards``, return metrics and the pseudo-gradient.
+
+        With ``time_budget_s``, training also ends at the first step boundary after that many
+        seconds of training (``metrics.stopped_early`` then says so; ``interrupted`` stays false).
+        """
         async with self._lock:
             self._stop.clear()
-            started = time.perf_counter()
+            started = self._round_started = time.perf_counter()
             try:
-                result = await asyncio.to_thread(self._train, base, microshards, steps, seed)
+                result = await asyncio.to_thread(self._train, base, microshards, steps, seed, time_budget_s)
             except Exception as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 raise
-            self.inner_seconds += time.perf_counter() - started
+            finally:
+                self._inner_done_s += time.perf_counter() - started
+                self._round_started = None
             self.last_metrics = result.metrics
             self.last_error = None
             return result
 
     def _train(
-        self, base: Mapping[str, torch.Tensor], microshards: Sequence[bytes], steps: int, seed: int
+        self,
+        base: Mapping[str, torch.Tensor],
+        microshards: Sequence[bytes],
+        steps: int,
+        seed: int,
+        time_budget_s: float | None = None,
     ) -> InnerResult:
         assert self.model is not None and self.inner is not None
         with torch.no_grad():
             self.model.load_state_dict(base)
+        should_stop = self._stop.is_set
+        if time_budget_s is not None:
+            ends = time.perf_counter() + time_budget_s
+
+            def should_stop() -> bool:
+                return self._stop.is_set() or time.perf_counter() >= ends
+
         metrics = self.workload.train(
-            self.model, self.inner, microshards, steps, self.device, should_stop=self._stop.is_set, seed=seed
+            self.model, self.inner, microshards, steps, self.device, should_stop=should_stop, seed=seed
         )
         with torch.no_grad():
             local = self.model.state_dict()

@@ -133,6 +133,24 @@ def test_three_peers_share_every_head_lose_loss_and_cover_epoch_zero_once(swarm)
             assert row["head_rejections"] == {}
 
 
+def test_time_budgeted_rounds_end_together_and_merge_every_peers_samples(swarm):
+    # With inner_budget = "time" each peer trains for what 20 steps take the median peer, then
+    # publishes whatever it did: the rounds still close on every peer's update and agree.
+    peers = start_peers(swarm, 3, training='inner_budget = "time"')
+    with logs_on_failure(swarm):
+        final = wait_agreed(peers, 4, 90, what="agreement at round 4+ in time mode")
+        chain = canonical_chain(peers[0], final)
+        assert [h.round for h in chain] == list(range(len(chain)))
+        published = events(peers[0].log(), "update_published")
+        assert published and all(e["samples"] > 0 for e in published)
+        for peer in peers:
+            row = training(peer)
+            assert row["round_failures"] == 0 and row["head_rejections"] == {}
+        # Every round's head merges the updates of all three peers (nobody is left behind).
+        for head in chain[2:]:
+            assert len(head.updates) == 3, f"round {head.round} merged {len(head.updates)} updates"
+
+
 def test_churn_kill_restart_and_late_joiner_reach_the_canonical_head(swarm):
     deadline_s = 8.0
     peers = start_peers(swarm, 3, f"round_deadline_s = {deadline_s}")

@@ -95,6 +95,25 @@ def test_loop_stays_responsive_and_stop_lands_on_a_step_boundary(tmp_path):
     assert_same_tensors(result.delta, bare_delta(workload, base, data, metrics.steps, seed=7))
 
 
+def test_a_time_budget_ends_the_round_on_a_step_boundary_without_counting_as_interrupted(tmp_path):
+    workload = charlm()
+    data = [workload.microshard_bytes(0), workload.microshard_bytes(1)]
+
+    async def main() -> tuple[dict[str, torch.Tensor], InnerResult, float, bool]:
+        trainer = await prepared(workload, tmp_path)
+        base = trainer.initial_weights()
+        started = time.perf_counter()
+        result = await trainer.train_round(base, data, 10**9, seed=3, time_budget_s=0.5)
+        return base, result, time.perf_counter() - started, trainer.interrupted
+
+    base, result, took, interrupted = run(main())
+    metrics = result.metrics
+    assert metrics.stopped_early and not interrupted
+    assert 1 <= metrics.steps < 10**9
+    assert 0.25 <= metrics.seconds < 5.0 and 0.5 <= took < 10.0  # the budget also covers decoding the data
+    assert_same_tensors(result.delta, bare_delta(workload, base, data, metrics.steps, seed=3))
+
+
 def test_pseudo_gradient_is_base_minus_local_exactly(tmp_path):
     workload = charlm()
     data = [workload.microshard_bytes(3)]
