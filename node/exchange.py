@@ -548,18 +548,32 @@ class Exchange:
 
     async def _worker(self, run: _FetchRun, peer: str) -> None:
         stream: FramedStream | None = None
+        # A batch's chunks are verified and written while the next batch is on the wire: the
+        # stream does not sit idle waiting for the disk. At most two batches are held at once.
+        settling: asyncio.Future[bool] | None = None
         try:
             stream = await self._open(peer)
             while batch := run.pick(peer):
-                await self._request(run, stream, peer, batch)
+                storing = await self._request(run, stream, peer, batch)
+                honest = await settling if settling is not None else True
+                settling = asyncio.ensure_future(self._settle_stored(run, peer, storing))
+                if not honest:
+                    raise _Drop("served a chunk whose hash does not match", ban=True)
+            if settling is not None and not await settling:
+                raise _Drop("served a chunk whose hash does not match", ban=True)
         except _Drop as exc:
             self._drop(run, peer, exc.reason, exc.ban)
         finally:
+            if settling is not None and not settling.done():
+                await asyncio.wait([settling])
             run.workers[peer] -= 1
             if stream is not None:
                 await stream.close()
 
-    async def _request(self, run: _FetchRun, stream: FramedStream, peer: str, batch: list[str]) -> None:
+    async def _request(
+        self, run: _FetchRun, stream: FramedStream, peer: str, batch: list[str]
+    ) -> list[tuple[str, asyncio.Future[str]]]:
+        """Ask ``peer`` for ``batch``; return the chunks being verified and written (to settle)."""
         timeout = self.settings.request_timeout_s
         remaining = list(batch)
         # Chunks are verified and written in worker threads while the next ones are read.
@@ -605,8 +619,7 @@ class Exchange:
         finally:
             for cid in remaining:
                 run.inflight.discard(cid)
-        if not await self._settle_stored(run, peer, storing):
-            raise _Drop("served a chunk whose hash does not match", ban=True)
+        return storing
 
     async def _settle_stored(self, run: _FetchRun, peer: str, storing: list[tuple[str, asyncio.Future[str]]]) -> bool:
         """Wait for the chunks being written; False if any failed its hash (the peer lied)."""
