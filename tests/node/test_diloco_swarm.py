@@ -146,9 +146,15 @@ def test_time_budgeted_rounds_end_together_and_merge_every_peers_samples(swarm):
         for peer in peers:
             row = training(peer)
             assert row["round_failures"] == 0 and row["head_rejections"] == {}
-        # Every round's head merges the updates of all three peers (nobody is left behind).
-        for head in chain[2:]:
-            assert len(head.updates) == 3, f"round {head.round} merged {len(head.updates)} updates"
+        # Every round closed on the updates of all its leaseholders, none by the deadline: a
+        # time budget ends each peer's training in time. (An epoch's last round may have fewer
+        # leaseholders than peers: a peer left without data is "missing" from a complete round.)
+        for peer in peers:
+            closed = events(peer.log(), "round_closed")
+            assert closed, f"{peer.name} closed no round"
+            late = [(e["round"], e["reason"], e["missing"]) for e in closed if e["reason"] != "complete"]
+            assert not late, f"{peer.name}: rounds closed before every leaseholder's update: {late}"
+        assert all(len(head.updates) >= 1 for head in chain[1:])
 
 
 def test_churn_kill_restart_and_late_joiner_reach_the_canonical_head(swarm):
