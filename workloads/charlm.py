@@ -79,17 +79,7 @@ class CharLM(SupervisedWorkload):
             raise WorkloadError("option 'val_fraction' must be between 0 and 1")
         if config.eval_examples < 1:
             raise WorkloadError("option 'eval_examples' must be >= 1")
-        super().__init__(
-            InnerSettings(
-                config.lr,
-                config.batch_size,
-                config.weight_decay,
-                config.grad_clip,
-                warmup_steps=config.warmup_steps,
-                decay_steps=config.decay_steps,
-                min_lr_ratio=config.min_lr_ratio,
-            )
-        )
+        super().__init__(InnerSettings.of(config))
         self.config = config
         self.gpt_config = GPTConfig(
             vocab_size=len(ALPHABET),

@@ -50,6 +50,11 @@ class InnerSettings:
     decay_steps: int = 0
     min_lr_ratio: float = 0.1
 
+    @classmethod
+    def of(cls, config: Any) -> InnerSettings:
+        """The inner settings a workload's config dataclass holds under the same field names."""
+        return cls(**{field.name: getattr(config, field.name) for field in dataclasses.fields(cls)})
+
     def lr_at(self, step: int) -> float:
         """The inner learning rate of inner step ``step`` (0-based)."""
         if self.warmup_steps and step < self.warmup_steps:

@@ -58,17 +58,7 @@ class Tiny(SupervisedWorkload):
                 raise WorkloadError(f"option {key!r} must be >= 1")
         if not 2 <= config.classes <= 256:
             raise WorkloadError("option 'classes' must be between 2 and 256 (labels are one byte)")
-        super().__init__(
-            InnerSettings(
-                config.lr,
-                config.batch_size,
-                config.weight_decay,
-                config.grad_clip,
-                warmup_steps=config.warmup_steps,
-                decay_steps=config.decay_steps,
-                min_lr_ratio=config.min_lr_ratio,
-            )
-        )
+        super().__init__(InnerSettings.of(config))
         self.config = config
         known = {p.name for p in self.model_schema()}
         for prefix in config.freeze:
