@@ -125,9 +125,13 @@ class Trainer:
         should_stop = self._stop.is_set
         if time_budget_s is not None:
             ends = time.perf_counter() + time_budget_s
+            asked = 0
 
             def should_stop() -> bool:
-                return self._stop.is_set() or time.perf_counter() >= ends
+                # The budget never stops the first step: an update of zero samples is no update.
+                nonlocal asked
+                asked += 1
+                return self._stop.is_set() or (asked > 1 and time.perf_counter() >= ends)
 
         metrics = self.workload.train(
             self.model, self.inner, microshards, steps, self.device, should_stop=should_stop, seed=seed

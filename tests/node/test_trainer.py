@@ -109,6 +109,14 @@ def test_a_time_budget_ends_the_round_on_a_step_boundary_without_counting_as_int
     base, result, took, interrupted = run(main())
     metrics = result.metrics
     assert metrics.stopped_early and not interrupted
+    # A budget already spent before training starts still yields one step, not an empty update.
+    (tmp_path / "spent").mkdir()
+
+    async def spent() -> InnerResult:
+        trainer = await prepared(workload, tmp_path / "spent")
+        return await trainer.train_round(trainer.initial_weights(), data, 10**9, seed=3, time_budget_s=0.0)
+
+    assert run(spent()).metrics.steps == 1
     assert 1 <= metrics.steps < 10**9
     assert 0.25 <= metrics.seconds < 5.0 and 0.5 <= took < 10.0  # the budget also covers decoding the data
     assert_same_tensors(result.delta, bare_delta(workload, base, data, metrics.steps, seed=3))
