@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--inner-budget", choices=("steps", "time", "both"), default="both",
                         help="training.inner_budget; both: one swarm of each, one after the other")
     parser.add_argument("--microshard-chars", type=int, default=None,
-                        help="charlm microshard size (default 32768: 39 microshards, an epoch every ~2.5 rounds of 4 peers)")
+                        help="charlm microshard size (default: the workload's, 8192 = 153 microshards; 32768 gives 39)")
     args = parser.parse_args()
     budgets = ["steps", "time"] if args.inner_budget == "both" else [args.inner_budget]
     figures = {budget: measure(args, budget) for budget in budgets}

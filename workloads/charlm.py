@@ -38,7 +38,7 @@ class CharLMConfig:
     warmup_steps: int = 0  # inner lr schedule (see InnerSettings): linear warm-up,
     decay_steps: int = 0  # then cosine decay to lr * min_lr_ratio by this inner step (0: constant)
     min_lr_ratio: float = 0.1
-    microshard_chars: int = 32 * 1024
+    microshard_chars: int = 8 * 1024  # 153 microshards of the built-in corpus: fine-grained leases
     val_fraction: float = 0.1
     eval_examples: int = 256
     corpus: str = "shakespeare.txt"  # a file in workloads/data/, or an absolute path to ASCII text
