@@ -31,6 +31,17 @@ ACK = b"ok"
 # ---- bare transports: a server process that reads N bytes and answers "ok" ---------------
 
 
+async def receive_all(read, total: int) -> bool:
+    """Read blocks with ``read(n)`` (trio or asyncio) until ``total`` bytes came; False if the sender stopped."""
+    got = 0
+    while got < total:
+        data = await read(BLOCK)
+        if not data:
+            return False
+        got += len(data)
+    return True
+
+
 def _raw_libp2p_host(seed: bytes):
     from libp2p import new_host
     from libp2p.crypto.ed25519 import create_new_key_pair
@@ -62,12 +73,8 @@ def serve_raw_libp2p(total: int) -> None:
         listen = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
 
         async def handler(stream) -> None:
-            got = 0
-            while got < total:
-                data = await stream.read(BLOCK)
-                if not data:
-                    return
-                got += len(data)
+            if not await receive_all(stream.read, total):
+                return
             await stream.write(ACK)
             await stream.close()
 
@@ -158,12 +165,8 @@ def serve_tcp(total: int) -> None:
 
     async def main() -> None:
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            got = 0
-            while got < total:
-                data = await reader.read(BLOCK)
-                if not data:
-                    return
-                got += len(data)
+            if not await receive_all(reader.read, total):
+                return
             writer.write(ACK)
             await writer.drain()
             writer.close()

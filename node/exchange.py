@@ -167,13 +167,16 @@ class ChunkServer:
         async with self._budget:
             reads: collections.deque[asyncio.Future[tuple[bytes, int]]] = collections.deque()
             upcoming = iter(ids)
-            try:
-                for content_id in itertools.islice(upcoming, _READ_AHEAD):
+
+            def read_ahead(count: int) -> None:
+                for content_id in itertools.islice(upcoming, count):
                     reads.append(asyncio.ensure_future(asyncio.to_thread(self._encoded, kind, content_id)))
+
+            try:
+                read_ahead(_READ_AHEAD)
                 while reads:
                     payload, size = await reads.popleft()
-                    for content_id in itertools.islice(upcoming, 1):
-                        reads.append(asyncio.ensure_future(asyncio.to_thread(self._encoded, kind, content_id)))
+                    read_ahead(1)
                     await writer.send(payload, timeout=self._settings.request_timeout_s)
                     if size:
                         self._stats.bytes_out += size
@@ -212,6 +215,12 @@ class _Drop(Exception):
         super().__init__(reason)
         self.reason = reason
         self.ban = ban
+
+
+async def _honest_or_drop(settling: asyncio.Future[bool] | None) -> None:
+    """Wait for a batch's chunks to settle; a chunk that failed its hash drops (bans) the provider."""
+    if settling is not None and not await settling:
+        raise _Drop("served a chunk whose hash does not match", ban=True)
 
 
 class _FetchRun:
@@ -555,12 +564,9 @@ class Exchange:
             stream = await self._open(peer)
             while batch := run.pick(peer):
                 storing = await self._request(run, stream, peer, batch)
-                honest = await settling if settling is not None else True
-                settling = asyncio.ensure_future(self._settle_stored(run, peer, storing))
-                if not honest:
-                    raise _Drop("served a chunk whose hash does not match", ban=True)
-            if settling is not None and not await settling:
-                raise _Drop("served a chunk whose hash does not match", ban=True)
+                previous, settling = settling, asyncio.ensure_future(self._settle_stored(run, peer, storing))
+                await _honest_or_drop(previous)
+            await _honest_or_drop(settling)
         except _Drop as exc:
             self._drop(run, peer, exc.reason, exc.ban)
         finally:

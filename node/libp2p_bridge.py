@@ -92,8 +92,7 @@ class FramedStream:
         self.peer_id = peer_id
 
     async def write_frame(self, payload: bytes, timeout: float) -> None:
-        data = _FRAME_HEADER.pack(len(payload)) + payload
-        await self._bridge.call(self._stream.write, data, timeout=timeout)
+        await self._bridge.call(self._stream.write, _framed(payload), timeout=timeout)
 
     async def read_frame(self, max_size: int, timeout: float) -> bytes:
         return await self._bridge.call(_read_frame, self._stream, max_size, timeout=timeout)
@@ -196,22 +195,20 @@ class FrameWriter:
     async def send(self, payload: bytes, timeout: float) -> None:
         if self._task is None:
             self._start()
-        async with asyncio.timeout(timeout):
-            while self._pending >= self._max_pending and self._error is None:
-                self._room.clear()
-                await self._room.wait()
-        if self._error is not None:
-            raise self._error
-        data = _FRAME_HEADER.pack(len(payload)) + payload
+        await self._wait_while(lambda: self._pending >= self._max_pending, timeout)
+        data = _framed(payload)
         self._pending += len(data)
         self._bridge.run_soon(self._send.send_nowait, data)
 
     async def drain(self, timeout: float) -> None:
         """Wait until every queued frame is written; raise the write's error if one failed."""
-        if self._task is None:
-            return
+        if self._task is not None:
+            await self._wait_while(lambda: self._pending > 0, timeout)
+
+    async def _wait_while(self, busy: Callable[[], bool], timeout: float) -> None:
+        """Wait (at most ``timeout``) while ``busy()`` and no write failed; raise a failed write's error."""
         async with asyncio.timeout(timeout):
-            while self._pending > 0 and self._error is None:
+            while busy() and self._error is None:
                 self._room.clear()
                 await self._room.wait()
         if self._error is not None:
@@ -221,6 +218,11 @@ class FrameWriter:
         """Stop the writer task (frames still queued are dropped)."""
         if self._task is not None:
             self._task.cancel()
+
+
+def _framed(payload: bytes) -> bytes:
+    """``payload`` behind its length prefix: one frame on the wire."""
+    return _FRAME_HEADER.pack(len(payload)) + payload
 
 
 async def _read_exactly(stream: Any, size: int) -> bytes:
