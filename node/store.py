@@ -380,8 +380,7 @@ def _write_temp(directory: Path, data: Buffer, drop_cache: bool = False) -> Path
     ``drop_cache``: once the data is on disk, tell the kernel its pages need not stay cached.
     Fetched chunks arrive by the hundreds of MiB per head and most are read again rarely, if
     ever; left cached they push out what is read often, and every fetch takes fresh pages
-    (which on a VM can cost a host fault per page: on our development VM a cached 1 MiB write
-    took 2.8 ms of system time, a dropped one 0.34 ms; BENCHMARKS.md).
+    (which on a VM can cost a host fault per page; BENCHMARKS.md, chunk exchange).
     """
     path = directory / f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
