@@ -52,8 +52,12 @@ def _raw_libp2p_host(seed: bytes):
     from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX
     from libp2p.stream_muxer.yamux.yamux import Yamux
 
+    from node.libp2p_bridge import apply_yamux_tuning
+
+    apply_yamux_tuning()
     key_pair = create_new_key_pair(seed)
-    # The daemon's transport choices (see node/libp2p_bridge.py): noise only, yamux only.
+    # The daemon's transport choices (see node/libp2p_bridge.py): noise only, yamux only, and
+    # its yamux tuning, so the bare stream is the same transport the daemon runs.
     return new_host(
         key_pair=key_pair,
         sec_opt={TProtocol(NOISE): NoiseTransport(key_pair, noise_privkey=x25519_pair().private_key)},

@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import logging
 import math
+import os
 import struct
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,6 +39,20 @@ from libp2p.tools.anyio_service import background_trio_service
 
 T = TypeVar("T")
 log = logging.getLogger("p2p_node.libp2p")
+
+# py-libp2p's yamux reads PY_YAMUX_* tuning from the environment whenever it credits a stream's
+# flow-control window. Its default sends a WINDOW_UPDATE after every read; with RELEASE_ON_READ
+# off it batches the credit until half the window is consumed, as go-yamux does. Same protocol on
+# the wire, far fewer frames to encrypt and parse (BENCHMARKS.md, chunk exchange). A value the
+# operator set in the environment wins.
+YAMUX_TUNING = {"PY_YAMUX_RELEASE_ON_READ": "0"}
+
+
+def apply_yamux_tuning() -> None:
+    """Set ``YAMUX_TUNING`` in this process's environment where the operator has not."""
+    for name, value in YAMUX_TUNING.items():
+        os.environ.setdefault(name, value)
+
 
 GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.2.0"), TProtocol("/meshsub/1.1.0")]
 _FRAME_HEADER = struct.Struct(">I")
@@ -297,6 +312,7 @@ class Libp2pBridge:
 
     async def start(self, timeout: float = 30.0) -> None:
         """Start the trio thread and wait until the host listens; raise BridgeError if it cannot."""
+        apply_yamux_tuning()
         self._loop = asyncio.get_running_loop()
         self.done = self._loop.create_future()
         # The daemon watches ``done``; after a shutdown nobody does, and an error the trio run

@@ -73,6 +73,30 @@ def test_read_frames_yields_a_run_of_frames_in_order_and_the_stream_stays_usable
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("preset", [None, "1"])
+def test_batched_window_credit_moves_many_times_the_window_in_small_frames(monkeypatch, preset):
+    """With yamux credit batched (the bridge's tuning, unless the operator set their own value),
+    a reader taking one small frame at a time still receives far more than one 256 KiB window:
+    credit must keep coming back as it reads, or the writer stalls and the read times out."""
+    if preset is None:
+        monkeypatch.delenv("PY_YAMUX_RELEASE_ON_READ", raising=False)
+    else:
+        monkeypatch.setenv("PY_YAMUX_RELEASE_ON_READ", preset)
+
+    async def scenario() -> None:
+        server, client, stream = await pair(serve_frames)
+        try:
+            assert os.environ["PY_YAMUX_RELEASE_ON_READ"] == (preset or "0")
+            for count, size in ((3000, 700), (5, 300_000), (2000, 8)):
+                await stream.write_frame(f"{count} {size}".encode(), timeout=10)
+                for index in range(count):
+                    assert await stream.read_frame(1 << 20, timeout=10) == frame(index, size)
+        finally:
+            await stop(client, server)
+
+    asyncio.run(scenario())
+
+
 def test_read_frames_enforces_the_frame_limit():
     async def scenario() -> None:
         server, client, stream = await pair(serve_frames)
