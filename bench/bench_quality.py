@@ -3,10 +3,13 @@
 Run from the repository root:
 
     python -m bench.bench_quality [--quick] [--codec int8] [--H 50] [--rounds 20] \
-        [--outer-lr 0.7] [--outer-momentum 0.9] [--out bench/results/quality.json]
+        [--outer-lr 0.7] [--outer-momentum 0.9] [--seeds 0,1,2,3 --jobs 2] [--out FILE.json]
 
-Both methods run in this one process, from the same initial weights, on the same examples in
-the same order, for the same number of samples:
+Both methods start from the same initial weights and see the same examples in the same order,
+for the same number of samples. With ``--seeds`` both run at each seed (another init, another
+data order) and the verdict is on the mean gap: one seed's final loss moves by a percent or two
+with the order of the last minibatches, as much as the gap being measured. ``--jobs`` runs the
+(method, seed) pairs in parallel processes; the results do not depend on it.
 
 * DiLoCo: ``--workers`` simulated peers. Each round every worker loads the global weights into
   its own model, runs ``H`` inner AdamW steps through ``Workload.train`` (its AdamW state is kept
@@ -38,9 +41,12 @@ left out of both.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
+import multiprocessing
 import platform
+import statistics
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -193,7 +199,7 @@ def run_diloco(
                 evaluator.load_state_dict(global_weights)
             loss = workload.evaluate(evaluator, "val").loss
             run.curve.append((r + 1, run.samples, loss))
-            print(f"  diloco round {r + 1:3d}/{len(slices)}  samples {run.samples:7d}  val {loss:.4f}"
+            print(f"  seed {args.seed} diloco round {r + 1:3d}/{len(slices)}  samples {run.samples:7d}  val {loss:.4f}"
                   f"  ({time.perf_counter() - started:6.1f} s)", flush=True)
     run.seconds = time.perf_counter() - started
     return run
@@ -252,7 +258,7 @@ def run_dp(
             loss_val = workload.evaluate(model, "val").loss
             model.train()
             run.curve.append((r + 1, run.samples, loss_val))
-            print(f"  dp     round {r + 1:3d}/{len(slices)}  samples {run.samples:7d}  val {loss_val:.4f}"
+            print(f"  seed {args.seed} dp     round {r + 1:3d}/{len(slices)}  samples {run.samples:7d}  val {loss_val:.4f}"
                   f"  ({time.perf_counter() - started:6.1f} s)", flush=True)
     run.seconds = time.perf_counter() - started
     return run
@@ -264,6 +270,50 @@ def human(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
         n /= 1000
     return f"{n:.1f} GB"
+
+
+BYTE_ACCOUNTING = (
+    "per worker. DP: fp32 gradient (4 B x parameters) ring all-reduced every step; each worker sends"
+    " and receives 2(n-1)/n x gradient size per step. DiLoCo: per round each worker sends its encoded"
+    " pseudo-gradient (artifact chunks + manifest) and receives the other n-1; the merge is computed"
+    " locally by every peer, so no weights are broadcast. Gossip records are not counted."
+)
+
+
+def setup(args: argparse.Namespace, options: dict[str, Any]) -> tuple[Any, list[list[list[int]]], list[bytes]]:
+    """The workload, the seed's ``[round][worker]`` microshard slices and every microshard's bytes."""
+    workload = load_workload("charlm", options)
+    batch_size = workload.settings()["batch_size"]
+    slices = round_slices(workload, args.workers, args.rounds, args.H * batch_size, args.seed)
+    shard_bytes = [workload.microshard_bytes(i) for i in range(len(workload.dataset().microshards))]
+    return workload, slices, shard_bytes
+
+
+def run_task(args: argparse.Namespace, options: dict[str, Any], method: str, seed: int) -> Run:
+    """One method at one seed, from scratch; a top-level function, so --jobs can run it in a
+    process of its own."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(seed)
+    args = argparse.Namespace(**(vars(args) | {"seed": seed}))
+    workload, slices, shard_bytes = setup(args, options)
+    if method == "diloco":
+        return run_diloco(workload, args, slices, shard_bytes)
+    gradient_bytes = 4 * sum(math.prod(p.shape) for p in workload.model_schema())
+    return run_dp(workload, args, slices, shard_bytes, gradient_bytes)
+
+
+def run_view(r: Run) -> dict[str, Any]:
+    return {
+        "name": r.name,
+        "final_val_loss": r.final_loss,
+        "train_loss_last": r.train_loss_last,
+        "samples": r.samples,
+        "bytes_sent_per_worker": r.bytes_sent,
+        "bytes_received_per_worker": r.bytes_received,
+        "bytes_total_per_worker": r.bytes_total,
+        "seconds": r.seconds,
+        "curve": [{"round": a, "samples": b, "val_loss": c} for a, b, c in r.curve],
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -280,14 +330,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="override a charlm option (n_layer, n_embd, block_size, batch_size, lr, ...)")
     parser.add_argument("--eval-every", type=int, default=None, help="evaluate every N rounds (default ~10 points)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seeds", type=str, default=None, metavar="S,S,...",
+                        help="run both methods at each of these seeds and judge the mean gap (overrides --seed)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs (method x seed) in parallel, one process each")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--skip-dp", action="store_true", help="run DiLoCo only (no baseline, no verdict)")
     parser.add_argument("--skip-diloco", action="store_true", help="run the data-parallel baseline only (no verdict)")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     options: dict[str, Any] = dict(QUICK_MODEL if args.quick else BENCH_MODEL)
     for item in args.option:
         key, _, value = item.partition("=")
@@ -295,34 +347,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.H = args.H if args.H is not None else (10 if args.quick else 50)
     args.rounds = args.rounds if args.rounds is not None else (3 if args.quick else 20)
     args.eval_every = args.eval_every or max(1, args.rounds // 10)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    methods = [m for m, skip in (("dp", args.skip_dp), ("diloco", args.skip_diloco)) if not skip]
 
-    workload = load_workload("charlm", options)
+    workload, slices, _ = setup(args, options)
     batch_size = workload.settings()["batch_size"]
     params = sum(math.prod(p.shape) for p in workload.model_schema())
     gradient_bytes = 4 * params  # every parameter of the charlm is trainable and fp32
-    sources = workload.dataset().microshards
-    slices = round_slices(workload, args.workers, args.rounds, args.H * batch_size, args.seed)
     per_worker = sum(len(w) for r in slices for w in r) / (args.workers * args.rounds)
-    shard_bytes = [workload.microshard_bytes(i) for i in range(len(sources))]
-    split_examples = sum(s.examples for s in sources)
+    split_examples = sum(s.examples for s in workload.dataset().microshards)
     total_samples = args.workers * args.rounds * args.H * batch_size
 
     print(f"charlm {options}: {params:,} parameters, fp32 gradient {human(gradient_bytes)}")
     print(f"{args.workers} workers x {args.rounds} rounds x H={args.H} x batch {batch_size} = {total_samples:,} samples"
           f" ({total_samples / split_examples:.2f} epochs of {split_examples:,}); {per_worker:.1f} microshards"
-          f" per worker per round (>= H x batch examples each); torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+          f" per worker per round (>= H x batch examples each); torch {torch.__version__}, {args.threads} threads"
+          f" per run; seeds {seeds}, {args.jobs} job(s)", flush=True)
 
     wall = time.perf_counter()
-    diloco = None if args.skip_diloco else run_diloco(workload, args, slices, shard_bytes)
-    dp = None if args.skip_dp else run_dp(workload, args, slices, shard_bytes, gradient_bytes)
+    tasks = [(method, seed) for seed in seeds for method in methods]
+    if args.jobs > 1:
+        spawn = multiprocessing.get_context("spawn")  # torch does not survive fork with threads running
+        with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn) as pool:
+            futures = [pool.submit(run_task, args, options, method, seed) for method, seed in tasks]
+            finished = [f.result() for f in futures]
+    else:
+        finished = [run_task(args, options, method, seed) for method, seed in tasks]
+    runs: dict[int, dict[str, Run]] = {seed: {} for seed in seeds}
+    for (method, seed), run in zip(tasks, finished, strict=True):
+        runs[seed][method] = run
     wall = time.perf_counter() - wall
 
-    runs = [r for r in (dp, diloco) if r is not None]
     print()
-    print(f"{'method':<58} {'val loss':>9} {'samples':>9} {'sent/wkr':>10} {'recv/wkr':>10} {'total/wkr':>10} {'time':>8}")
-    for r in runs:
-        print(f"{r.name:<58} {r.final_loss:9.4f} {r.samples:9,} {human(r.bytes_sent):>10} {human(r.bytes_received):>10}"
-              f" {human(r.bytes_total):>10} {r.seconds:7.1f}s")
+    print(f"{'seed':>4} {'method':<58} {'val loss':>9} {'samples':>9} {'sent/wkr':>10} {'recv/wkr':>10}"
+          f" {'total/wkr':>10} {'time':>8}")
+    for seed in seeds:
+        for r in runs[seed].values():
+            print(f"{seed:>4} {r.name:<58} {r.final_loss:9.4f} {r.samples:9,} {human(r.bytes_sent):>10}"
+                  f" {human(r.bytes_received):>10} {human(r.bytes_total):>10} {r.seconds:7.1f}s")
     report: dict[str, Any] = {
         "bench": "quality",
         "workload": "charlm",
@@ -339,34 +401,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "outer_momentum": args.outer_momentum,
         "nesterov": args.outer_momentum > 0,
         "dp_lr": args.dp_lr if args.dp_lr is not None else workload.settings()["lr"],
-        "seed": args.seed,
-        "threads": torch.get_num_threads(),
+        "seeds": seeds,
+        "threads": args.threads,
         "torch": torch.__version__,
         "machine": platform.machine(),
         "wall_seconds": wall,
-        "byte_accounting": (
-            "per worker. DP: fp32 gradient (4 B x parameters) ring all-reduced every step; each worker sends"
-            " and receives 2(n-1)/n x gradient size per step. DiLoCo: per round each worker sends its encoded"
-            " pseudo-gradient (artifact chunks + manifest) and receives the other n-1; the merge is computed"
-            " locally by every peer, so no weights are broadcast. Gossip records are not counted."
-        ),
-        "runs": {
-            key: {
-                "name": r.name,
-                "final_val_loss": r.final_loss,
-                "train_loss_last": r.train_loss_last,
-                "samples": r.samples,
-                "bytes_sent_per_worker": r.bytes_sent,
-                "bytes_received_per_worker": r.bytes_received,
-                "bytes_total_per_worker": r.bytes_total,
-                "seconds": r.seconds,
-                "curve": [{"round": a, "samples": b, "val_loss": c} for a, b, c in r.curve],
-            }
-            for key, r in (("dp", dp), ("diloco", diloco)) if r is not None
-        },
+        "byte_accounting": BYTE_ACCOUNTING,
     }
-    if dp is not None and diloco is not None:
-        gap = (diloco.final_loss - dp.final_loss) / dp.final_loss
+    if len(seeds) == 1:
+        report["seed"] = seeds[0]
+        report["runs"] = {key: run_view(r) for key, r in runs[seeds[0]].items()}
+    else:
+        report["runs_by_seed"] = {str(seed): {key: run_view(r) for key, r in runs[seed].items()} for seed in seeds}
+    if {"dp", "diloco"} <= set(methods):
+        gaps = {seed: (runs[seed]["diloco"].final_loss - runs[seed]["dp"].final_loss) / runs[seed]["dp"].final_loss
+                for seed in seeds}
+        gap = statistics.fmean(gaps.values())
+        dp, diloco = runs[seeds[0]]["dp"], runs[seeds[0]]["diloco"]
         ratio = dp.bytes_total / diloco.bytes_total
         ratio_sent = dp.bytes_sent / diloco.bytes_sent
         # The plainest accounting: DP pushes one full fp32 gradient per step, DiLoCo one encoded
@@ -374,15 +425,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratio_plain = args.rounds * args.H * gradient_bytes / diloco.bytes_sent
         loss_ok, bytes_ok = gap <= 0.02, ratio >= 50
         print()
-        print(f"DiLoCo vs DP: val loss {diloco.final_loss:.4f} vs {dp.final_loss:.4f} ({gap:+.2%});"
-              f" bytes per worker {ratio:.1f}x fewer (ring, sent+received), {ratio_sent:.1f}x fewer (ring, sent only),"
-              f" {ratio_plain:.1f}x fewer (one gradient per step vs one update per round)")
+        for seed in seeds:
+            print(f"seed {seed}: DiLoCo {runs[seed]['diloco'].final_loss:.4f} vs DP {runs[seed]['dp'].final_loss:.4f}"
+                  f" ({gaps[seed]:+.2%})")
+        spread = f" (seeds range {min(gaps.values()):+.2%} to {max(gaps.values()):+.2%})" if len(seeds) > 1 else ""
+        print(f"DiLoCo vs DP: val loss gap {gap:+.2%}{' mean of ' + str(len(seeds)) + ' seeds' if len(seeds) > 1 else ''}"
+              f"{spread}; bytes per worker {ratio:.1f}x fewer (ring, sent+received), {ratio_sent:.1f}x fewer"
+              f" (ring, sent only), {ratio_plain:.1f}x fewer (one gradient per step vs one update per round)")
         print(f"target (loss within 2%, >= 50x fewer bytes): loss {'MET' if loss_ok else 'MISSED'},"
               f" bytes {'MET' if bytes_ok else 'MISSED'}")
         report |= {"loss_gap": gap, "bytes_ratio": ratio, "bytes_ratio_sent_only": ratio_sent,
                    "bytes_ratio_one_gradient_per_step": ratio_plain,
                    "target": {"loss_within": 0.02, "bytes_ratio_at_least": 50, "loss_met": loss_ok,
                               "bytes_met": bytes_ok, "met": loss_ok and bytes_ok}}
+        if len(seeds) > 1:
+            report["loss_gap_by_seed"] = {str(seed): g for seed, g in gaps.items()}
     print(f"wall time {wall:.1f} s")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
