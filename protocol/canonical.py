@@ -55,7 +55,8 @@ def _normalise(value: Any, depth: int) -> Any:
 
 def encode(value: Any) -> bytes:
     """Encode ``value`` canonically. Raises CanonicalError for values outside the model."""
-    return msgpack.packb(_normalise(value, 0), use_bin_type=True, use_single_float=False)
+    encoded: bytes = msgpack.packb(_normalise(value, 0), use_bin_type=True, use_single_float=False)
+    return encoded
 
 
 def decode(data: bytes | bytearray | memoryview, limits: Limits = Limits()) -> Any:

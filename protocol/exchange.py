@@ -76,7 +76,8 @@ class Item:
 
     def encode(self) -> bytes:
         # Byte-for-byte the canonical form of [str, bytes|nil], without re-walking a megabyte payload.
-        return msgpack.packb([self.id, self.data], use_bin_type=True)
+        encoded: bytes = msgpack.packb([self.id, self.data], use_bin_type=True)
+        return encoded
 
 
 def decode_item(data: bytes, expected_id: str) -> Item:
