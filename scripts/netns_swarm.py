@@ -795,8 +795,13 @@ def poll(swarm: Swarm) -> list[PeerReport]:
 def _parallel_queries(swarm: Swarm) -> dict[str, dict[str, Any] | None]:
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=len(swarm.plans)) as pool:
+    pool = ThreadPoolExecutor(max_workers=len(swarm.plans))
+    try:
         answers = list(pool.map(swarm.query, swarm.plans))
+    finally:
+        # On Ctrl-C, do not sit here until the queries in flight time out (10 s each): the
+        # teardown kills whatever still runs in the namespaces, these queries included.
+        pool.shutdown(wait=False, cancel_futures=True)
     return {plan.service.name: answer for plan, answer in zip(swarm.plans, answers)}
 
 

@@ -109,11 +109,17 @@ def test_ctrl_c_tears_everything_down() -> None:
             ["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()}
         assert len(pids) >= 5
         process.send_signal(signal.SIGINT)
-        rest, _ = process.communicate(timeout=30)
+        try:
+            rest, _ = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            rest, _ = process.communicate()
+            pytest.fail(f"the script did not exit within 30 s of Ctrl-C; it printed:\n{first}{rest}")
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+        if process.returncode != 1:
             subprocess.run([sys.executable, str(SCRIPT), "down"], capture_output=True)
     assert process.returncode == 1, rest
     assert "interrupted; tearing down" in rest
