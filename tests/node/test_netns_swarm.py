@@ -96,6 +96,9 @@ def test_ctrl_c_tears_everything_down() -> None:
     process = subprocess.Popen(
         [sys.executable, str(SCRIPT), "up", "--timeout", "60", "--set", "workload.name=tiny"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # A shell starts background jobs with SIGINT ignored, and children inherit that (Python then
+        # installs no KeyboardInterrupt handler): give the script the disposition a terminal gives it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     prefix = f"{netns_swarm.NS_PREFIX}{process.pid}-"
     try:
