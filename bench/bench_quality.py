@@ -62,9 +62,10 @@ from protocol.manifest import join_chunks
 from workloads.base import seeded_generator
 from workloads.registry import load_workload
 
-# The DP baseline replays Workload.train's own minibatch sampler so both methods see the same
-# examples in the same order; it is the function train calls, not a copy of it.
-from workloads.supervised import _batches, _concat
+# The DP baseline replays Workload.train's own minibatch sampler (so both methods see the same
+# examples in the same order) and sets the scheduled lr the way train does: the functions train
+# calls, not copies of them.
+from workloads.supervised import _batches, _concat, _set_lr
 
 CODECS: dict[str, Codec] = {"fp32": FP32, "bf16": BF16, "int8": INT8}
 
@@ -241,8 +242,7 @@ def run_dp(
         batches = dp_batches(workload, round_slices_, shard_bytes, settings["batch_size"], args.seed, r)
         for _ in range(args.H):
             batch = next(batches)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_scale * workload.lr_at(step)
+            _set_lr(optimizer, lr_scale * workload.lr_at(step))
             step += 1
             loss = workload.batch_loss(model, batch)
             optimizer.zero_grad(set_to_none=True)

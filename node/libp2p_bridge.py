@@ -463,10 +463,7 @@ class Libp2pBridge:
                 # (Callbacks run in order, so an outcome queued above always wins.)
                 _call_soon_quietly(loop, settle, None, BridgeError("libp2p host stopped"))
 
-        try:
-            self._token.run_sync_soon(nursery.start_soon, runner)
-        except trio.RunFinishedError:
-            raise BridgeError("libp2p host has stopped") from None
+        self.run_soon(nursery.start_soon, runner)
         return task
 
     def run_soon(self, fn: Callable[..., Any], *args: Any) -> None:
