@@ -26,11 +26,13 @@ from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.secure_session import SecureSession
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -52,6 +54,37 @@ def apply_yamux_tuning() -> None:
     """Set ``YAMUX_TUNING`` in this process's environment where the operator has not."""
     for name, value in YAMUX_TUNING.items():
         os.environ.setdefault(name, value)
+
+
+# A frame on a secured connection is encrypted (spending a nonce) and then written. Cancelled
+# in between, or half way through the socket write, the connection is left out of step with
+# its peer: the next frame fails to decrypt there and every stream on it dies. py-libp2p lets
+# that happen whenever a stream operation is cancelled while it writes, and a read writes too
+# (its window update). ``guard_frame_writes`` makes each frame write finish regardless of the
+# caller's cancellation, the cancellation landing after it; a frame (at most 64 KiB) that
+# cannot be written within FRAME_WRITE_LIMIT_S means a dead connection, which is closed.
+FRAME_WRITE_LIMIT_S = 30.0
+_unguarded_write = SecureSession.write
+
+
+async def _guarded_write(self: SecureSession, data: bytes) -> None:
+    with trio.CancelScope(shield=True) as writing:
+        writing.deadline = trio.current_time() + FRAME_WRITE_LIMIT_S
+        await _unguarded_write(self, data)
+    if writing.cancelled_caught:
+        log.warning("a frame write took over %.0f s; closing the connection", FRAME_WRITE_LIMIT_S)
+        with trio.CancelScope(shield=True) as closing:
+            closing.deadline = trio.current_time() + 5.0
+            try:
+                await self.close()
+            except Exception as exc:  # noqa: BLE001 - it is being dropped either way
+                log.debug("closing a stalled connection failed: %r", exc)
+        raise ConnectionClosedError(f"frame write stalled for {FRAME_WRITE_LIMIT_S:.0f} s")
+
+
+def guard_frame_writes() -> None:
+    """Make every secured-connection frame write in this process run to completion (see above)."""
+    SecureSession.write = _guarded_write  # type: ignore[method-assign]
 
 
 GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.2.0"), TProtocol("/meshsub/1.1.0")]
@@ -92,6 +125,7 @@ class BridgeStats:
     gossip_dropped_full_queue: int = 0
     handler_errors: int = 0
     dials_failed: int = 0
+    callback_errors: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -178,13 +212,20 @@ class FrameWriter:
         self._error: BaseException | None = None
         self._bridge = bridge
         self._stream = stream
-        self._send: Any = None
+        self._put: Callable[[bytes], None] | None = None
         self._task: _TrioTask[None] | None = None
 
     def _start(self) -> None:
         send, receive = trio.open_memory_channel(math.inf)
-        self._send = send
         loop, stream = self._loop, self._stream
+
+        def put(data: bytes) -> None:
+            try:
+                send.send_nowait(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the writer task has ended; its outcome reports why (``_ended``)
+
+        self._put = put
 
         async def drain_queue() -> None:
             async with receive:
@@ -213,7 +254,8 @@ class FrameWriter:
         await self._wait_while(lambda: self._pending >= self._max_pending, timeout)
         data = _framed(payload)
         self._pending += len(data)
-        self._bridge.run_soon(self._send.send_nowait, data)
+        assert self._put is not None  # set by _start
+        self._bridge.run_soon(self._put, data)
 
     async def drain(self, timeout: float) -> None:
         """Wait until every queued frame is written; raise the write's error if one failed."""
@@ -313,6 +355,7 @@ class Libp2pBridge:
     async def start(self, timeout: float = 30.0) -> None:
         """Start the trio thread and wait until the host listens; raise BridgeError if it cannot."""
         apply_yamux_tuning()
+        guard_frame_writes()
         self._loop = asyncio.get_running_loop()
         self.done = self._loop.create_future()
         # The daemon watches ``done``; after a shutdown nobody does, and an error the trio run
@@ -463,17 +506,34 @@ class Libp2pBridge:
                 # (Callbacks run in order, so an outcome queued above always wins.)
                 _call_soon_quietly(loop, settle, None, BridgeError("libp2p host stopped"))
 
-        self.run_soon(nursery.start_soon, runner)
+        def start() -> None:
+            try:
+                nursery.start_soon(runner)
+            except RuntimeError:  # the nursery is closed to new tasks: the host is stopping
+                _call_soon_quietly(loop, settle, None, BridgeError("libp2p host stopped"))
+
+        self.run_soon(start)
         return task
 
     def run_soon(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Call ``fn(*args)`` in the trio thread soon, after everything submitted before it."""
+        """Call ``fn(*args)`` in the trio thread soon, after everything submitted before it.
+
+        An exception from ``fn`` is logged and counted: trio treats one escaping a
+        ``run_sync_soon`` callback as its own internal error and ends the run, host and all.
+        """
         if self._token is None:
             raise BridgeError("libp2p host is not running")
         try:
-            self._token.run_sync_soon(fn, *args)
+            self._token.run_sync_soon(self._run_guarded, fn, args)
         except trio.RunFinishedError:
             raise BridgeError("libp2p host has stopped") from None
+
+    def _run_guarded(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:
+            self.stats.callback_errors += 1
+            log.error("callback %s in the libp2p thread failed: %r", getattr(fn, "__name__", fn), exc)
 
     async def call(self, afn: Callable[..., Awaitable[T]], *args: Any, timeout: float) -> T:
         """Run ``afn(*args)`` in the trio thread with a deadline; cancelling this cancels it."""

@@ -172,6 +172,49 @@ def test_leaving_read_frames_early_cancels_the_reader():
     asyncio.run(scenario())
 
 
+def test_reads_cancelled_again_and_again_leave_the_connection_usable():
+    """A read credits the sender's window by writing a frame; cancelled at that moment, the
+    secured connection must not be left half way through a frame (the next one would fail
+    to decrypt at the peer and every stream on the connection would die)."""
+
+    async def scenario() -> None:
+        server, client, _ = await pair(serve_frames)
+        try:
+            peer = server.peer_id
+            for attempt in range(40):
+                stream = await client.open_stream(peer, PROTOCOL, timeout=10)
+                await stream.write_frame(b"64 65536", timeout=10)
+                async with contextlib.aclosing(stream.read_frames(64, 1 << 17, timeout=30)) as frames:
+                    for _ in range(1 + attempt % 5):
+                        await anext(frames)
+                await stream.reset()
+            fresh = await client.open_stream(peer, PROTOCOL, timeout=10)
+            await fresh.write_frame(b"3 65536", timeout=10)
+            assert [f async for f in fresh.read_frames(3, 1 << 17, timeout=10)] == [frame(i, 65536) for i in range(3)]
+        finally:
+            await stop(client, server)
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_callback_in_the_libp2p_thread_is_counted_and_the_host_lives_on():
+    """trio ends its whole run when a ``run_sync_soon`` callback raises; ``run_soon`` must not
+    let that happen (a frame queued just as the peer reset the stream once did exactly this)."""
+
+    async def scenario() -> None:
+        server, client, stream = await pair(serve_frames)
+        try:
+            client.run_soon(lambda: 1 / 0)
+            await stream.write_frame(b"2 16", timeout=10)
+            assert [f async for f in stream.read_frames(2, 64, timeout=10)] == [frame(0, 16), frame(1, 16)]
+            assert client.stats.callback_errors == 1
+            assert not client.done.done()
+        finally:
+            await stop(client, server)
+
+    asyncio.run(scenario())
+
+
 def test_a_frame_writer_bounds_its_queue_and_fails_once_the_stream_is_gone():
     sent: dict[str, object] = {}
 
