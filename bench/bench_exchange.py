@@ -2,30 +2,57 @@
 
 1. a daemon fetching an artifact from one daemon (``POST /fetches`` until ``done``, chunks
    verified and fsynced into the store);
-2. the same bytes over one bare py-libp2p stream (noise + yamux), raw trio, no bridge;
+2. the same bytes over one bare py-libp2p stream (noise + yamux), raw trio, no bridge: once
+   with py-libp2p's stock settings and once with the daemon's yamux tuning
+   (``node.libp2p_bridge.apply_yamux_tuning``);
 3. the same bytes over one libp2p stream through ``Libp2pBridge`` frames (the daemon's path);
 4. the same bytes over plain asyncio + uvloop TCP on loopback;
 5. a daemon fetching the artifact from three daemons at once.
 
+Each transfer also reports the CPU time its receiving and sending processes spent on it
+(user + system, every thread), so a run shows whether the machine's cores, rather than the
+protocol, set the pace: the fetch does more work per byte than a bare stream (verifying and
+durably storing every chunk) and, with both processes on a small machine, pays for it in rate.
+
 Run from the repository root: python -m bench.bench_exchange [--mib 256] [--repeats 1]
-It starts its own processes on 127.0.0.1 and stops them before it exits.
+It starts its own processes on 127.0.0.1 and stops them before it exits. Linux only (the CPU
+times come from /proc).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 MIB = 1 << 20
 BLOCK = MIB
 ACK = b"ok"
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a live process (all its threads) has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+@dataclass
+class Transfer:
+    """One transfer: its wall time and the CPU seconds each side spent during it."""
+
+    seconds: float
+    receiver_cpu_s: float
+    sender_cpu_s: float
 
 
 # ---- bare transports: a server process that reads N bytes and answers "ok" ---------------
@@ -42,7 +69,7 @@ async def receive_all(read, total: int) -> bool:
     return True
 
 
-def _raw_libp2p_host(seed: bytes):
+def _raw_libp2p_host(seed: bytes, tuned: bool):
     from libp2p import new_host
     from libp2p.crypto.ed25519 import create_new_key_pair
     from libp2p.crypto.x25519 import create_new_key_pair as x25519_pair
@@ -52,12 +79,16 @@ def _raw_libp2p_host(seed: bytes):
     from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX
     from libp2p.stream_muxer.yamux.yamux import Yamux
 
-    from node.libp2p_bridge import apply_yamux_tuning
+    from node.libp2p_bridge import YAMUX_TUNING, apply_yamux_tuning
 
-    apply_yamux_tuning()
+    if tuned:
+        apply_yamux_tuning()
+    else:
+        for name in YAMUX_TUNING:
+            os.environ.pop(name, None)
     key_pair = create_new_key_pair(seed)
-    # The daemon's transport choices (see node/libp2p_bridge.py): noise only, yamux only, and
-    # its yamux tuning, so the bare stream is the same transport the daemon runs.
+    # The daemon's transport choices (see node/libp2p_bridge.py): noise only, yamux only; with
+    # ``tuned``, its yamux tuning as well, else py-libp2p's stock settings.
     return new_host(
         key_pair=key_pair,
         sec_opt={TProtocol(NOISE): NoiseTransport(key_pair, noise_privkey=x25519_pair().private_key)},
@@ -68,12 +99,12 @@ def _raw_libp2p_host(seed: bytes):
 BENCH_PROTOCOL = "/p2p-node/bench/1.0.0"
 
 
-def serve_raw_libp2p(total: int) -> None:
+def serve_raw_libp2p(total: int, tuned: bool = False) -> None:
     import multiaddr
     import trio
 
     async def main() -> None:
-        host = _raw_libp2p_host(b"s" * 32)
+        host = _raw_libp2p_host(b"s" * 32, tuned)
         listen = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
 
         async def handler(stream) -> None:
@@ -90,7 +121,7 @@ def serve_raw_libp2p(total: int) -> None:
     trio.run(main)
 
 
-def client_raw_libp2p(addr: str, total: int) -> float:
+def client_raw_libp2p(addr: str, total: int, tuned: bool = False) -> tuple[float, float]:
     import multiaddr
     import trio
     from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -98,22 +129,22 @@ def client_raw_libp2p(addr: str, total: int) -> float:
     result: list[float] = []
 
     async def main() -> None:
-        host = _raw_libp2p_host(b"c" * 32)
+        host = _raw_libp2p_host(b"c" * 32, tuned)
         info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
         async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
             await host.connect(info)
             block = bytes(BLOCK)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             stream = await host.new_stream(info.peer_id, [BENCH_PROTOCOL])
             for _ in range(total // BLOCK):
                 await stream.write(block)
             ack = await stream.read(len(ACK))
-            result.append(time.perf_counter() - started)
+            result.extend((time.perf_counter() - started, time.process_time() - cpu))
             assert ack == ACK, ack
             await stream.close()
 
     trio.run(main)
-    return result[0]
+    return result[0], result[1]
 
 
 def serve_bridge(total: int) -> None:
@@ -138,23 +169,23 @@ def serve_bridge(total: int) -> None:
     uvloop.run(main())
 
 
-def client_bridge(addr: str, total: int) -> float:
+def client_bridge(addr: str, total: int) -> tuple[float, float]:
     import uvloop
 
     from node.libp2p_bridge import Libp2pBridge
 
-    async def main() -> float:
+    async def main() -> tuple[float, float]:
         bridge = Libp2pBridge(b"c" * 32, ["/ip4/127.0.0.1/tcp/0"], kademlia=False)
         await bridge.start()
         try:
             peer = await bridge.connect(addr, timeout=10)
             block = bytes(BLOCK)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             stream = await bridge.open_stream(peer, BENCH_PROTOCOL, timeout=10)
             for _ in range(total // BLOCK):
                 await stream.write_frame(block, timeout=30)
             ack = await stream.read_frame(16, timeout=60)
-            took = time.perf_counter() - started
+            took = time.perf_counter() - started, time.process_time() - cpu
             assert ack == ACK, ack
             await stream.close()
             return took
@@ -183,19 +214,19 @@ def serve_tcp(total: int) -> None:
     uvloop.run(main())
 
 
-def client_tcp(addr: str, total: int) -> float:
+def client_tcp(addr: str, total: int) -> tuple[float, float]:
     import uvloop
 
-    async def main() -> float:
+    async def main() -> tuple[float, float]:
         host, port = addr.split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
         block = bytes(BLOCK)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for _ in range(total // BLOCK):
             writer.write(block)
             await writer.drain()
         ack = await reader.readexactly(len(ACK))
-        took = time.perf_counter() - started
+        took = time.perf_counter() - started, time.process_time() - cpu
         assert ack == ACK
         writer.close()
         return took
@@ -203,12 +234,22 @@ def client_tcp(addr: str, total: int) -> float:
     return uvloop.run(main())
 
 
-SERVERS = {"raw-libp2p": serve_raw_libp2p, "bridge": serve_bridge, "tcp": serve_tcp}
-CLIENTS = {"raw-libp2p": client_raw_libp2p, "bridge": client_bridge, "tcp": client_tcp}
+SERVERS = {
+    "raw-libp2p": serve_raw_libp2p,
+    "raw-libp2p-tuned": functools.partial(serve_raw_libp2p, tuned=True),
+    "bridge": serve_bridge,
+    "tcp": serve_tcp,
+}
+CLIENTS = {
+    "raw-libp2p": client_raw_libp2p,
+    "raw-libp2p-tuned": functools.partial(client_raw_libp2p, tuned=True),
+    "bridge": client_bridge,
+    "tcp": client_tcp,
+}
 
 
-def bare_transfer(kind: str, total: int) -> float:
-    """Seconds to move ``total`` bytes to a server process over ``kind`` (client in a process too)."""
+def bare_transfer(kind: str, total: int) -> Transfer:
+    """Move ``total`` bytes from a client process to a server process over ``kind``."""
     server = subprocess.Popen(
         [sys.executable, "-m", "bench.bench_exchange", "--serve", kind, "--bytes", str(total)],
         stdout=subprocess.PIPE,
@@ -216,6 +257,7 @@ def bare_transfer(kind: str, total: int) -> float:
     )
     try:
         addr = json.loads(server.stdout.readline())["addr"]
+        idle_cpu = cpu_seconds(server.pid)
         client = subprocess.run(
             [sys.executable, "-m", "bench.bench_exchange", "--client", kind, "--addr", addr, "--bytes", str(total)],
             capture_output=True,
@@ -223,7 +265,10 @@ def bare_transfer(kind: str, total: int) -> float:
             timeout=300,
             check=True,
         )
-        return float(json.loads(client.stdout.strip().splitlines()[-1])["seconds"])
+        # The server has read everything and answered by now; it was idle while the client started.
+        receiver_cpu = cpu_seconds(server.pid) - idle_cpu
+        result = json.loads(client.stdout.strip().splitlines()[-1])
+        return Transfer(float(result["seconds"]), receiver_cpu, float(result["cpu_seconds"]))
     finally:
         server.kill()
         server.wait()
@@ -232,8 +277,8 @@ def bare_transfer(kind: str, total: int) -> float:
 # ---- daemons -------------------------------------------------------------------------
 
 
-def daemon_fetch(root: Path, mib: int, providers: int) -> tuple[float, dict]:
-    """Seconds from ``POST /fetches`` to ``done`` for a daemon fetching from ``providers`` seeds."""
+def daemon_fetch(root: Path, mib: int, providers: int) -> Transfer:
+    """``POST /fetches`` until ``done`` for a daemon fetching from ``providers`` seeds."""
     import torch
 
     from node.artifacts import store_artifact
@@ -264,6 +309,7 @@ def daemon_fetch(root: Path, mib: int, providers: int) -> tuple[float, dict]:
             what="the fetcher to connect to every seed",
         )
         time.sleep(2.0)  # a couple of announcements: the fetcher knows every seed
+        cpu = {peer.peer_id: cpu_seconds(peer.process.pid) for peer in peers}
         started = time.perf_counter()
         status, body = fetcher.post("/fetches", {"manifest": manifest_id})
         assert status == 202, body
@@ -274,8 +320,9 @@ def daemon_fetch(root: Path, mib: int, providers: int) -> tuple[float, dict]:
 
         view = wait_until(done, 300, interval=0.02, what="the fetch")
         took = time.perf_counter() - started
+        spent = {peer.peer_id: cpu_seconds(peer.process.pid) - cpu[peer.peer_id] for peer in peers}
         assert view["state"] == "done", view
-        return took, view
+        return Transfer(took, spent[fetcher.peer_id], sum(spent[seed.peer_id] for seed in seeds))
     finally:
         swarm.stop_all()
 
@@ -293,39 +340,56 @@ def main() -> None:
         SERVERS[args.serve](args.bytes)
         return
     if args.client:
-        print(json.dumps({"seconds": CLIENTS[args.client](args.addr, args.bytes)}), flush=True)
+        seconds, cpu = CLIENTS[args.client](args.addr, args.bytes)
+        print(json.dumps({"seconds": seconds, "cpu_seconds": cpu}), flush=True)
         return
 
     total = args.mib * MIB
-    rates: dict[str, float] = {}
+    best: dict[str, Transfer] = {}
 
-    def record(name: str, seconds: float) -> None:
-        rate = total / MIB / seconds
-        rates[name] = max(rates.get(name, 0.0), rate)
-        print(f"  {name:<28} {seconds:7.2f} s  {rate:8.1f} MiB/s", flush=True)
+    def record(name: str, transfer: Transfer) -> None:
+        if name not in best or transfer.seconds < best[name].seconds:
+            best[name] = transfer
+        print(f"  {name:<30} {transfer.seconds:7.2f} s  {total / MIB / transfer.seconds:8.1f} MiB/s"
+              f"   CPU s: receiver {transfer.receiver_cpu_s:5.2f}, sender(s) {transfer.sender_cpu_s:5.2f}", flush=True)
 
     root = Path(tempfile.mkdtemp(prefix="bench-exchange-"))
     try:
         for attempt in range(args.repeats):
             print(f"run {attempt + 1}/{args.repeats}: {args.mib} MiB", flush=True)
-            record("fetch, 1 provider", daemon_fetch(root / f"r{attempt}", args.mib, 1)[0])
-            record("bare libp2p stream (trio)", bare_transfer("raw-libp2p", total))
+            record("fetch, 1 provider", daemon_fetch(root / f"r{attempt}", args.mib, 1))
+            record("bare libp2p stream, stock", bare_transfer("raw-libp2p", total))
+            record("bare libp2p stream, tuned", bare_transfer("raw-libp2p-tuned", total))
             record("libp2p stream via bridge", bare_transfer("bridge", total))
             record("asyncio+uvloop TCP", bare_transfer("tcp", total))
-            record("fetch, 3 providers", daemon_fetch(root / f"r{attempt}", args.mib, 3)[0])
+            record("fetch, 3 providers", daemon_fetch(root / f"r{attempt}", args.mib, 3))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    print("\nbest of each (MiB/s):")
-    for name, rate in rates.items():
-        print(f"  {name:<28} {rate:8.1f}")
-    bare = rates["bare libp2p stream (trio)"]
+    cores = os.cpu_count() or 1
+    gib = total / (1 << 30)
+    print(f"\nbest of each; CPU seconds per GiB moved; the rate {cores} cores could sustain at that CPU cost:")
+    print(f"  {'':<30} {'MiB/s':>8} {'receiver':>9} {'sender(s)':>9} {'both':>7} {'CPU-bound MiB/s':>16}")
+    rates: dict[str, float] = {}
+    for name, transfer in best.items():
+        rates[name] = total / MIB / transfer.seconds
+        both = transfer.receiver_cpu_s + transfer.sender_cpu_s
+        print(f"  {name:<30} {rates[name]:8.1f} {transfer.receiver_cpu_s / gib:9.2f} "
+              f"{transfer.sender_cpu_s / gib:9.2f} {both / gib:7.2f} {cores * total / MIB / both:16.1f}")
+    stock, tuned = rates["bare libp2p stream, stock"], rates["bare libp2p stream, tuned"]
     one, three = rates["fetch, 1 provider"], rates["fetch, 3 providers"]
-    print(f"\nfetch(1) / bare libp2p stream : {one / bare:6.2f}  (target >= 0.80)")
-    print(f"fetch(1) / bridge stream      : {one / rates['libp2p stream via bridge']:6.2f}")
-    print(f"bare libp2p / uvloop TCP      : {bare / rates['asyncio+uvloop TCP']:6.3f}")
-    print(f"fetch(3) / fetch(1)           : {three / one:6.2f}  (target >= 1.00)")
 
+    def cpu_per_byte(name: str) -> float:
+        return (best[name].receiver_cpu_s + best[name].sender_cpu_s) / total
+
+    print(f"\nfetch(1) / bare stream, stock py-libp2p   : {one / stock:6.2f}  (target >= 0.80)")
+    print(f"fetch(1) / bare stream, daemon's tuning   : {one / tuned:6.2f}")
+    print(f"fetch(1) / bridge stream                  : {one / rates['libp2p stream via bridge']:6.2f}")
+    print(f"bare stream, tuned / stock                : {tuned / stock:6.2f}")
+    print(f"bare stream, stock / uvloop TCP           : {stock / rates['asyncio+uvloop TCP']:6.3f}")
+    print(f"fetch(3) / fetch(1)                       : {three / one:6.2f}  (target >= 1.00)")
+    for name in ("bare libp2p stream, stock", "bare libp2p stream, tuned"):
+        print(f"CPU per byte, fetch(1) / {name[19:]:<16} : {cpu_per_byte('fetch, 1 provider') / cpu_per_byte(name):6.2f}")
 
 if __name__ == "__main__":
     main()
