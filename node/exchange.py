@@ -95,7 +95,8 @@ class FetchProgress:
     error: str | None = None
 
     def view(self) -> dict[str, Any]:
-        elapsed = max(time.monotonic() - self.started, 1e-6)
+        # A fetch that ended keeps the rate it had over its own duration.
+        elapsed = max((self.finished or time.monotonic()) - self.started, 1e-6)
         rate = self.fetched_bytes / elapsed
         remaining = self.total_bytes - self.have_bytes
         return {

@@ -9,6 +9,7 @@ inbound streams are handed to asyncio handlers as ``FramedStream`` objects.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import math
@@ -169,10 +170,11 @@ class FramedStream:
         frames: asyncio.Queue[bytes] = asyncio.Queue()
         stream = self._stream
 
+        inbox = _Inbox(loop, frames.put_nowait)
+
         async def pump() -> None:
             for _ in range(count):
-                frame = await _read_frame(stream, max_size)
-                loop.call_soon_threadsafe(frames.put_nowait, frame)
+                inbox.put(await _read_frame(stream, max_size))
 
         task = self._bridge.spawn(pump, timeout=timeout)
         try:
@@ -206,6 +208,34 @@ class FramedStream:
         await self._bridge.call(_reset_quietly, self._stream, timeout=5.0)
 
 
+class _Inbox(Generic[T]):
+    """Items passed from the trio thread to ``deliver`` on the asyncio loop, in order.
+
+    Each wake-up of the loop (``call_soon_threadsafe``) is a syscall, and a GIL hand-off in a
+    busy process; at most one is pending at a time, and items that arrive meanwhile ride on it.
+    Delivered before any callback the trio thread schedules after ``put``.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deliver: Callable[[T], None]) -> None:
+        self._loop = loop
+        self._deliver = deliver
+        self._items: collections.deque[T] = collections.deque()
+        self._scheduled = False
+
+    def put(self, item: T) -> None:
+        """(trio thread) Queue ``item``; wake the loop unless a wake-up is already pending."""
+        self._items.append(item)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        # Cleared before draining: an item queued after this line gets a wake-up of its own.
+        self._scheduled = False
+        while self._items:
+            self._deliver(self._items.popleft())
+
+
 class FrameWriter:
     """Frames written in order by one trio task, so the stream never waits on asyncio.
 
@@ -228,7 +258,7 @@ class FrameWriter:
 
     def _start(self) -> None:
         send, receive = trio.open_memory_channel(math.inf)
-        loop, stream = self._loop, self._stream
+        stream, written = self._stream, _Inbox(self._loop, self._written)
 
         def put(data: bytes) -> None:
             try:
@@ -242,7 +272,7 @@ class FrameWriter:
             async with receive:
                 async for data in receive:
                     await stream.write(data)
-                    loop.call_soon_threadsafe(self._written, len(data))
+                    written.put(len(data))
 
         self._task = self._bridge.spawn(drain_queue, timeout=math.inf)
         self._task.future.add_done_callback(self._ended)

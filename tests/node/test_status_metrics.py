@@ -147,6 +147,12 @@ def test_fetch_durations_count_each_ended_fetch_once() -> None:
     assert by_outcome["done"].count == 2
 
 
+def test_an_ended_fetch_keeps_the_rate_of_its_own_duration() -> None:
+    done = FetchProgress("b3:" + "a" * 64, state="done", started=100.0, finished=102.0, fetched_bytes=8 << 20)
+    assert done.view()["rate_bytes_per_s"] == 4 << 20  # not diluted by the time since it ended
+    assert done.view()["eta_s"] is None
+
+
 # ---------------------------------------------------------------- a training daemon
 
 
