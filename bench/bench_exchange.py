@@ -3,8 +3,8 @@
 1. a daemon fetching an artifact from one daemon (``POST /fetches`` until ``done``, chunks
    verified and fsynced into the store);
 2. the same bytes over one bare py-libp2p stream (noise + yamux), raw trio, no bridge: once
-   with py-libp2p's stock settings and once with the daemon's yamux tuning
-   (``node.libp2p_bridge.apply_yamux_tuning``);
+   with py-libp2p as it ships and once with the daemon's changes to its transport
+   (``node.libp2p_bridge.tune_transport``);
 3. the same bytes over one libp2p stream through ``Libp2pBridge`` frames (the daemon's path);
 4. the same bytes over plain asyncio + uvloop TCP on loopback;
 5. a daemon fetching the artifact from three daemons at once.
@@ -79,16 +79,16 @@ def _raw_libp2p_host(seed: bytes, tuned: bool):
     from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX
     from libp2p.stream_muxer.yamux.yamux import Yamux
 
-    from node.libp2p_bridge import YAMUX_TUNING, apply_yamux_tuning
+    from node.libp2p_bridge import YAMUX_TUNING, tune_transport
 
     if tuned:
-        apply_yamux_tuning()
+        tune_transport()
     else:
         for name in YAMUX_TUNING:
             os.environ.pop(name, None)
     key_pair = create_new_key_pair(seed)
     # The daemon's transport choices (see node/libp2p_bridge.py): noise only, yamux only; with
-    # ``tuned``, its yamux tuning as well, else py-libp2p's stock settings.
+    # ``tuned``, its changes to py-libp2p's transport as well, else py-libp2p as it ships.
     return new_host(
         key_pair=key_pair,
         sec_opt={TProtocol(NOISE): NoiseTransport(key_pair, noise_privkey=x25519_pair().private_key)},

@@ -28,6 +28,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.io.exceptions import ConnectionClosedError
+from libp2p.io.trio import TrioTCPStream
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -97,6 +98,49 @@ async def _guarded_write(self: SecureSession, data: bytes) -> None:
 def guard_frame_writes() -> None:
     """Make every secured-connection frame write in this process run to completion (see above)."""
     SecureSession.write = _guarded_write  # type: ignore[method-assign]
+
+
+# py-libp2p reads a TCP connection with one ``recv`` per read call, and noise reads each
+# message in two calls (its 2-byte length, then its body): two syscalls or more per 64 KiB,
+# each a GIL release and re-acquire, which in a daemon's busy process means waiting behind its
+# other threads. ``buffer_tcp_reads`` makes each ``recv`` take up to TCP_READ_AHEAD_BYTES and
+# serves the following reads from what it got. Reads still return at most what was asked.
+TCP_READ_AHEAD_BYTES = 256 * 1024
+
+
+async def _buffered_read(self: TrioTCPStream, n: int | None = None) -> bytes:
+    async with self.read_lock:
+        if n == 0:
+            return b""
+        ahead: bytes = getattr(self, "_read_ahead", b"")
+        start: int = getattr(self, "_read_start", 0)
+        if start >= len(ahead):
+            try:
+                ahead = await self.stream.receive_some(max(n or 0, TCP_READ_AHEAD_BYTES))
+            except trio.BrokenResourceError as exc:
+                raise ConnectionClosedError(f"TCP connection reset by remote peer: {exc}", transport="tcp") from exc
+            except trio.ClosedResourceError:
+                return b""  # closed locally: end of stream, as py-libp2p reports it
+            start = 0
+        end = len(ahead) if n is None else min(len(ahead), start + n)
+        if start == 0 and end == len(ahead):
+            self._read_ahead, self._read_start = b"", 0  # type: ignore[attr-defined]
+            return ahead
+        self._read_ahead, self._read_start = ahead, end  # type: ignore[attr-defined]
+        return ahead[start:end]
+
+
+def buffer_tcp_reads() -> None:
+    """Serve py-libp2p's TCP reads from a read-ahead buffer (see above)."""
+    TrioTCPStream.read = _buffered_read  # type: ignore[method-assign]
+
+
+def tune_transport() -> None:
+    """Everything this module changes in py-libp2p's transport, for this process: yamux
+    credit batching and frame size, whole frame writes, TCP read-ahead. Idempotent."""
+    apply_yamux_tuning()
+    guard_frame_writes()
+    buffer_tcp_reads()
 
 
 GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.2.0"), TProtocol("/meshsub/1.1.0")]
@@ -395,8 +439,7 @@ class Libp2pBridge:
 
     async def start(self, timeout: float = 30.0) -> None:
         """Start the trio thread and wait until the host listens; raise BridgeError if it cannot."""
-        apply_yamux_tuning()
-        guard_frame_writes()
+        tune_transport()
         self._loop = asyncio.get_running_loop()
         self.done = self._loop.create_future()
         # The daemon watches ``done``; after a shutdown nobody does, and an error the trio run

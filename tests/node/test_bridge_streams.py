@@ -250,3 +250,43 @@ def test_a_frame_writer_bounds_its_queue_and_fails_once_the_stream_is_gone():
     asyncio.run(scenario())
     assert sent.get("pending_bounded") is True
     assert sent.get("failed_after_reset") is True
+
+
+def test_tcp_read_ahead_returns_the_bytes_in_order_and_never_more_than_asked():
+    """py-libp2p's TCP reads, served from one large recv (``buffer_tcp_reads``), over a real
+    socket pair: sizes as asked (or less at the end of what arrived), order kept, EOF as b""."""
+    import trio
+    from libp2p.io.trio import TrioTCPStream
+
+    from node.libp2p_bridge import TCP_READ_AHEAD_BYTES, buffer_tcp_reads
+
+    buffer_tcp_reads()
+    payload = os.urandom(3 * TCP_READ_AHEAD_BYTES + 1234)
+
+    async def scenario() -> None:
+        left, right = trio.socket.socketpair()
+        writer, reader = trio.SocketStream(left), TrioTCPStream(trio.SocketStream(right))
+        async with trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                await writer.send_all(payload)
+                await writer.aclose()
+
+            nursery.start_soon(send)
+            got = bytearray()
+            sizes = [2, 65535, 0, 1, 300_000, 7]
+            for index in range(10_000):
+                n = sizes[index % len(sizes)]
+                part = await reader.read(n)
+                if n == 0:
+                    assert part == b""
+                    continue
+                assert len(part) <= n
+                if not part:
+                    break
+                got += part
+            assert bytes(got) == payload
+            assert await reader.read(10) == b""  # end of stream stays end of stream
+            assert await reader.read(None) == b""
+
+    trio.run(scenario)
