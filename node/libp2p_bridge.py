@@ -16,6 +16,7 @@ import math
 import os
 import struct
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -32,6 +33,8 @@ from libp2p.io.trio import TrioTCPStream
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub import gossipsub as gossipsub_module
+from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.secure_session import SecureSession
@@ -135,12 +138,57 @@ def buffer_tcp_reads() -> None:
     TrioTCPStream.read = _buffered_read  # type: ignore[method-assign]
 
 
+# py-libp2p attaches its signed peer record to every pubsub RPC it sends, rebuilding it each
+# time (listen addresses compared, the envelope serialised), and verifies and stores the one on
+# every RPC it receives (an ed25519 check). In an idle swarm that was a fifth of a daemon's CPU
+# (BENCHMARKS.md, idle daemon). ``cache_peer_records`` reuses the outgoing record for
+# SENT_RECORD_REUSE_S, and skips the check of a record byte-identical to the one this peer last
+# sent that passed it, for at most SEEN_RECORD_REUSE_S (py-libp2p keeps a record for two hours).
+SENT_RECORD_REUSE_S = 5.0
+SEEN_RECORD_REUSE_S = 600.0
+_record_to_send = pubsub_module.env_to_send_in_RPC
+_consume_record = pubsub_module.maybe_consume_signed_record
+
+
+def _cached_record_to_send(host: Any) -> tuple[bytes, bool]:
+    now = time.monotonic()
+    cached: tuple[float, bytes] | None = getattr(host, "_p2p_node_sent_record", None)
+    if cached is not None and cached[0] > now:
+        return cached[1], False
+    envelope, fresh = _record_to_send(host)
+    host._p2p_node_sent_record = (now + SENT_RECORD_REUSE_S, envelope)
+    return envelope, fresh
+
+
+def _cached_consume_record(message: Any, host: Any, peer_id: Any) -> bool:
+    if not message.HasField("senderRecord"):
+        return True
+    now = time.monotonic()
+    seen: dict[Any, tuple[bytes, float]] = host.__dict__.setdefault("_p2p_node_seen_records", {})
+    record = message.senderRecord
+    last = seen.get(peer_id)
+    if last is not None and last[0] == record and last[1] > now:
+        return True
+    accepted = bool(_consume_record(message, host, peer_id))
+    if accepted:
+        seen[peer_id] = (record, now + SEEN_RECORD_REUSE_S)
+    return accepted
+
+
+def cache_peer_records() -> None:
+    """Reuse and skip re-checking pubsub's signed peer records (see above)."""
+    for module in (pubsub_module, gossipsub_module):
+        module.env_to_send_in_RPC = _cached_record_to_send  # type: ignore[attr-defined]
+        module.maybe_consume_signed_record = _cached_consume_record  # type: ignore[attr-defined]
+
+
 def tune_transport() -> None:
-    """Everything this module changes in py-libp2p's transport, for this process: yamux
-    credit batching and frame size, whole frame writes, TCP read-ahead. Idempotent."""
+    """Everything this module changes in py-libp2p, for this process: yamux credit batching
+    and frame size, whole frame writes, TCP read-ahead, cached pubsub peer records. Idempotent."""
     apply_yamux_tuning()
     guard_frame_writes()
     buffer_tcp_reads()
+    cache_peer_records()
 
 
 GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.2.0"), TProtocol("/meshsub/1.1.0")]
