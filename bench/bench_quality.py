@@ -280,13 +280,11 @@ BYTE_ACCOUNTING = (
 )
 
 
-def setup(args: argparse.Namespace, options: dict[str, Any]) -> tuple[Any, list[list[list[int]]], list[bytes]]:
-    """The workload, the seed's ``[round][worker]`` microshard slices and every microshard's bytes."""
+def setup(args: argparse.Namespace, options: dict[str, Any]) -> tuple[Any, list[list[list[int]]]]:
+    """The workload and the seed's ``[round][worker]`` microshard slices."""
     workload = load_workload("charlm", options)
     batch_size = workload.settings()["batch_size"]
-    slices = round_slices(workload, args.workers, args.rounds, args.H * batch_size, args.seed)
-    shard_bytes = [workload.microshard_bytes(i) for i in range(len(workload.dataset().microshards))]
-    return workload, slices, shard_bytes
+    return workload, round_slices(workload, args.workers, args.rounds, args.H * batch_size, args.seed)
 
 
 def run_task(args: argparse.Namespace, options: dict[str, Any], method: str, seed: int) -> Run:
@@ -295,7 +293,8 @@ def run_task(args: argparse.Namespace, options: dict[str, Any], method: str, see
     torch.set_num_threads(args.threads)
     torch.manual_seed(seed)
     args = argparse.Namespace(**(vars(args) | {"seed": seed}))
-    workload, slices, shard_bytes = setup(args, options)
+    workload, slices = setup(args, options)
+    shard_bytes = [workload.microshard_bytes(i) for i in range(len(workload.dataset().microshards))]
     if method == "diloco":
         return run_diloco(workload, args, slices, shard_bytes)
     gradient_bytes = 4 * sum(math.prod(p.shape) for p in workload.model_schema())
@@ -350,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
     methods = [m for m, skip in (("dp", args.skip_dp), ("diloco", args.skip_diloco)) if not skip]
 
-    workload, slices, _ = setup(args, options)
+    workload, slices = setup(args, options)
     batch_size = workload.settings()["batch_size"]
     params = sum(math.prod(p.shape) for p in workload.model_schema())
     gradient_bytes = 4 * params  # every parameter of the charlm is trainable and fp32
