@@ -15,6 +15,7 @@ protocol, set the pace: the fetch does more work per byte than a bare stream (ve
 durably storing every chunk) and, with both processes on a small machine, pays for it in rate.
 
 Run from the repository root: python -m bench.bench_exchange [--mib 256] [--repeats 1]
+``--frame-sweep 65536,131072,...`` instead runs only the tuned bare stream at each yamux frame size.
 It starts its own processes on 127.0.0.1 and stops them before it exits. Linux only (the CPU
 times come from /proc).
 """
@@ -83,6 +84,11 @@ def _raw_libp2p_host(seed: bytes, tuned: bool):
 
     if tuned:
         tune_transport()
+        frame = os.environ.get(FRAME_SWEEP_ENV)
+        if frame:  # --frame-sweep: this run's yamux frame size instead of the daemon's
+            from libp2p.stream_muxer.yamux import yamux as yamux_module
+
+            yamux_module.MAX_MESSAGE_SIZE = int(frame)
     else:
         for name in YAMUX_TUNING:
             os.environ.pop(name, None)
@@ -97,6 +103,7 @@ def _raw_libp2p_host(seed: bytes, tuned: bool):
 
 
 BENCH_PROTOCOL = "/p2p-node/bench/1.0.0"
+FRAME_SWEEP_ENV = "P2P_BENCH_YAMUX_FRAME_BYTES"
 
 
 def serve_raw_libp2p(total: int, tuned: bool = False) -> None:
@@ -248,12 +255,15 @@ CLIENTS = {
 }
 
 
-def bare_transfer(kind: str, total: int) -> Transfer:
-    """Move ``total`` bytes from a client process to a server process over ``kind``."""
+def bare_transfer(kind: str, total: int, env: dict[str, str] | None = None) -> Transfer:
+    """Move ``total`` bytes from a client process to a server process over ``kind``
+    (``env``: extra environment for both processes)."""
+    env = {**os.environ, **(env or {})}
     server = subprocess.Popen(
         [sys.executable, "-m", "bench.bench_exchange", "--serve", kind, "--bytes", str(total)],
         stdout=subprocess.PIPE,
         text=True,
+        env=env,
     )
     try:
         addr = json.loads(server.stdout.readline())["addr"]
@@ -264,6 +274,7 @@ def bare_transfer(kind: str, total: int) -> Transfer:
             text=True,
             timeout=300,
             check=True,
+            env=env,
         )
         # The server has read everything and answered by now; it was idle while the client started.
         receiver_cpu = cpu_seconds(server.pid) - idle_cpu
@@ -272,6 +283,17 @@ def bare_transfer(kind: str, total: int) -> Transfer:
     finally:
         server.kill()
         server.wait()
+
+
+def frame_sweep(total: int, sizes: list[int], repeats: int) -> None:
+    """The tuned bare stream with each yamux frame size (both ends), best of ``repeats`` each."""
+    gib = total / (1 << 30)
+    print(f"{'frame bytes':>12} {'MiB/s':>8} {'receiver CPU s/GiB':>19} {'sender CPU s/GiB':>17}")
+    for size in sizes:
+        runs = [bare_transfer("raw-libp2p-tuned", total, {FRAME_SWEEP_ENV: str(size)}) for _ in range(repeats)]
+        best = min(runs, key=lambda t: t.seconds)
+        print(f"{size:>12} {total / MIB / best.seconds:8.1f} {best.receiver_cpu_s / gib:19.2f}"
+              f" {best.sender_cpu_s / gib:17.2f}", flush=True)
 
 
 # ---- daemons -------------------------------------------------------------------------
@@ -331,6 +353,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=256, help="artifact / transfer size in MiB (multiple of 4)")
     parser.add_argument("--repeats", type=int, default=1, help="best of N for each measurement")
+    parser.add_argument("--frame-sweep", metavar="BYTES,BYTES,...",
+                        help="instead: the tuned bare stream at each of these yamux frame sizes")
     parser.add_argument("--serve", choices=sorted(SERVERS), help=argparse.SUPPRESS)
     parser.add_argument("--client", choices=sorted(CLIENTS), help=argparse.SUPPRESS)
     parser.add_argument("--addr", help=argparse.SUPPRESS)
@@ -345,6 +369,9 @@ def main() -> None:
         return
 
     total = args.mib * MIB
+    if args.frame_sweep:
+        frame_sweep(total, [int(size) for size in args.frame_sweep.split(",")], args.repeats)
+        return
     best: dict[str, Transfer] = {}
 
     def record(name: str, transfer: Transfer) -> None:

@@ -59,8 +59,8 @@ YAMUX_TUNING = {"PY_YAMUX_RELEASE_ON_READ": "0"}
 # frame, and most of a stream's CPU cost is per frame, on both ends (header parsing, a wake-up
 # of the reader, credit accounting). Up to 256 KiB, the initial window, a frame still never
 # exceeds what the receiver has granted, so the protocol is unchanged and any yamux peer takes
-# it (the spec bounds a frame by the window, nothing else). Measured: about a third less CPU per
-# byte on each end (BENCHMARKS.md, chunk exchange); larger frames were slower again.
+# it (the spec bounds a frame by the window, nothing else). Measured: a fifth to a third less CPU
+# per byte on each end (BENCHMARKS.md, chunk exchange); larger frames were slower again.
 YAMUX_MAX_FRAME_BYTES = 256 * 1024
 
 
@@ -140,8 +140,8 @@ def buffer_tcp_reads() -> None:
 
 # py-libp2p attaches its signed peer record to every pubsub RPC it sends, rebuilding it each
 # time (listen addresses compared, the envelope serialised), and verifies and stores the one on
-# every RPC it receives (an ed25519 check). In an idle swarm that was a fifth of a daemon's CPU
-# (BENCHMARKS.md, idle daemon). ``cache_peer_records`` reuses the outgoing record for
+# every RPC it receives (an ed25519 check). In an idle 8-peer swarm caching both took a daemon
+# from 6.6% to 4.1-4.8% of a core (BENCHMARKS.md, idle daemon). ``cache_peer_records`` reuses the outgoing record for
 # SENT_RECORD_REUSE_S, and skips the check of a record byte-identical to the one this peer last
 # sent that passed it, for at most SEEN_RECORD_REUSE_S (py-libp2p keeps a record for two hours).
 SENT_RECORD_REUSE_S = 5.0
