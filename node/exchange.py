@@ -20,7 +20,7 @@ from typing import Any
 
 from node.availability import Availability
 from node.fetch_journal import FetchJournal
-from node.libp2p_bridge import BridgeError, FramedStream, FrameWriter, Libp2pBridge
+from node.libp2p_bridge import BridgeError, FramedStream, FrameWriter, Libp2pBridge, frame_prefix
 from node.logs import get_logger
 from node.store import ContentStore
 from protocol import exchange as wire
@@ -108,6 +108,7 @@ class FetchProgress:
             "have_bytes": self.have_bytes,
             "fetched_bytes": self.fetched_bytes,
             "progress": round(self.have_bytes / self.total_bytes, 4) if self.total_bytes else 1.0,
+            "elapsed_s": round(elapsed, 3),
             "rate_bytes_per_s": round(rate),
             "eta_s": round(remaining / rate, 1) if rate > 0 and remaining > 0 else None,
             "providers": sorted(self.providers),
@@ -166,7 +167,7 @@ class ChunkServer:
     async def _serve_items(self, writer: FrameWriter, kind: str, ids: tuple[str, ...]) -> None:
         """Answer each id in order, reading the next few items from disk while one is sent."""
         async with self._budget:
-            reads: collections.deque[asyncio.Future[tuple[bytes, int]]] = collections.deque()
+            reads: collections.deque[asyncio.Future[tuple[bytes | bytearray, int]]] = collections.deque()
             upcoming = iter(ids)
 
             def read_ahead(count: int) -> None:
@@ -176,9 +177,9 @@ class ChunkServer:
             try:
                 read_ahead(_READ_AHEAD)
                 while reads:
-                    payload, size = await reads.popleft()
+                    frame, size = await reads.popleft()
                     read_ahead(1)
-                    await writer.send(payload, timeout=self._settings.request_timeout_s)
+                    await writer.send_framed(frame, timeout=self._settings.request_timeout_s)
                     if size:
                         self._stats.bytes_out += size
                         self._stats.chunks_out += 1
@@ -186,13 +187,27 @@ class ChunkServer:
                 for read in reads:
                     read.cancel()
 
-    def _encoded(self, kind: str, content_id: str) -> tuple[bytes, int]:
-        data = self._read(kind, content_id)
-        return Item(content_id, data).encode(), len(data) if data is not None else 0
+    def _encoded(self, kind: str, content_id: str) -> tuple[bytes | bytearray, int]:
+        """The framed answer for one id, and the size of the content it carries (0: missing)."""
+        if kind == "chunk":
+            # Read from disk straight into the frame: no copy of the chunk on the way out.
+            heads: list[bytes] = []
+
+            def head(size: int) -> bytes:
+                item = wire.item_head(content_id, size)
+                heads.append(frame_prefix(len(item) + size) + item)
+                return heads[-1]
+
+            frame = self._store.get_behind(content_id, head)
+            if frame is not None:
+                return frame, len(frame) - len(heads[-1])
+            data = None
+        else:
+            data = self._read(kind, content_id)
+        item = Item(content_id, data).encode()
+        return frame_prefix(len(item)) + item, len(data) if data is not None else 0
 
     def _read(self, kind: str, content_id: str) -> bytes | None:
-        if kind == "chunk":
-            return self._store.get(content_id)
         if kind == "manifest":
             manifest = self._store.get_manifest(content_id)
             return manifest.encoded if manifest is not None else None
@@ -246,6 +261,8 @@ class _FetchRun:
         self.last_progress = time.monotonic()
         me = exchange.self_peer
         self.my_weight = {cid: rendezvous_weight(cid, me) for cid in self.sizes}
+        # Our own preference order, computed once: picking a batch walks it instead of sorting.
+        self.order = sorted(self.sizes, key=lambda cid: -self.my_weight[cid])
 
     def mine(self, cid: str, fetchers: list[str]) -> bool:
         """Whether we are the fetcher that should pull ``cid`` from a seed first (rendezvous)."""
@@ -279,19 +296,19 @@ class _FetchRun:
         held = self.has.get(peer)
         if held is not None and self.seed_only_left():
             return []
-        free = [c for c in self.pending - self.inflight if held is None or c in held]
+        pending, inflight = self.pending, self.inflight
+        free = [c for c in self.order if c in pending and c not in inflight and (held is None or c in held)]
         if not free:
             return []
         partial_peers = [p for p, h in self.has.items() if h is not None and p not in self.dropped]
-        if held is None:
-            # From a seed: first what we are meant to spread, then what no fetcher holds yet.
-            def seed_rank(cid: str) -> tuple[int, int, int]:
+        if held is None and partial_peers:
+            # From a seed: first what we are meant to spread, then what no fetcher holds yet
+            # (a stable sort keeps our preference order within each rank).
+            def seed_rank(cid: str) -> tuple[int, int]:
                 spread = sum(1 for p in partial_peers if cid in (self.has[p] or ()))
-                return (spread, 0 if self.mine(cid, partial_peers) else 1, -self.my_weight[cid])
+                return (spread, 0 if self.mine(cid, partial_peers) else 1)
 
             free.sort(key=seed_rank)
-        else:
-            free.sort(key=lambda cid: -self.my_weight[cid])
         batch, size = [], 0
         for cid in free:
             if batch and size + self.sizes[cid] > self.exchange.settings.batch_bytes:
@@ -478,9 +495,11 @@ class Exchange:
             raise _Drop(f"request failed: {exc}") from None
         finally:
             await stream.close()
-        if item.data is not None and not matches(content_id, item.data):
+        if item.data is None:
+            return None
+        if not matches(content_id, item.data):
             raise Invalid("bad_hash", "content does not hash to its id")
-        return item.data
+        return bytes(item.data)  # a manifest or record: small, and kept by the caller
 
     async def _open(self, peer: str) -> FramedStream:
         try:

@@ -345,14 +345,14 @@ class FrameWriter:
         self._error: BaseException | None = None
         self._bridge = bridge
         self._stream = stream
-        self._put: Callable[[bytes], None] | None = None
+        self._put: Callable[[bytes | bytearray], None] | None = None
         self._task: _TrioTask[None] | None = None
 
     def _start(self) -> None:
         send, receive = trio.open_memory_channel(math.inf)
         stream, written = self._stream, _Inbox(self._loop, self._written)
 
-        def put(data: bytes) -> None:
+        def put(data: bytes | bytearray) -> None:
             try:
                 send.send_nowait(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -382,13 +382,19 @@ class FrameWriter:
         self._room.set()
 
     async def send(self, payload: bytes, timeout: float) -> None:
+        await self.send_framed(_framed(payload), timeout)
+
+    async def send_framed(self, frame: bytes | bytearray, timeout: float) -> None:
+        """Queue a frame that already carries its length prefix (``frame_prefix``).
+
+        The writer owns ``frame`` from here on: a large payload read straight into its frame
+        goes to the wire without being copied once more."""
         if self._task is None:
             self._start()
         await self._wait_while(lambda: self._pending >= self._max_pending, timeout)
-        data = _framed(payload)
-        self._pending += len(data)
+        self._pending += len(frame)
         assert self._put is not None  # set by _start
-        self._bridge.run_soon(self._put, data)
+        self._bridge.run_soon(self._put, frame)
 
     async def drain(self, timeout: float) -> None:
         """Wait until every queued frame is written; raise the write's error if one failed."""
@@ -408,6 +414,11 @@ class FrameWriter:
         """Stop the writer task (frames still queued are dropped)."""
         if self._task is not None:
             self._task.cancel()
+
+
+def frame_prefix(payload_size: int) -> bytes:
+    """The length prefix of a frame carrying ``payload_size`` bytes."""
+    return _FRAME_HEADER.pack(payload_size)
 
 
 def _framed(payload: bytes) -> bytes:

@@ -69,19 +69,47 @@ def decode_request(data: bytes) -> Request:
 
 @dataclass(frozen=True)
 class Item:
-    """One answer to a ``get``: the bytes of ``id`` or None when the server does not have it."""
+    """One answer to a ``get``: the bytes of ``id`` or None when the server does not have it.
+
+    A decoded item's ``data`` is a read-only view into the frame it came in (see ``decode_item``)."""
 
     id: str
-    data: bytes | None
+    data: bytes | memoryview | None
 
     def encode(self) -> bytes:
         # Byte-for-byte the canonical form of [str, bytes|nil], without re-walking a megabyte payload.
-        encoded: bytes = msgpack.packb([self.id, self.data], use_bin_type=True)
-        return encoded
+        if self.data is None:
+            return item_head(self.id, None)
+        return item_head(self.id, len(self.data)) + self.data
+
+
+def item_head(item_id: str, size: int | None) -> bytes:
+    """The bytes of an encoded item before its payload of ``size`` bytes (None: no payload).
+
+    A server can read a chunk from disk straight in behind them (``ContentStore.get_behind``)."""
+    if size is None:
+        bin_header = b"\xc0"
+    elif size < 1 << 8:
+        bin_header = b"\xc4" + size.to_bytes(1, "big")
+    elif size < 1 << 16:
+        bin_header = b"\xc5" + size.to_bytes(2, "big")
+    else:
+        bin_header = b"\xc6" + size.to_bytes(4, "big")
+    return b"\x92" + msgpack.packb(item_id) + bin_header
+
+
+_BIN_LENGTH = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # msgpack bin 8/16/32: bytes in the length field
+_NIL = 0xC0
 
 
 def decode_item(data: bytes, expected_id: str) -> Item:
     """Parse an item frame and check it answers ``expected_id`` (the hash is checked by the caller).
+
+    The payload is returned as a read-only view into ``data``, not a copy: a chunk is a
+    megabyte, and copying it out of its frame cost the receiving daemon's event loop a fifth
+    of its time (BENCHMARKS.md, chunk exchange). The frame is parsed directly when it is
+    exactly ``[expected_id, bin|nil]`` (what every encoder writes) and by msgpack otherwise, so
+    anything else gets msgpack's answer: the same item, or the same error.
 
     Items are not content-addressed (their payload is, and is verified against its id), so
     unlike records they are not re-encoded to check canonical form: that would copy every
@@ -89,6 +117,17 @@ def decode_item(data: bytes, expected_id: str) -> Item:
     """
     if len(data) > MAX_ITEM_BYTES:
         raise Invalid("oversized", f"{len(data)} bytes")
+    prefix = b"\x92" + msgpack.packb(expected_id)
+    if data.startswith(prefix):
+        at = len(prefix)
+        marker = data[at] if at < len(data) else None
+        if marker == _NIL and at + 1 == len(data):
+            return Item(expected_id, None)
+        width = _BIN_LENGTH.get(marker) if marker is not None else None
+        if width is not None:
+            start = at + 1 + width
+            if int.from_bytes(data[at + 1 : start], "big") == len(data) - start:
+                return Item(expected_id, memoryview(data)[start:].toreadonly())
     try:
         value = msgpack.unpackb(
             data, raw=False, strict_map_key=True, max_bin_len=MAX_ITEM_BYTES, max_str_len=MAX_REQUEST_BYTES,
@@ -106,7 +145,7 @@ def decode_item(data: bytes, expected_id: str) -> Item:
         raise Invalid("out_of_order", "item answers another id than requested")
     if payload is not None and not isinstance(payload, bytes):
         raise Invalid("malformed", "item payload must be bytes or nil")
-    return Item(item_id, payload)
+    return Item(item_id, None if payload is None else memoryview(payload).toreadonly())
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,36 @@ def test_read_into_verifies_size_and_hash(tmp_path: Path) -> None:
     assert not store.read_into(cid, out)
 
 
+def test_get_behind_reads_a_verified_chunk_behind_a_head(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path)
+    data = os.urandom(70_000)
+    cid = store.put(data)
+    sizes: list[int] = []
+
+    def head(size: int) -> bytes:
+        sizes.append(size)
+        return b"HEAD" + size.to_bytes(4, "big")
+
+    frame = store.get_behind(cid, head)
+    assert frame == b"HEAD" + len(data).to_bytes(4, "big") + data and sizes == [len(data)]
+    assert store.get_behind(content_id(b"absent"), head) is None
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "extend"])
+def test_get_behind_drops_a_damaged_chunk(tmp_path: Path, damage: str) -> None:
+    store = ContentStore(tmp_path)
+    cid = store.put(os.urandom(9000))
+    path = chunk_path(store, cid)
+    if damage == "flip":
+        flip_byte(path, 4321)
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-1])
+    else:
+        path.write_bytes(path.read_bytes() + b"x")
+    assert store.get_behind(cid, lambda size: b"") is None
+    assert not store.has(cid) and store.counters().corrupt_dropped == 1
+
+
 def test_a_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = ContentStore(tmp_path)
 

@@ -77,6 +77,15 @@ def test_item_round_trip(cid, data):
     assert wire.decode_item(item.encode(), cid) == item
 
 
+@pytest.mark.parametrize("size", [None, 0, 1, 255, 256, 65535, 65536, 1 << 20])
+def test_item_encoding_is_msgpack_canonical(size):
+    """Items built from a head and a payload are byte for byte msgpack's own encoding."""
+    data = None if size is None else bytes(size)
+    cid = content_id(b"any")
+    assert Item(cid, data).encode() == msgpack.packb([cid, data], use_bin_type=True)
+    assert wire.item_head(cid, size) + (data or b"") == Item(cid, data).encode()
+
+
 @given(cids, cids, st.binary(max_size=64))
 def test_item_for_another_id_is_out_of_order(asked, answered, data):
     assume(asked != answered)
@@ -192,7 +201,48 @@ def test_mutated_item_frames_are_invalid_or_items(cid, data, ops):
         item = wire.decode_item(frame, cid)
     except Invalid:
         return
-    assert item.id == cid and (item.data is None or isinstance(item.data, bytes))
+    assert item.id == cid and (item.data is None or isinstance(item.data, memoryview))
+
+
+def _msgpack_item(frame: bytes, cid: str) -> tuple[str, bytes | None] | str:
+    """What plain msgpack makes of an item frame: (id, payload), or "invalid"."""
+    try:
+        value = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception:
+        return "invalid"
+    if isinstance(value, list) and len(value) == 2 and value[0] == cid and (value[1] is None or isinstance(value[1], bytes)):
+        return value[0], value[1]
+    return "invalid"
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(cids, st.none() | st.binary(max_size=300), mutations, st.sampled_from(["minimal", "bin16", "bin32", "str8"]))
+def test_item_parsing_agrees_with_msgpack(cid, data, ops, form):
+    """The zero-copy parse of an item and msgpack's reading of the same frame never differ."""
+    frame = Item(cid, data).encode()
+    if data is not None and form in ("bin16", "bin32"):
+        # The same item with a wider (non-minimal, still valid) length field.
+        head = b"\x92" + msgpack.packb(cid)
+        frame = head + (b"\xc5" + len(data).to_bytes(2, "big") if form == "bin16" else b"\xc6" + len(data).to_bytes(4, "big")) + data
+    if form == "str8":
+        frame = b"\x92\xd9" + bytes([len(cid)]) + cid.encode() + frame[2 + len(cid) :]
+    frame = mutate(frame, ops)
+    expected = _msgpack_item(frame, cid)
+    try:
+        item = wire.decode_item(frame, cid)
+    except Invalid:
+        assert expected == "invalid"
+        return
+    assert expected != "invalid"
+    assert (item.id, None if item.data is None else bytes(item.data)) == expected
+    assert item.data is None or item.data.readonly
+
+
+def test_item_payload_is_a_view_into_the_frame():
+    data = bytes(range(256)) * 4096  # 1 MiB: the hot path, no copy of the payload
+    frame = Item(content_id(data), data).encode()
+    item = wire.decode_item(frame, content_id(data))
+    assert isinstance(item.data, memoryview) and item.data.obj is frame and item.data == data
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow])
