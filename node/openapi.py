@@ -137,6 +137,7 @@ SCHEMAS: dict[str, Schema] = {
         "have_bytes": COUNT,
         "fetched_bytes": COUNT,
         "progress": {"type": "number", "minimum": 0, "maximum": 1},
+        "elapsed_s": NUMBER,
         "rate_bytes_per_s": NUMBER,
         "eta_s": nullable(NUMBER),
         "providers": STRINGS,

@@ -95,7 +95,8 @@ def item_head(item_id: str, size: int | None) -> bytes:
         bin_header = b"\xc5" + size.to_bytes(2, "big")
     else:
         bin_header = b"\xc6" + size.to_bytes(4, "big")
-    return b"\x92" + msgpack.packb(item_id) + bin_header
+    packed_id: bytes = msgpack.packb(item_id)
+    return b"\x92" + packed_id + bin_header
 
 
 _BIN_LENGTH = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # msgpack bin 8/16/32: bytes in the length field
