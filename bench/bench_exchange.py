@@ -15,6 +15,8 @@ protocol, set the pace: the fetch does more work per byte than a bare stream (ve
 durably storing every chunk) and, with both processes on a small machine, pays for it in rate.
 
 Run from the repository root: python -m bench.bench_exchange [--mib 256] [--repeats 1]
+With several repeats it prints the best of each transfer, and the target ratios taken within each
+attempt (their median), which the machine's drift between attempts disturbs less.
 ``--frame-sweep 65536,131072,...`` instead runs only the tuned bare stream at each yamux frame size.
 It starts its own processes on 127.0.0.1 and stops them before it exits. Linux only (the CPU
 times come from /proc).
@@ -28,6 +30,7 @@ import functools
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -374,8 +377,10 @@ def main() -> None:
         frame_sweep(total, [int(size) for size in args.frame_sweep.split(",")], args.repeats)
         return
     best: dict[str, Transfer] = {}
+    runs: list[dict[str, Transfer]] = []  # each attempt's transfers, for ratios within one attempt
 
     def record(name: str, transfer: Transfer) -> None:
+        runs[-1][name] = transfer
         if name not in best or transfer.seconds < best[name].seconds:
             best[name] = transfer
         print(f"  {name:<30} {transfer.seconds:7.2f} s  {total / MIB / transfer.seconds:8.1f} MiB/s"
@@ -385,6 +390,7 @@ def main() -> None:
     try:
         for attempt in range(args.repeats):
             print(f"run {attempt + 1}/{args.repeats}: {args.mib} MiB", flush=True)
+            runs.append({})
             record("fetch, 1 provider", daemon_fetch(root / f"r{attempt}", args.mib, 1))
             record("bare libp2p stream, stock", bare_transfer("raw-libp2p", total))
             record("bare libp2p stream, tuned", bare_transfer("raw-libp2p-tuned", total))
@@ -418,6 +424,15 @@ def main() -> None:
     print(f"fetch(3) / fetch(1)                       : {three / one:6.2f}  (target >= 1.00)")
     for name in ("bare libp2p stream, stock", "bare libp2p stream, tuned"):
         print(f"CPU per byte, fetch(1) / {name[19:]:<16} : {cpu_per_byte('fetch, 1 provider') / cpu_per_byte(name):6.2f}")
+    if len(runs) > 1:
+        # This VM's speed drifts between attempts by more than the gaps measured here; a ratio
+        # of two transfers from the same attempt (a minute apart) is less exposed to the drift.
+        print("\nthe same ratios within each attempt (median, then each attempt in order):")
+        for label, top, bottom in (("fetch(1) / bare stream, stock", "fetch, 1 provider", "bare libp2p stream, stock"),
+                                   ("fetch(3) / fetch(1)", "fetch, 3 providers", "fetch, 1 provider")):
+            ratios = [run[bottom].seconds / run[top].seconds for run in runs]
+            each = ", ".join(f"{ratio:.2f}" for ratio in ratios)
+            print(f"{label:<41} : {statistics.median(ratios):6.2f}  ({each})")
 
 if __name__ == "__main__":
     main()
