@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextvars
 import logging
 import math
 import os
@@ -182,13 +183,46 @@ def cache_peer_records() -> None:
         module.maybe_consume_signed_record = _cached_consume_record  # type: ignore[attr-defined]
 
 
+# py-libp2p's gossipsub sends an IDONTWANT to every mesh peer for every message it forwards,
+# whatever its size. IDONTWANT exists to spare peers a second copy of a large message; the
+# gossipsub v1.2 spec leaves the size to implementations, and go-libp2p sends it only for
+# messages of 1 KiB or more. Most of the daemon's records are a few hundred bytes, and for
+# them every message cost each mesh peer an extra RPC to read and parse. ``skip_small_idontwant``
+# applies go-libp2p's threshold. IDONTWANTs received are handled as before.
+IDONTWANT_MIN_BYTES = 1024
+_gossip_publish = GossipSub.publish
+_emit_idontwant = GossipSub._emit_idontwant_for_message
+_forwarding_size: contextvars.ContextVar[int] = contextvars.ContextVar("p2p_node_forwarding_size", default=IDONTWANT_MIN_BYTES)
+
+
+async def _publish_noting_size(self: GossipSub, msg_forwarder: Any, pubsub_msg: Any) -> None:
+    token = _forwarding_size.set(pubsub_msg.ByteSize())
+    try:
+        await _gossip_publish(self, msg_forwarder, pubsub_msg)
+    finally:
+        _forwarding_size.reset(token)
+
+
+async def _emit_idontwant_if_large(self: GossipSub, msg_id: bytes, topic_ids: Any) -> None:
+    if _forwarding_size.get() >= IDONTWANT_MIN_BYTES:
+        await _emit_idontwant(self, msg_id, topic_ids)
+
+
+def skip_small_idontwant() -> None:
+    """Send IDONTWANT only for gossip messages of IDONTWANT_MIN_BYTES or more (see above)."""
+    GossipSub.publish = _publish_noting_size  # type: ignore[method-assign]
+    GossipSub._emit_idontwant_for_message = _emit_idontwant_if_large  # type: ignore[method-assign]
+
+
 def tune_transport() -> None:
     """Everything this module changes in py-libp2p, for this process: yamux credit batching
-    and frame size, whole frame writes, TCP read-ahead, cached pubsub peer records. Idempotent."""
+    and frame size, whole frame writes, TCP read-ahead, cached pubsub peer records, IDONTWANT
+    only for large messages. Idempotent."""
     apply_yamux_tuning()
     guard_frame_writes()
     buffer_tcp_reads()
     cache_peer_records()
+    skip_small_idontwant()
 
 
 GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.2.0"), TProtocol("/meshsub/1.1.0")]
