@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -55,11 +57,19 @@ def public_key_from_peer_id(peer_id: str) -> bytes:
     return raw[len(PEER_ID_PREFIX):]
 
 
+@functools.lru_cache(maxsize=4096)
+def _public_key(peer_id: str) -> Ed25519PublicKey:
+    """The key behind ``peer_id``, decoded once: a swarm's records come from the same peers
+    many times a second, and decoding the id was a large part of checking a record."""
+    return Ed25519PublicKey.from_public_bytes(public_key_from_peer_id(peer_id))
+
+
 def verify(peer_id: str, message: bytes, signature: bytes) -> bool:
     """Whether ``signature`` over ``message`` was made by the key behind ``peer_id``."""
+    if not isinstance(peer_id, str):
+        return False
     try:
-        key = Ed25519PublicKey.from_public_bytes(public_key_from_peer_id(peer_id))
-        key.verify(signature, message)
+        _public_key(peer_id).verify(signature, message)
     except (Invalid, InvalidSignature, ValueError):
         return False
     return True
