@@ -457,7 +457,7 @@ def frame_prefix(payload_size: int) -> bytes:
 
 def _framed(payload: bytes) -> bytes:
     """``payload`` behind its length prefix: one frame on the wire."""
-    return _FRAME_HEADER.pack(len(payload)) + payload
+    return frame_prefix(len(payload)) + payload
 
 
 async def _read_exactly(stream: Any, size: int) -> bytes:

@@ -95,8 +95,13 @@ def item_head(item_id: str, size: int | None) -> bytes:
         bin_header = b"\xc5" + size.to_bytes(2, "big")
     else:
         bin_header = b"\xc6" + size.to_bytes(4, "big")
+    return _item_prefix(item_id) + bin_header
+
+
+def _item_prefix(item_id: str) -> bytes:
+    """An encoded item up to its payload's header: a 2-array, then the id."""
     packed_id: bytes = msgpack.packb(item_id)
-    return b"\x92" + packed_id + bin_header
+    return b"\x92" + packed_id
 
 
 _BIN_LENGTH = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # msgpack bin 8/16/32: bytes in the length field
@@ -118,7 +123,7 @@ def decode_item(data: bytes, expected_id: str) -> Item:
     """
     if len(data) > MAX_ITEM_BYTES:
         raise Invalid("oversized", f"{len(data)} bytes")
-    prefix = b"\x92" + msgpack.packb(expected_id)
+    prefix = _item_prefix(expected_id)
     if data.startswith(prefix):
         at = len(prefix)
         marker = data[at] if at < len(data) else None
