@@ -343,7 +343,7 @@ def daemon_fetch(root: Path, mib: int, providers: int) -> Transfer:
             return next((r for r in rows if r["state"] in ("done", "failed")), None)
 
         # The fetch's own clock (POST to done, inside the fetcher) times it, so the status
-        # polls can be sparse: at 50 Hz they took a tenth of the fetcher's event loop.
+        # polls can be sparse: at 50 Hz they took a noticeable part of the fetcher's event loop.
         view = wait_until(done, 300, interval=0.1, what="the fetch")
         took = view["elapsed_s"]
         spent = {peer.peer_id: cpu_seconds(peer.process.pid) - cpu[peer.peer_id] for peer in peers}

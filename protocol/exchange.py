@@ -112,8 +112,8 @@ def decode_item(data: bytes, expected_id: str) -> Item:
     """Parse an item frame and check it answers ``expected_id`` (the hash is checked by the caller).
 
     The payload is returned as a read-only view into ``data``, not a copy: a chunk is a
-    megabyte, and copying it out of its frame cost the receiving daemon's event loop a fifth
-    of its time (BENCHMARKS.md, chunk exchange). The frame is parsed directly when it is
+    megabyte, and copying it out of its frame was a large part of the receiving daemon's
+    event loop in a profile (BENCHMARKS.md, chunk exchange). The frame is parsed directly when it is
     exactly ``[expected_id, bin|nil]`` (what every encoder writes) and by msgpack otherwise, so
     anything else gets msgpack's answer: the same item, or the same error.
 
