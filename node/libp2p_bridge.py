@@ -39,10 +39,12 @@ from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.secure_session import SecureSession
+from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH as NOISE_MAX_PLAINTEXT
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.stream_muxer.exceptions import MuxedStreamError
+from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.stream_muxer.yamux import yamux as yamux_module
 from libp2p.tools.anyio_service import background_trio_service
 
@@ -56,13 +58,17 @@ log = logging.getLogger("p2p_node.libp2p")
 # operator set in the environment wins.
 YAMUX_TUNING = {"PY_YAMUX_RELEASE_ON_READ": "0"}
 
-# The largest DATA frame this process sends. py-libp2p (like go-yamux) sends at most 64 KiB per
-# frame, and most of a stream's CPU cost is per frame, on both ends (header parsing, a wake-up
-# of the reader, credit accounting). Up to 256 KiB, the initial window, a frame still never
-# exceeds what the receiver has granted, so the protocol is unchanged and any yamux peer takes
-# it (the spec bounds a frame by the window, nothing else). Measured: a fifth to a third less CPU
-# per byte on each end (BENCHMARKS.md, chunk exchange); larger frames were slower again.
-YAMUX_MAX_FRAME_BYTES = 256 * 1024
+# The largest DATA frame this process sends, its 12-byte header included. py-libp2p (like
+# go-yamux) sends at most 64 KiB per frame, and most of a stream's CPU cost is per frame, on both
+# ends (header parsing, a wake-up of the reader, credit accounting). Up to 256 KiB, the initial
+# window, a frame still never exceeds what the receiver has granted, so the protocol is unchanged
+# and any yamux peer takes it (the spec bounds a frame by the window, nothing else). Measured: a
+# fifth to a third less CPU per byte on each end (BENCHMARKS.md, chunk exchange); larger frames
+# were slower again. Noise then carries a frame in messages of at most NOISE_MAX_PLAINTEXT bytes
+# (65535 less the 16-byte tag): a frame of exactly four of them, just under 256 KiB, fills each
+# message, where 256 KiB took a fifth message of 68 bytes (its own length read, decryption and
+# tag) for every frame.
+YAMUX_MAX_FRAME_BYTES = 4 * NOISE_MAX_PLAINTEXT
 
 
 def apply_yamux_tuning() -> None:
@@ -71,6 +77,85 @@ def apply_yamux_tuning() -> None:
     for name, value in YAMUX_TUNING.items():
         os.environ.setdefault(name, value)
     yamux_module.MAX_MESSAGE_SIZE = YAMUX_MAX_FRAME_BYTES
+
+
+# py-libp2p's yamux writer, finding a stream's send window spent, sleeps 10 ms and looks again,
+# however soon the receiver's credit arrives. With 256 KiB frames (the whole initial window) a
+# frame can spend the window, and a sender then idled for up to 10 ms per frame; across the
+# internet, where credit takes a round trip, every window-bound stream lost that much per round.
+# ``wake_writers_on_credit`` makes the three attributes a waiting writer looks at (the send
+# window, and whether the stream is closed, or closed for sending) properties that wake it when
+# they change its answer: credit arrives, or the stream closes. py-libp2p's 5 s limit on
+# waiting for credit stays. The writer also hands each frame to the connection without
+# ``Yamux._write_frame``'s per-frame debug formatting, which runs even with debug logging off.
+CREDIT_WAIT_LIMIT_S = 5.0
+
+
+def _waking(name: str, wakes: Callable[[Any, Any], bool]) -> property:
+    """A YamuxStream attribute whose change from ``old`` to ``new`` wakes the stream's writer
+    waiting for credit when ``wakes(old, new)``."""
+    key = f"_{name}"
+
+    def get(self: YamuxStream) -> Any:
+        fields = self.__dict__
+        # A stream made before the property was installed keeps a plain attribute.
+        return fields[key] if key in fields else fields[name]
+
+    def set_(self: YamuxStream, value: Any) -> None:
+        fields = self.__dict__
+        old = fields[key] if key in fields else fields.get(name, value)
+        fields[key] = value
+        if wakes(old, value) and (credit := fields.pop("_credit", None)) is not None:
+            credit.set()
+
+    return property(get, set_)
+
+
+async def _write_on_credit(self: YamuxStream, data: bytes) -> None:
+    total, sent = len(data), 0
+    view = memoryview(data).cast("B")
+    deadline: float | None = None
+    while sent < total:
+        frame = b""
+        async with self.rw_lock.write_lock():
+            if self.send_closed:
+                raise MuxedStreamError("Stream is closed for sending")
+            # Under the window lock, which py-libp2p's credit handler holds while it adds credit:
+            # credit landing after this check finds the event and sets it.
+            async with self.window_lock:
+                if self.closed:
+                    raise MuxedStreamError("Stream is closed")
+                if self.send_window > 0:
+                    size = min(self.send_window, yamux_module.MAX_MESSAGE_SIZE - yamux_module.HEADER_SIZE, total - sent)
+                    header = struct.pack(
+                        yamux_module.YAMUX_HEADER_FORMAT, 0, yamux_module.TYPE_DATA, 0, self.stream_id, size
+                    )
+                    frame = b"".join((header, view[sent : sent + size]))
+                    self.send_window -= size
+                else:
+                    credit = self.__dict__["_credit"] = trio.Event()
+        if frame:
+            deadline = None
+            async with self.conn._write_lock:
+                await self.conn.secured_conn.write(frame)
+            await trio.lowlevel.checkpoint()
+            sent += size
+            continue
+        self._zero_window_waits += 1
+        now = trio.current_time()
+        deadline = deadline or now + CREDIT_WAIT_LIMIT_S
+        with trio.move_on_at(deadline):
+            await credit.wait()
+        if not credit.is_set() and trio.current_time() >= deadline:
+            raise MuxedStreamError(f"Timed out waiting for window update after {CREDIT_WAIT_LIMIT_S:.0f} seconds.")
+
+
+def wake_writers_on_credit() -> None:
+    """Wake a yamux writer waiting for credit as soon as it can go on (see above)."""
+    YamuxStream.send_window = _waking("send_window", lambda old, new: new > old)  # type: ignore[assignment]
+    YamuxStream.closed = _waking("closed", lambda old, new: bool(new) and not old)  # type: ignore[assignment]
+    YamuxStream.send_closed = _waking("send_closed", lambda old, new: bool(new) and not old)  # type: ignore[assignment]
+    YamuxStream.write = _write_on_credit  # type: ignore[method-assign]
 
 
 # A frame on a secured connection is encrypted (spending a nonce) and then written. Cancelled
@@ -216,9 +301,10 @@ def skip_small_idontwant() -> None:
 
 def tune_transport() -> None:
     """Everything this module changes in py-libp2p, for this process: yamux credit batching
-    and frame size, whole frame writes, TCP read-ahead, cached pubsub peer records, IDONTWANT
+    and frame size, writers woken by credit, whole frame writes, TCP read-ahead, cached pubsub peer records, IDONTWANT
     only for large messages. Idempotent."""
     apply_yamux_tuning()
+    wake_writers_on_credit()
     guard_frame_writes()
     buffer_tcp_reads()
     cache_peer_records()
