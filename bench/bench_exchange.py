@@ -7,10 +7,14 @@
    (``node.libp2p_bridge.tune_transport``);
 3. the same bytes over one libp2p stream through ``Libp2pBridge`` frames (the daemon's path);
 4. the same bytes over plain asyncio + uvloop TCP on loopback;
-5. a daemon fetching the artifact from three daemons at once.
+5. a daemon fetching the artifact from three daemons at once;
+6. a daemon fetching it from one of three daemons (the other two in the swarm, without it):
+   the same four daemons on the machine as in 5, so that comparing 5 with 6 changes only how
+   many peers provide the artifact, not how many daemons share the cores.
 
 Each transfer also reports the CPU time its receiving and sending processes spent on it
-(user + system, every thread), so a run shows whether the machine's cores, rather than the
+(user + system, every thread; in 6 the two daemons without the artifact count among the
+senders), so a run shows whether the machine's cores, rather than the
 protocol, set the pace: the fetch does more work per byte than a bare stream (verifying and
 durably storing every chunk) and, with both processes on a small machine, pays for it in rate.
 
@@ -302,8 +306,9 @@ def frame_sweep(total: int, sizes: list[int], repeats: int) -> None:
 # ---- daemons -------------------------------------------------------------------------
 
 
-def daemon_fetch(root: Path, mib: int, providers: int) -> Transfer:
-    """``POST /fetches`` until ``done`` for a daemon fetching from ``providers`` seeds."""
+def daemon_fetch(root: Path, mib: int, providers: int, others: int = 0) -> Transfer:
+    """``POST /fetches`` until ``done`` for a daemon fetching from ``providers`` seeds, with
+    ``others`` more daemons in the swarm that do not hold the artifact."""
     import torch
 
     from node.artifacts import store_artifact
@@ -311,13 +316,13 @@ def daemon_fetch(root: Path, mib: int, providers: int) -> Transfer:
     from tests.swarm_harness import Swarm, wait_until
 
     quiet = '[training]\nrole = "consumer"\nevaluate = false\n\n[exchange]\nannounce_interval_s = 1.0\n'
-    swarm = Swarm(root / f"swarm{providers}")
-    seeds = [swarm.add(quiet) for _ in range(providers)]
+    swarm = Swarm(root / f"swarm{providers}-{others}")
+    seeds = [swarm.add(quiet) for _ in range(providers + others)]
     fetcher = swarm.add(quiet, token="bench")
     generator = torch.Generator().manual_seed(0)
     tensors = {f"t{i}": torch.randn(1024, 1024, generator=generator) for i in range(mib // 4)}
     manifest_id = ""
-    for seed in seeds:
+    for seed in seeds[:providers]:
         manifest_id = store_artifact(ContentStore(seed.data_dir / "store"), tensors)
     del tensors
     peers = [*seeds, fetcher]
@@ -397,6 +402,7 @@ def main() -> None:
             record("libp2p stream via bridge", bare_transfer("bridge", total))
             record("asyncio+uvloop TCP", bare_transfer("tcp", total))
             record("fetch, 3 providers", daemon_fetch(root / f"r{attempt}", args.mib, 3))
+            record("fetch, 1 provider of 3 daemons", daemon_fetch(root / f"r{attempt}", args.mib, 1, others=2))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -422,6 +428,7 @@ def main() -> None:
     print(f"bare stream, tuned / stock                : {tuned / stock:6.2f}")
     print(f"bare stream, stock / uvloop TCP           : {stock / rates['asyncio+uvloop TCP']:6.3f}")
     print(f"fetch(3) / fetch(1)                       : {three / one:6.2f}  (target >= 1.00)")
+    print(f"fetch(3) / fetch(1), both in 4 daemons    : {three / rates['fetch, 1 provider of 3 daemons']:6.2f}")
     for name in ("bare libp2p stream, stock", "bare libp2p stream, tuned"):
         print(f"CPU per byte, fetch(1) / {name[19:]:<16} : {cpu_per_byte('fetch, 1 provider') / cpu_per_byte(name):6.2f}")
     if len(runs) > 1:
@@ -429,7 +436,9 @@ def main() -> None:
         # of two transfers from the same attempt (a minute apart) is less exposed to the drift.
         print("\nthe same ratios within each attempt (median, then each attempt in order):")
         for label, top, bottom in (("fetch(1) / bare stream, stock", "fetch, 1 provider", "bare libp2p stream, stock"),
-                                   ("fetch(3) / fetch(1)", "fetch, 3 providers", "fetch, 1 provider")):
+                                   ("fetch(3) / fetch(1)", "fetch, 3 providers", "fetch, 1 provider"),
+                                   ("fetch(3) / fetch(1), both in 4 daemons", "fetch, 3 providers",
+                                    "fetch, 1 provider of 3 daemons")):
             ratios = [run[bottom].seconds / run[top].seconds for run in runs]
             each = ", ".join(f"{ratio:.2f}" for ratio in ratios)
             print(f"{label:<41} : {statistics.median(ratios):6.2f}  ({each})")
