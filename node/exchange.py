@@ -292,7 +292,8 @@ class _FetchRun:
         return not free.isdisjoint(held) and not self.seed_only_left()
 
     def pick(self, peer: str) -> list[str]:
-        """The next batch for ``peer``: chunks it has that nobody is fetching, best first."""
+        """The next batch for ``peer``: chunks it has that nobody is fetching, best first, at
+        most ``batch_bytes`` and at most an even share of what is left among the fetch's streams."""
         held = self.has.get(peer)
         if held is not None and self.seed_only_left():
             return []
@@ -309,9 +310,16 @@ class _FetchRun:
                 return (spread, 0 if self.mine(cid, partial_peers) else 1)
 
             free.sort(key=seed_rank)
+        # At most a fair share of what is left per stream: a stream that takes a whole batch
+        # near the end keeps the fetch waiting on its provider's link while the others idle.
+        limit = self.exchange.settings.batch_bytes
+        streams = sum(n for p, n in self.workers.items() if p not in self.dropped)
+        if streams > 1:
+            left = sum(self.sizes[c] for c in pending if c not in inflight)
+            limit = min(limit, -(-left // streams))
         batch, size = [], 0
         for cid in free:
-            if batch and size + self.sizes[cid] > self.exchange.settings.batch_bytes:
+            if batch and size + self.sizes[cid] > limit:
                 break
             batch.append(cid)
             size += self.sizes[cid]

@@ -1,0 +1,69 @@
+"""How a fetch cuts its work into requests (``_FetchRun.pick``), on a real artifact in a real
+store: no request takes more than ``batch_bytes``, nor more than an even share of what is left
+among the fetch's streams, so near the end every provider gets some of the rest instead of one
+of them holding a whole batch while the others idle (``bench/bench_exchange_links.py``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from node.artifacts import store_artifact
+from node.exchange import Exchange, ExchangeSettings, FetchProgress, _FetchRun
+from node.libp2p_bridge import Libp2pBridge
+from node.store import ContentStore
+
+MIB = 1 << 20
+
+
+def fetch_run(tmp_path: Path, mib: int, batch_bytes: int, providers: list[str], streams: int) -> _FetchRun:
+    generator = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(1024, 1024, generator=generator) for i in range(mib // 4)}
+    store = ContentStore(tmp_path / "store")
+    manifest = store.get_manifest(store_artifact(store, tensors))
+    assert manifest is not None
+    # The bridge is only asked for its peer id (not started): pick ranks chunks by it.
+    bridge = Libp2pBridge(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"], kademlia=False)
+    exchange = Exchange(bridge, store, availability=None, settings=ExchangeSettings(batch_bytes=batch_bytes))  # type: ignore[arg-type]
+    run = _FetchRun(exchange, manifest, FetchProgress(manifest.artifact_id))
+    run.pending = set(run.sizes)
+    for peer in providers:
+        run.has[peer] = None  # a seed: it holds every chunk
+        run.workers[peer] = streams
+    return run
+
+
+def test_a_lone_stream_takes_whole_batches(tmp_path: Path) -> None:
+    run = fetch_run(tmp_path, 32, 16 * MIB, ["seed"], streams=1)
+    assert [len(run.pick("seed")) for _ in range(3)] == [16, 16, 0]
+
+
+def test_streams_take_at_most_an_even_share_of_what_is_left(tmp_path: Path) -> None:
+    seeds = ["a", "b", "c"]
+    run = fetch_run(tmp_path, 64, 16 * MIB, seeds, streams=2)
+    sizes = []
+    while True:
+        batches = [run.pick(seed) for seed in seeds for _ in range(2)]
+        if not any(batches):
+            break
+        sizes.append([len(batch) for batch in batches])
+    # 64 chunks over six streams: at most ceil(64 / 6) = 11 each at first, never 16.
+    assert max(sizes[0]) <= 11
+    assert sum(map(sum, sizes)) == 64
+    # Every stream got work, so every seed's link carries part of the artifact.
+    assert all(size > 0 for size in sizes[0])
+    # Each pick left something for the other streams: no stream took more than its share.
+    taken = 0
+    for round_sizes in sizes:
+        for size in round_sizes:
+            left = 64 - taken
+            assert size <= -(-left // 6) or size == 1
+            taken += size
+
+
+def test_a_dropped_provider_does_not_count_among_the_streams(tmp_path: Path) -> None:
+    run = fetch_run(tmp_path, 32, 16 * MIB, ["a", "b"], streams=2)
+    run.dropped.add("b")
+    assert len(run.pick("a")) == 16  # two live streams: an even share is 16 of 32
