@@ -269,7 +269,12 @@ class ExchangeSection:
         check=_positive,
     )
     streams_per_provider: int = setting(2, "Concurrent requests to one provider during a fetch.", check=_positive)
-    batch_bytes: int = setting(16 * 1024 * 1024, "Bytes asked for in one chunk request.", check=_positive)
+    batch_bytes: int = setting(
+        16 * 1024 * 1024,
+        "Most bytes asked for in one chunk request; a request also takes at most an even share of what the fetch"
+        " still lacks among its streams.",
+        check=_positive,
+    )
     max_streams_per_peer: int = setting(
         8, "Concurrent chunk streams served to one peer; more are refused as busy.", check=_positive
     )
