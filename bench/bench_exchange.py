@@ -306,25 +306,29 @@ def frame_sweep(total: int, sizes: list[int], repeats: int) -> None:
 # ---- daemons -------------------------------------------------------------------------
 
 
-def daemon_fetch(root: Path, mib: int, providers: int, others: int = 0) -> Transfer:
-    """``POST /fetches`` until ``done`` for a daemon fetching from ``providers`` seeds, with
-    ``others`` more daemons in the swarm that do not hold the artifact."""
+def seed_artifact(data_dirs: list[Path], mib: int) -> str:
+    """The bench's artifact (``mib`` MiB of float32 in 4 MiB tensors, fixed seed) stored in
+    the store of each daemon data directory in ``data_dirs``; its manifest id."""
     import torch
 
     from node.artifacts import store_artifact
     from node.store import ContentStore
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(1024, 1024, generator=generator) for i in range(mib // 4)}
+    return [store_artifact(ContentStore(data_dir / "store"), tensors) for data_dir in data_dirs][-1]
+
+
+def daemon_fetch(root: Path, mib: int, providers: int, others: int = 0) -> Transfer:
+    """``POST /fetches`` until ``done`` for a daemon fetching from ``providers`` seeds, with
+    ``others`` more daemons in the swarm that do not hold the artifact."""
     from tests.swarm_harness import Swarm, wait_until
 
     quiet = '[training]\nrole = "consumer"\nevaluate = false\n\n[exchange]\nannounce_interval_s = 1.0\n'
     swarm = Swarm(root / f"swarm{providers}-{others}")
     seeds = [swarm.add(quiet) for _ in range(providers + others)]
     fetcher = swarm.add(quiet, token="bench")
-    generator = torch.Generator().manual_seed(0)
-    tensors = {f"t{i}": torch.randn(1024, 1024, generator=generator) for i in range(mib // 4)}
-    manifest_id = ""
-    for seed in seeds[:providers]:
-        manifest_id = store_artifact(ContentStore(seed.data_dir / "store"), tensors)
-    del tensors
+    manifest_id = seed_artifact([seed.data_dir for seed in seeds[:providers]], mib)
     peers = [*seeds, fetcher]
     try:
         for peer in peers:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -37,12 +36,6 @@ P2P_PORT = 4001
 STATUS_PORT = 8680
 TOKEN = "bench"
 QUIET = '[training]\nrole = "consumer"\nevaluate = false\n\n[exchange]\nannounce_interval_s = 1.0\n'
-
-
-def run(*argv: str) -> None:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    if result.returncode != 0:
-        raise RuntimeError(f"`{shlex.join(argv)}` failed ({result.returncode}): {result.stderr.strip()}")
 
 
 @dataclass
@@ -77,27 +70,20 @@ class LinkSwarm:
 
     def build(self) -> None:
         from node.keys import load_or_create_key
+        from tests.swarm_harness import netns_script
 
-        run("ip", "netns", "add", self.hub)
+        netns = netns_script()
+        netns._run("ip", "netns", "add", self.hub)
         self.namespaces.append(self.hub)
-        run("ip", "-n", self.hub, "link", "set", "lo", "up")
-        run("ip", "-n", self.hub, "link", "add", "br0", "type", "bridge")
-        run("ip", "-n", self.hub, "link", "set", "br0", "up")
+        netns.make_hub(self.hub)
         names = ["fetcher", *(f"seed{i}" for i in range(1, self.seeds + 1))]
         for index, name in enumerate(names):
-            namespace, hub_end = f"{self.tag}-{name}", f"veth{index}"
-            run("ip", "netns", "add", namespace)
+            namespace, address = f"{self.tag}-{name}", f"{SUBNET}.{index + 10}"
+            netns._run("ip", "netns", "add", namespace)
             self.namespaces.append(namespace)
-            run("ip", "-n", namespace, "link", "set", "lo", "up")
-            run("ip", "-n", self.hub, "link", "add", hub_end, "type", "veth", "peer", "name", "eth0", "netns", namespace)
-            run("ip", "-n", self.hub, "link", "set", hub_end, "master", "br0")
-            run("ip", "-n", self.hub, "link", "set", hub_end, "up")
-            address = f"{SUBNET}.{index + 10}"
-            run("ip", "-n", namespace, "addr", "add", f"{address}/24", "dev", "eth0")
-            run("ip", "-n", namespace, "link", "set", "eth0", "up")
+            netns.plug(self.hub, namespace, f"veth{index}", f"{address}/24")
             if name != "fetcher":  # what a seed sends: its uplink
-                run("tc", "-n", namespace, "qdisc", "add", "dev", "eth0", "root", "tbf",
-                    "rate", self.rate, "burst", "256kbit", "latency", "50ms")
+                netns.shape(namespace, "eth0", self.rate)
             data_dir = self.root / name
             daemon = Daemon(name, namespace, address, data_dir, self.root / f"{name}.toml")
             daemon.peer_id = load_or_create_key(data_dir).peer_id
@@ -178,21 +164,13 @@ def drive(seeds: list[str], manifest: str, timeout: float) -> None:
 
 def fetch(root: Path, mib: int, rate: str, holders: int) -> dict:
     """One swarm (a fetcher, three seeds), the artifact on ``holders`` seeds; the fetch's view."""
-    import torch
-
-    from node.artifacts import store_artifact
-    from node.store import ContentStore
+    from bench.bench_exchange import seed_artifact
 
     swarm = LinkSwarm(root / f"holders{holders}", 3, rate)
     try:
         swarm.build()
         fetcher, *seeds = swarm.daemons
-        generator = torch.Generator().manual_seed(0)
-        tensors = {f"t{i}": torch.randn(1024, 1024, generator=generator) for i in range(mib // 4)}
-        manifest = ""
-        for seed in seeds[:holders]:
-            manifest = store_artifact(ContentStore(seed.data_dir / "store"), tensors)
-        del tensors
+        manifest = seed_artifact([seed.data_dir for seed in seeds[:holders]], mib)
         swarm.start()
         result = subprocess.run(
             ["ip", "netns", "exec", fetcher.namespace, sys.executable, "-m", "bench.bench_exchange_links",

@@ -555,6 +555,31 @@ def netns_unavailable() -> str | None:
     return None
 
 
+def make_hub(hub: str) -> None:
+    """Give the (new) namespace ``hub`` a bridge, ``br0``: the switch every peer's veth joins."""
+    _run("ip", "-n", hub, "link", "set", "lo", "up")
+    _run("ip", "-n", hub, "link", "add", "br0", "type", "bridge")
+    _run("ip", "-n", hub, "link", "set", "br0", "up")
+
+
+def plug(hub: str, namespace: str, hub_end: str, address: str) -> None:
+    """Join the (new) namespace ``namespace`` to ``hub``'s bridge: its ``eth0``, with ``address``
+    (CIDR), is one end of a veth pair whose other end, ``hub_end``, sits on the bridge."""
+    _run("ip", "-n", namespace, "link", "set", "lo", "up")
+    # Created inside the hub namespace, with its other end moved straight into `namespace`:
+    # nothing ever appears in the host's own namespace.
+    _run("ip", "-n", hub, "link", "add", hub_end, "type", "veth", "peer", "name", "eth0", "netns", namespace)
+    _run("ip", "-n", hub, "link", "set", hub_end, "master", "br0")
+    _run("ip", "-n", hub, "link", "set", hub_end, "up")
+    _run("ip", "-n", namespace, "addr", "add", address, "dev", "eth0")
+    _run("ip", "-n", namespace, "link", "set", "eth0", "up")
+
+
+def shape(namespace: str, dev: str, rate: str) -> None:
+    """Limit what ``dev`` in ``namespace`` sends to ``rate`` (tc's notation, e.g. 100mbit)."""
+    _run("tc", "-n", namespace, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "256kbit", "latency", "50ms")
+
+
 @dataclass
 class Swarm:
     """A running namespace swarm; ``close()`` removes every trace of it."""
@@ -576,29 +601,19 @@ class Swarm:
     def build_network(self) -> None:
         _run("ip", "netns", "add", self.hub)
         self.namespaces.append(self.hub)
-        _run("ip", "-n", self.hub, "link", "set", "lo", "up")
-        _run("ip", "-n", self.hub, "link", "add", "br0", "type", "bridge")
-        _run("ip", "-n", self.hub, "link", "set", "br0", "up")
+        make_hub(self.hub)
         prefix = ipaddress.ip_network(self.subnet).prefixlen
         for index, plan in enumerate(self.plans):
             ns, hub_end = plan.namespace, f"veth{index}"
             _run("ip", "netns", "add", ns)
             self.namespaces.append(ns)
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
-            # Created inside the hub namespace, with its other end moved straight into `ns`:
-            # nothing ever appears in the host's own namespace.
-            _run("ip", "-n", self.hub, "link", "add", hub_end, "type", "veth", "peer", "name", "eth0", "netns", ns)
-            _run("ip", "-n", self.hub, "link", "set", hub_end, "master", "br0")
-            _run("ip", "-n", self.hub, "link", "set", hub_end, "up")
-            _run("ip", "-n", ns, "addr", "add", f"{plan.address}/{prefix}", "dev", "eth0")
-            _run("ip", "-n", ns, "link", "set", "eth0", "up")
+            plug(self.hub, ns, hub_end, f"{plan.address}/{prefix}")
             if self.dns:
                 self._use_hub_resolver(ns)
             if self.rate:
                 # Both directions: eth0 shapes what the peer sends, the hub end what it receives.
-                for where, dev in ((ns, "eth0"), (self.hub, hub_end)):
-                    _run("tc", "-n", where, "qdisc", "add", "dev", dev, "root", "tbf",
-                         "rate", self.rate, "burst", "256kbit", "latency", "50ms")
+                shape(ns, "eth0", self.rate)
+                shape(self.hub, hub_end, self.rate)
 
     @property
     def hub_address(self) -> str:

@@ -15,19 +15,9 @@ import trio
 from libp2p.security.noise.io import NoiseTransportReadWriter
 
 from node.libp2p_bridge import NOISE_MAX_PLAINTEXT, BridgeError, FramedStream, Libp2pBridge
+from tests.node.test_bridge_streams import pair
 
-PROTOCOL = "/p2p-node/test-credit/1.0.0"
 PAYLOAD = 1 << 20
-
-
-async def pair(handler) -> tuple[Libp2pBridge, Libp2pBridge, FramedStream]:
-    server = Libp2pBridge(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"], kademlia=False)
-    client = Libp2pBridge(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"], kademlia=False)
-    await server.start()
-    await client.start()
-    await server.set_stream_handler(PROTOCOL, handler)
-    peer = await client.connect(server.listen_addrs()[0], timeout=10)
-    return server, client, await client.open_stream(peer, PROTOCOL, timeout=10)
 
 
 class WriterSteps(trio.abc.Instrument):
