@@ -301,8 +301,8 @@ def skip_small_idontwant() -> None:
 
 def tune_transport() -> None:
     """Everything this module changes in py-libp2p, for this process: yamux credit batching
-    and frame size, writers woken by credit, whole frame writes, TCP read-ahead, cached pubsub peer records, IDONTWANT
-    only for large messages. Idempotent."""
+    and frame size, writers woken by credit, whole frame writes, TCP read-ahead, cached pubsub
+    peer records, IDONTWANT only for large messages. Idempotent."""
     apply_yamux_tuning()
     wake_writers_on_credit()
     guard_frame_writes()

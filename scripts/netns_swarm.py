@@ -577,7 +577,8 @@ def plug(hub: str, namespace: str, hub_end: str, address: str) -> None:
 
 def shape(namespace: str, dev: str, rate: str) -> None:
     """Limit what ``dev`` in ``namespace`` sends to ``rate`` (tc's notation, e.g. 100mbit)."""
-    _run("tc", "-n", namespace, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "256kbit", "latency", "50ms")
+    _run("tc", "-n", namespace, "qdisc", "add", "dev", dev, "root", "tbf",
+         "rate", rate, "burst", "256kbit", "latency", "50ms")
 
 
 @dataclass

@@ -26,7 +26,8 @@ def fetch_run(tmp_path: Path, mib: int, batch_bytes: int, providers: list[str], 
     assert manifest is not None
     # The bridge is only asked for its peer id (not started): pick ranks chunks by it.
     bridge = Libp2pBridge(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"], kademlia=False)
-    exchange = Exchange(bridge, store, availability=None, settings=ExchangeSettings(batch_bytes=batch_bytes))  # type: ignore[arg-type]
+    settings = ExchangeSettings(batch_bytes=batch_bytes)
+    exchange = Exchange(bridge, store, availability=None, settings=settings)  # type: ignore[arg-type]
     run = _FetchRun(exchange, manifest, FetchProgress(manifest.artifact_id))
     run.pending = set(run.sizes)
     for peer in providers:
