@@ -6,8 +6,10 @@ verified, so a crash or a flipped bit can lose an item but never serve a wrong o
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -106,10 +108,13 @@ class ContentStore:
         path = self._path(CHUNKS, cid)
         target = out.data.cast("B")
         try:
-            with open(path, "rb", buffering=0) as handle:
+            with _open_item(path) as handle:
                 inode = os.fstat(handle.fileno())
                 intact = inode.st_size == len(target) and handle.readinto(target) == len(target)
         except FileNotFoundError:
+            return False
+        except _NotAFile:
+            self._drop(path, None)
             return False
         intact = intact and content_id(target) == cid
         self._after_read(path, inode, len(target), intact)
@@ -122,7 +127,7 @@ class ContentStore:
         into the frame, which saves two megabyte copies per chunk (BENCHMARKS.md, chunk exchange)."""
         path = self._path(CHUNKS, cid)
         try:
-            with open(path, "rb", buffering=0) as handle:
+            with _open_item(path) as handle:
                 inode = os.fstat(handle.fileno())
                 prefix = head(inode.st_size)
                 buffer = bytearray(len(prefix) + inode.st_size + 1)  # one spare byte: a file that grew
@@ -133,6 +138,9 @@ class ContentStore:
                     got += step
         except FileNotFoundError:
             return None
+        except _NotAFile:
+            self._drop(path, None)
+            return None
         intact = got == inode.st_size and content_id(body[:got]) == cid
         body.release()
         self._after_read(path, inode, got, intact)
@@ -142,7 +150,7 @@ class ContentStore:
         return buffer
 
     def has(self, cid: str) -> bool:
-        return self._path(CHUNKS, cid).exists()
+        return self._path(CHUNKS, cid).is_file()
 
     def missing(self, cids: Iterable[str]) -> list[str]:
         """The ids among ``cids`` that the store lacks, in first-seen order, once each."""
@@ -168,7 +176,7 @@ class ContentStore:
             return None
 
     def has_manifest(self, manifest_id: str) -> bool:
-        return self._path(MANIFESTS, manifest_id).exists()
+        return self._path(MANIFESTS, manifest_id).is_file()
 
     def manifest_ids(self) -> list[str]:
         return [cid for cid, _ in self._walk(MANIFESTS)]
@@ -181,7 +189,7 @@ class ContentStore:
         return self._get(RECORDS, record_id)
 
     def has_record(self, record_id: str) -> bool:
-        return self._path(RECORDS, record_id).exists()
+        return self._path(RECORDS, record_id).is_file()
 
     # -- pins and garbage collection -------------------------------------------------------
 
@@ -218,15 +226,15 @@ class ContentStore:
             for kind in KINDS:
                 for cid, path in self._walk(kind):
                     try:
-                        stat = path.stat()
+                        info = path.stat()
                     except FileNotFoundError:
                         continue
-                    if cid in live or stat.st_mtime > cutoff:
+                    if cid in live or info.st_mtime > cutoff:
                         report.kept += 1
                         continue
-                    path.unlink(missing_ok=True)
-                    report.removed += 1
-                    report.bytes_freed += stat.st_size
+                    if _remove_entry(path):
+                        report.removed += 1
+                        report.bytes_freed += info.st_size if stat.S_ISREG(info.st_mode) else 0
             self._counters.gc_removed += report.removed
         return report
 
@@ -272,7 +280,7 @@ class ContentStore:
             report.checked += 1
             if full:
                 intact = self._get(CHUNKS, cid) is not None
-            elif cid in chunk_sizes and path.stat().st_size != chunk_sizes[cid]:
+            elif not path.is_file() or (cid in chunk_sizes and path.stat().st_size != chunk_sizes[cid]):
                 self._drop(path, None)
                 intact = False
             else:
@@ -318,7 +326,14 @@ class ContentStore:
                 self._count(bytes_written=memoryview(item).nbytes, items_written=1)
             with self._lock:
                 for temp, path in written:
-                    os.replace(temp, path)
+                    try:
+                        os.replace(temp, path)
+                    except IsADirectoryError:
+                        # A directory where the item belongs is no item: an empty one goes, and
+                        # one with files in it is left to the operator (the put fails).
+                        if not _remove_entry(path):
+                            raise
+                        os.replace(temp, path)
         finally:
             for temp, _ in written:
                 temp.unlink(missing_ok=True)
@@ -330,10 +345,13 @@ class ContentStore:
     def _get(self, kind: str, cid: str) -> bytes | None:
         path = self._path(kind, cid)
         try:
-            with open(path, "rb", buffering=0) as handle:
+            with _open_item(path) as handle:
                 inode = os.fstat(handle.fileno())
                 data = handle.read()
         except FileNotFoundError:
+            return None
+        except _NotAFile:
+            self._drop(path, None)
             return None
         intact = content_id(data) == cid
         self._after_read(path, inode, len(data), intact)
@@ -353,8 +371,8 @@ class ContentStore:
             except FileNotFoundError:
                 return
             if inode is None or (current.st_ino, current.st_dev) == (inode.st_ino, inode.st_dev):
-                path.unlink(missing_ok=True)
-                self._counters.corrupt_dropped += 1
+                if _remove_entry(path):
+                    self._counters.corrupt_dropped += 1
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
@@ -392,10 +410,48 @@ def _cid_of(path: Path, directory: Path) -> str | None:
 
 def _touch(path: Path) -> bool:
     """Refresh an existing item's mtime (GC's keep-recent window counts from a re-put too);
-    False when there is no such item."""
+    False when there is no such item, or something other than a regular file is in its place."""
     try:
-        os.utime(path)
+        info = os.stat(path)
     except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(info.st_mode):
+        return False
+    os.utime(path)
+    return True
+
+
+class _NotAFile(Exception):
+    """Something other than a regular file (a directory, a FIFO, a socket) is at an item's path."""
+
+
+def _open_item(path: Path) -> io.FileIO:
+    """An item's file opened for reading; FileNotFoundError when there is none, _NotAFile when
+    something else is in its place. O_NONBLOCK: opening a FIFO must not wait for a writer (a
+    regular file ignores the flag)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _NotAFile(str(path))
+        return io.FileIO(fd, "rb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _remove_entry(path: Path) -> bool:
+    """Delete what is at ``path``: a file of any type, or an empty directory. False when a
+    directory with something in it stays: reads and GC do not empty directories (the startup
+    check removes files that are out of place, as it always has)."""
+    try:
+        path.unlink(missing_ok=True)
+        return True
+    except OSError:
+        if not path.is_dir():
+            raise
+    try:
+        path.rmdir()
+    except OSError:
         return False
     return True
 

@@ -255,3 +255,60 @@ def test_concurrent_writers_readers_and_gc(tmp_path: Path) -> None:
     assert all(store.get(cid) == blob for cid, blob in zip(ids, blobs))
     assert not [p for p in all_files(tmp_path) if p.name.startswith(".tmp-")]
     assert store.counters().corrupt_dropped == 0
+
+
+def make_odd(path: Path, odd: str) -> None:
+    """Put something other than a regular file at an item's path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if odd == "directory":
+        path.mkdir()
+    elif odd == "fifo":
+        os.mkfifo(path)
+    else:  # a directory holding a file: the store must not empty it
+        path.mkdir()
+        (path / "notes.txt").write_text("an operator's file")
+
+
+@pytest.mark.parametrize("odd", ["directory", "fifo"])
+def test_anything_but_a_regular_file_in_an_items_place_is_no_item(tmp_path: Path, odd: str) -> None:
+    # Reading a FIFO used to wait for a writer forever, and a directory made reads, the full
+    # check and GC raise; has() said True for both, so a fetch skipped the chunk.
+    store = ContentStore(tmp_path / "store")
+    data = os.urandom(3000)
+    cid = content_id(data)
+    path = chunk_path(store, cid)
+    make_odd(path, odd)
+    assert not store.has(cid) and store.missing([cid]) == [cid]
+    assert store.get(cid) is None
+    assert not os.path.lexists(path)  # dropped like a corrupt file
+    make_odd(path, odd)
+    assert store.get_behind(cid, lambda size: b"") is None
+    make_odd(path, odd)
+    assert not store.read_into(cid, np.empty(3000, dtype=np.uint8))
+    make_odd(path, odd)
+    assert cid in store.check(full=True).corrupt and not os.path.lexists(path)
+    make_odd(path, odd)
+    assert cid in store.check(full=False).corrupt and not os.path.lexists(path)
+    make_odd(path, odd)
+    assert store.put(data) == cid and store.get(cid) == data  # the write takes its place
+    manifest_id = content_id(b"no manifest")
+    make_odd(chunk_path(store, manifest_id, "manifests"), odd)
+    assert not store.has_manifest(manifest_id) and store.get_manifest(manifest_id) is None
+    make_odd(chunk_path(store, manifest_id, "manifests"), odd)
+    old = time.time() - 3600
+    os.utime(chunk_path(store, manifest_id, "manifests"), (old, old))
+    assert store.gc().removed >= 1  # GC removes it, and the manifests it reads for pins skip it
+    assert not os.path.lexists(chunk_path(store, manifest_id, "manifests"))
+
+
+def test_a_directory_with_files_in_an_items_place_is_left_alone_and_reported(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path / "store")
+    data = os.urandom(3000)
+    cid = content_id(data)
+    path = chunk_path(store, cid)
+    make_odd(path, "directory with files")
+    assert store.get(cid) is None and not store.has(cid)
+    assert (path / "notes.txt").exists()
+    with pytest.raises(OSError):
+        store.put(data)  # a clear error, not a silent "already stored"
+    assert (path / "notes.txt").exists()
