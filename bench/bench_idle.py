@@ -15,6 +15,7 @@ Linux only (the CPU times come from /proc).
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -65,9 +66,12 @@ def main() -> None:
     sizes = [int(n) for n in args.peers.split(",")]
     root = Path(tempfile.mkdtemp(prefix="bench-idle-"))
     print(f"{'peers':>5} {'CPU per daemon, mean':>21} {'max':>6} {'records accepted/s':>19}")
-    for size in sizes:
-        row = measure(root, size, args.settle, args.seconds)
-        print(f"{size:>5} {100 * row['mean']:>20.1f}% {100 * row['max']:>5.1f}% {row['records']:>19.1f}", flush=True)
+    try:
+        for size in sizes:
+            row = measure(root, size, args.settle, args.seconds)
+            print(f"{size:>5} {100 * row['mean']:>20.1f}% {100 * row['max']:>5.1f}% {row['records']:>19.1f}", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # the daemons' data directories
 
 
 if __name__ == "__main__":
