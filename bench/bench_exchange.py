@@ -316,7 +316,10 @@ def seed_artifact(data_dirs: list[Path], mib: int) -> str:
 
     generator = torch.Generator().manual_seed(0)
     tensors = {f"t{i}": torch.randn(1024, 1024, generator=generator) for i in range(mib // 4)}
-    return [store_artifact(ContentStore(data_dir / "store"), tensors) for data_dir in data_dirs][-1]
+    manifest_id = ""
+    for data_dir in data_dirs:
+        manifest_id = store_artifact(ContentStore(data_dir / "store"), tensors)  # the same id each time
+    return manifest_id
 
 
 def daemon_fetch(root: Path, mib: int, providers: int, others: int = 0) -> Transfer:

@@ -89,8 +89,10 @@ class LinkSwarm:
             daemon.peer_id = load_or_create_key(data_dir).peer_id
             self.daemons.append(daemon)
         fetcher, *seeds = self.daemons
+        # The fetcher dials every seed; the seeds find each other through the first one.
+        bootstrap = {fetcher.name: [s.addr for s in seeds], seeds[0].name: []}
         for daemon in self.daemons:
-            boot = [s.addr for s in seeds] if daemon is fetcher else [seeds[0].addr] if daemon is not seeds[0] else []
+            boot = bootstrap.get(daemon.name, [seeds[0].addr])
             daemon.config.write_text(
                 f'[node]\nname = "{daemon.name}"\ndata_dir = "{daemon.data_dir}"\nlog_format = "json"\n\n'
                 f'[swarm]\nname = "bench-links"\nbootstrap = {json.dumps(boot)}\n\n'

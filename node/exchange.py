@@ -298,7 +298,8 @@ class _FetchRun:
         if held is not None and self.seed_only_left():
             return []
         pending, inflight = self.pending, self.inflight
-        free = [c for c in self.order if c in pending and c not in inflight and (held is None or c in held)]
+        unclaimed = [c for c in self.order if c in pending and c not in inflight]
+        free = unclaimed if held is None else [c for c in unclaimed if c in held]
         if not free:
             return []
         partial_peers = [p for p, h in self.has.items() if h is not None and p not in self.dropped]
@@ -315,7 +316,7 @@ class _FetchRun:
         limit = self.exchange.settings.batch_bytes
         streams = sum(n for p, n in self.workers.items() if p not in self.dropped)
         if streams > 1:
-            left = sum(self.sizes[c] for c in pending if c not in inflight)
+            left = sum(self.sizes[c] for c in unclaimed)
             limit = min(limit, -(-left // streams))
         batch, size = [], 0
         for cid in free:

@@ -107,15 +107,12 @@ class ContentStore:
             raise ValueError("read_into needs a contiguous array")
         path = self._path(CHUNKS, cid)
         target = out.data.cast("B")
-        try:
-            with _open_item(path) as handle:
-                inode = os.fstat(handle.fileno())
-                intact = inode.st_size == len(target) and handle.readinto(target) == len(target)
-        except FileNotFoundError:
+        handle = self._open(path)
+        if handle is None:
             return False
-        except _NotAFile:
-            self._drop(path, None)
-            return False
+        with handle:
+            inode = os.fstat(handle.fileno())
+            intact = inode.st_size == len(target) and handle.readinto(target) == len(target)
         intact = intact and content_id(target) == cid
         self._after_read(path, inode, len(target), intact)
         return intact
@@ -126,21 +123,18 @@ class ContentStore:
         For a server that sends each chunk inside a frame: the chunk is read from disk straight
         into the frame, which saves two megabyte copies per chunk (BENCHMARKS.md, chunk exchange)."""
         path = self._path(CHUNKS, cid)
-        try:
-            with _open_item(path) as handle:
-                inode = os.fstat(handle.fileno())
-                prefix = head(inode.st_size)
-                buffer = bytearray(len(prefix) + inode.st_size + 1)  # one spare byte: a file that grew
-                buffer[: len(prefix)] = prefix
-                body = memoryview(buffer)[len(prefix) :]
-                got = 0
-                while got < len(body) and (step := handle.readinto(body[got:])):
-                    got += step
-        except FileNotFoundError:
+        handle = self._open(path)
+        if handle is None:
             return None
-        except _NotAFile:
-            self._drop(path, None)
-            return None
+        with handle:
+            inode = os.fstat(handle.fileno())
+            prefix = head(inode.st_size)
+            buffer = bytearray(len(prefix) + inode.st_size + 1)  # one spare byte: a file that grew
+            buffer[: len(prefix)] = prefix
+            body = memoryview(buffer)[len(prefix) :]
+            got = 0
+            while got < len(body) and (step := handle.readinto(body[got:])):
+                got += step
         intact = got == inode.st_size and content_id(body[:got]) == cid
         body.release()
         self._after_read(path, inode, got, intact)
@@ -280,11 +274,11 @@ class ContentStore:
             report.checked += 1
             if full:
                 intact = self._get(CHUNKS, cid) is not None
-            elif not path.is_file() or (cid in chunk_sizes and path.stat().st_size != chunk_sizes[cid]):
-                self._drop(path, None)
-                intact = False
             else:
-                intact = True
+                info = path.stat()
+                intact = stat.S_ISREG(info.st_mode) and chunk_sizes.get(cid, info.st_size) == info.st_size
+                if not intact:
+                    self._drop(path, None)
             if not intact:
                 report.corrupt.append(cid)
         return report
@@ -344,18 +338,34 @@ class ContentStore:
 
     def _get(self, kind: str, cid: str) -> bytes | None:
         path = self._path(kind, cid)
-        try:
-            with _open_item(path) as handle:
-                inode = os.fstat(handle.fileno())
-                data = handle.read()
-        except FileNotFoundError:
+        handle = self._open(path)
+        if handle is None:
             return None
-        except _NotAFile:
-            self._drop(path, None)
-            return None
+        with handle:
+            inode = os.fstat(handle.fileno())
+            data = handle.read()
         intact = content_id(data) == cid
         self._after_read(path, inode, len(data), intact)
         return data if intact else None
+
+    def _open(self, path: Path) -> io.FileIO | None:
+        """An item's file opened for reading; None when there is none. Anything but a regular
+        file in its place (a directory, a FIFO, a socket) is no item: it is dropped like a
+        corrupt file. O_NONBLOCK: opening a FIFO must not wait for a writer (a regular file
+        ignores the flag)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                return io.FileIO(fd, "rb", closefd=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        self._drop(path, None)
+        return None
 
     def _after_read(self, path: Path, inode: os.stat_result, size: int, intact: bool) -> None:
         if intact:
@@ -419,24 +429,6 @@ def _touch(path: Path) -> bool:
         return False
     os.utime(path)
     return True
-
-
-class _NotAFile(Exception):
-    """Something other than a regular file (a directory, a FIFO, a socket) is at an item's path."""
-
-
-def _open_item(path: Path) -> io.FileIO:
-    """An item's file opened for reading; FileNotFoundError when there is none, _NotAFile when
-    something else is in its place. O_NONBLOCK: opening a FIFO must not wait for a writer (a
-    regular file ignores the flag)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _NotAFile(str(path))
-        return io.FileIO(fd, "rb", closefd=True)
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def _remove_entry(path: Path) -> bool:
