@@ -269,6 +269,71 @@ def test_a_provider_serving_corrupt_chunks_is_caught_and_the_fetch_succeeds(swar
     assert_identical_copy(fetcher, manifest_id, mib=32, seed=1)
 
 
+class Breaker(Liar):
+    """Serves the first two chunks of every request intact, then resets the stream."""
+
+    served_before_reset = 0
+
+    async def serve(self, stream: FramedStream) -> None:
+        try:
+            request = wire.decode_request(await stream.read_frame(wire.MAX_REQUEST_BYTES, timeout=30))
+        except (BridgeError, TimeoutError, Invalid):
+            return
+        if isinstance(request, HaveRequest) or request.kind != "chunk":
+            return await Liar.serve(self, stream)  # not expected: the manifest comes from the seed
+        for cid in request.ids[:2]:
+            await stream.write_frame(Item(cid, self.chunks[cid]).encode(), timeout=10)
+            self.served_before_reset += 1
+        await stream.reset()
+
+
+def test_chunks_that_arrived_before_a_provider_broke_off_are_kept(swarm):
+    """A batch's chunks are written together once the answer is in; when the stream breaks
+    first, the chunks that did arrive are still verified and stored, not fetched again."""
+    honest = swarm.add(PACED, token=TOKEN)
+    fetcher = swarm.add(exchange_toml(batch_bytes=4 * MIB, request_timeout_s=2.0), token=TOKEN)
+    manifest_id = seed_artifact(honest, mib=32, seed=2)
+    store = ContentStore(honest.data_dir / "store")
+    manifest = store.get_manifest(manifest_id)
+    breaker = Breaker(
+        swarm.swarm, manifest_id, manifest.encoded, {ref.cid: store.get(ref.cid) for ref in manifest.chunks}
+    )
+    start_all([honest, fetcher])
+
+    async def scenario() -> dict:
+        topic = records_topic(swarm.swarm)
+        await breaker.bridge.start()
+        try:
+            await breaker.bridge.set_stream_handler(wire.PROTOCOL_ID, breaker.serve)
+            inbox = await breaker.bridge.subscribe(topic)
+            await breaker.bridge.connect(fetcher.addr, timeout=10)
+            async with asyncio.timeout(30):
+                while (await inbox.get()).source != fetcher.peer_id:
+                    pass
+            announcer = asyncio.create_task(breaker.announce_forever(topic))
+            await asyncio.sleep(2.0)
+            await asyncio.to_thread(start_fetch, fetcher, manifest_id)
+            view = await asyncio.to_thread(wait_done, fetcher, manifest_id, 60)
+            announcer.cancel()
+            return view
+        finally:
+            await breaker.bridge.stop()
+
+    try:
+        view = asyncio.run(scenario())
+        assert breaker.served_before_reset >= 2, "the fetcher never asked the breaker: nothing was tested"
+        assert breaker.peer_id in view["dropped_providers"], view
+        stats = fetcher.get("/exchange")
+        # Each chunk crossed the wire once: those the breaker sent before it reset were kept.
+        assert stats["chunks_in"] == stats["chunks_verified"] == len(manifest.chunks), stats
+        assert not stats["rejected_chunks_by_peer"], stats
+    except AssertionError:
+        print(swarm.logs())
+        raise
+    assert fetcher.terminate() == 0
+    assert_identical_copy(fetcher, manifest_id, mib=32, seed=2)
+
+
 # ---- crash and resume -----------------------------------------------------------------
 
 
