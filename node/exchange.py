@@ -523,9 +523,13 @@ class Exchange:
     async def _run(self, run: _FetchRun, hints: tuple[str, ...]) -> None:
         try:
             await self._run_group(run, hints)
-        except* FetchFailed as group:
-            # The task group wraps what its body raises; callers expect a plain FetchFailed.
-            raise group.exceptions[0] from None
+        except ExceptionGroup as group:
+            # The task group wraps what its body and its tasks raise; callers expect the error
+            # itself: a FetchFailed, or a local fault such as a full disk.
+            error: BaseException = group
+            while isinstance(error, BaseExceptionGroup):
+                error = error.exceptions[0]
+            raise error from None
 
     async def _run_group(self, run: _FetchRun, hints: tuple[str, ...]) -> None:
         async with asyncio.TaskGroup() as tasks:
@@ -592,6 +596,7 @@ class Exchange:
         stream: FramedStream | None = None
         # A batch's chunks are verified and written while the next batch is on the wire: the
         # stream does not sit idle waiting for the disk. At most two batches are held at once.
+        previous: asyncio.Future[bool] | None = None
         settling: asyncio.Future[bool] | None = None
         try:
             stream = await self._open(peer)
@@ -603,8 +608,12 @@ class Exchange:
         except _Drop as exc:
             self._drop(run, peer, exc.reason, exc.ban)
         finally:
-            if settling is not None and not settling.done():
-                await asyncio.wait([settling])
+            for task in (previous, settling):
+                if task is not None:
+                    if not task.done():
+                        await asyncio.wait([task])
+                    if not task.cancelled():
+                        task.exception()  # retrieved: a failed write (a full disk) has failed the fetch already
             run.workers[peer] -= 1
             if stream is not None:
                 await stream.close()

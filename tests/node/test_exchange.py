@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import time
 from functools import lru_cache
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,12 +84,18 @@ def start_fetch(peer: Peer, manifest_id: str) -> None:
     assert status == 202, (status, body)
 
 
-def wait_done(peer: Peer, manifest_id: str, timeout: float) -> dict:
+def wait_finished(peer: Peer, manifest_id: str, timeout: float) -> dict:
+    """The fetch's view once it is done or failed."""
+
     def finished() -> dict | None:
         view = fetch_view(peer, manifest_id)
         return view if view and view["state"] in ("done", "failed") else None
 
-    view = wait_until(finished, timeout, interval=0.1, what=f"{peer.name} to finish the fetch")
+    return wait_until(finished, timeout, interval=0.1, what=f"{peer.name} to finish the fetch")
+
+
+def wait_done(peer: Peer, manifest_id: str, timeout: float) -> dict:
+    view = wait_finished(peer, manifest_id, timeout)
     assert view["state"] == "done", view
     assert view["have_chunks"] == view["total_chunks"]
     return view
@@ -374,6 +382,61 @@ def test_a_fetch_killed_midway_resumes_after_restart_and_fetches_only_what_is_mi
         raise
     assert fetcher.terminate() == 0
     assert_identical_copy(fetcher, manifest_id)
+
+
+# ---- a full disk ----------------------------------------------------------------------
+
+
+def mount_tmpfs(path: Path, mib: int, remount: bool = False) -> str | None:
+    """Mount (or resize) a tmpfs of ``mib`` MiB at ``path``; why not, where it cannot be done."""
+    options = f"{'remount,' if remount else ''}size={mib}m"
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    except OSError as exc:
+        return str(exc)
+    return None if done.returncode == 0 else done.stderr.strip() or f"mount exited {done.returncode}"
+
+
+def test_a_fetch_that_fills_the_disk_fails_clearly_stores_nothing_corrupt_and_resumes(swarm):
+    """The fetcher's store lies on a 12 MiB tmpfs and the artifact is 32 MiB: the fetch fails
+    with the disk's error, the daemon keeps running, every chunk left in the store verifies and
+    no temp file is left behind. Given room, the same fetch completes without fetching again
+    what was stored before."""
+    seed, fetcher = swarm.add(PACED, token=TOKEN), swarm.add(exchange_toml(batch_bytes=2 * MIB), token=TOKEN)
+    manifest_id = seed_artifact(seed, mib=32, seed=3)
+    store_dir = fetcher.data_dir / "store"
+    store_dir.mkdir(parents=True)
+    if (reason := mount_tmpfs(store_dir, 12)) is not None:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {reason}")
+    try:
+        start_all([seed, fetcher])
+        start_fetch(fetcher, manifest_id)
+        view = wait_finished(fetcher, manifest_id, 60)
+        assert view["state"] == "failed", view
+        assert "No space left on device" in view["error"], view
+        assert fetcher.get("/healthz") == {"ok": True} and fetcher.process.poll() is None
+        # Nothing half-written: no temp file, and every chunk there hashes to its name.
+        assert not [p for p in store_dir.rglob(".tmp-*")]
+        report = ContentStore(store_dir).check(full=True)
+        assert report.corrupt == [] and report.temp_files == 0, report
+        chunks = chunk_ids(seed, manifest_id)
+        stored = held(fetcher, chunks)
+        assert 0 < len(stored) < len(chunks)
+
+        assert mount_tmpfs(store_dir, 64, remount=True) is None
+        start_fetch(fetcher, manifest_id)
+        view = wait_done(fetcher, manifest_id, 60)
+        sizes = {ref.cid: ref.size for ref in ContentStore(seed.data_dir / "store").get_manifest(manifest_id).chunks}
+        assert view["fetched_bytes"] == sum(size for cid, size in sizes.items() if cid not in stored), view
+        assert not [line for line in fetcher.log().splitlines() if "never retrieved" in line]
+        assert fetcher.terminate() == 0
+        assert_identical_copy(fetcher, manifest_id, mib=32, seed=3)
+    except AssertionError:
+        print(swarm.logs())
+        raise
+    finally:
+        swarm.stop_all()
+        subprocess.run(["umount", str(store_dir)], capture_output=True)
 
 
 # ---- a frozen provider ----------------------------------------------------------------
