@@ -223,8 +223,9 @@ class ChunkServer:
         return HaveAnswer(await asyncio.to_thread(holdings)).encode()
 
 
-# Chunks being verified and written in a worker thread, and whether each one matched its id.
-_Writing = tuple[list[str], "asyncio.Future[list[bool]]"]
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class _Drop(Exception):
@@ -620,25 +621,12 @@ class Exchange:
 
     async def _request(
         self, run: _FetchRun, stream: FramedStream, peer: str, batch: list[str]
-    ) -> list[_Writing]:
+    ) -> list[tuple[str, asyncio.Future[str]]]:
         """Ask ``peer`` for ``batch``; return the chunks being verified and written (to settle)."""
         timeout = self.settings.request_timeout_s
         remaining = list(batch)
-        # The batch's chunks are verified and written together, in one worker thread, once the
-        # whole answer is in (the worker meanwhile asks for the next batch). One thread writing a
-        # batch costs the fetcher much less CPU than a thread hand-off per chunk, several threads
-        # creating files at once, and a sync per file before the next one is written
-        # (``ContentStore.put_verified``; BENCHMARKS.md, chunk exchange).
-        storing: list[_Writing] = []
-        received: list[tuple[str, bytes | memoryview]] = []
-
-        def store_received() -> None:
-            if received:
-                cids, chunks = [cid for cid, _ in received], [chunk for _, chunk in received]
-                received.clear()
-                writing = asyncio.to_thread(self.store.put_verified, chunks, cids, drop_cache=True)
-                storing.append((cids, asyncio.ensure_future(writing)))
-
+        # Chunks are verified and written in worker threads while the next ones are read.
+        storing: list[tuple[str, asyncio.Future[str]]] = []
         try:
             async with asyncio.timeout(timeout):
                 await stream.write_frame(GetRequest("chunk", tuple(batch)).encode(), timeout)
@@ -657,10 +645,12 @@ class Exchange:
                         self.stats.bytes_in += len(item.data)
                         self.stats.chunks_in += 1
                         run.progress.fetched_bytes += len(item.data)
-                        received.append((cid, item.data))
-                    store_received()
+                        writing = asyncio.ensure_future(asyncio.to_thread(self.store.put, item.data, cid, drop_cache=True))
+                        # A full disk fails every write in flight, and the fetch stops at the first
+                        # one it awaits: the others are retrieved here, so asyncio does not log them.
+                        writing.add_done_callback(_retrieve)
+                        storing.append((cid, writing))
         except TimeoutError:
-            store_received()  # what did arrive is kept: each chunk's hash is checked all the same
             await self._settle_stored(run, peer, storing)
             self.stats.timeouts_by_peer[peer] += 1
             for cid in remaining:
@@ -672,7 +662,6 @@ class Exchange:
                 pass
             raise _Drop(f"no answer within {timeout:.0f} s") from None
         except (BridgeError, Invalid) as exc:
-            store_received()
             await self._settle_stored(run, peer, storing)
             for cid in remaining:
                 run.settle(cid, stored=False)
@@ -684,19 +673,20 @@ class Exchange:
                 run.inflight.discard(cid)
         return storing
 
-    async def _settle_stored(self, run: _FetchRun, peer: str, storing: list[_Writing]) -> bool:
+    async def _settle_stored(self, run: _FetchRun, peer: str, storing: list[tuple[str, asyncio.Future[str]]]) -> bool:
         """Wait for the chunks being written; False if any failed its hash (the peer lied)."""
         honest = True
-        for cids, writing in storing:
-            for cid, ok in zip(cids, await asyncio.shield(writing)):
-                if not ok:
-                    honest = False
-                    self.stats.rejected_chunks_by_peer[peer] += 1
-                    run.settle(cid, stored=False)
-                    log.warning("corrupt_chunk", peer=peer, chunk=cid, manifest=run.manifest.artifact_id)
-                    continue
-                self.stats.chunks_verified += 1
-                run.settle(cid, stored=True)
+        for cid, writing in storing:
+            try:
+                await asyncio.shield(writing)
+            except Invalid:
+                honest = False
+                self.stats.rejected_chunks_by_peer[peer] += 1
+                run.settle(cid, stored=False)
+                log.warning("corrupt_chunk", peer=peer, chunk=cid, manifest=run.manifest.artifact_id)
+                continue
+            self.stats.chunks_verified += 1
+            run.settle(cid, stored=True)
         storing.clear()
         return honest
 

@@ -12,7 +12,7 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -88,24 +88,14 @@ class ContentStore:
     def put(self, data: Buffer, cid: str | None = None, *, drop_cache: bool = False) -> str:
         """Store a chunk; return its id. With ``cid``, raise Invalid("bad_chunk") on mismatch.
 
-        ``drop_cache``: let the kernel drop the chunk's pages once it is on disk (see ``_TempFiles``)."""
+        ``drop_cache``: let the kernel drop the chunk's pages once it is on disk (see ``_write_temp``)."""
         return self.put_many([data], [cid] if cid else None, drop_cache=drop_cache)[0]
 
     def put_many(
         self, chunks: Iterable[Buffer], cids: Iterable[str] | None = None, *, drop_cache: bool = False
     ) -> list[str]:
         """Store several chunks with one fsync per directory touched; return their ids."""
-        items = list(chunks)
-        return self._write_items(CHUNKS, items, _checked_ids(CHUNKS, items, cids), drop_cache)
-
-    def put_verified(self, chunks: Sequence[Buffer], cids: Sequence[str], *, drop_cache: bool = False) -> list[bool]:
-        """Store each chunk that matches its id, with one fsync per directory touched; whether
-        each one did. Every chunk is hashed once; a mismatch is left out, not raised."""
-        good = [content_id(chunk) == cid for chunk, cid in zip(chunks, cids, strict=True)]
-        kept = [i for i, ok in enumerate(good) if ok]
-        if kept:
-            self._write_items(CHUNKS, [chunks[i] for i in kept], [cids[i] for i in kept], drop_cache)
-        return good
+        return self._put_items(CHUNKS, list(chunks), None if cids is None else list(cids), drop_cache)
 
     def get(self, cid: str) -> bytes | None:
         """A chunk's bytes, or None when absent or corrupt (a corrupt file is deleted)."""
@@ -165,7 +155,7 @@ class ContentStore:
     def put_manifest(self, data: Buffer, manifest_id: str | None = None) -> str:
         """Validate (raises Invalid) and store manifest bytes; return the artifact id."""
         parse_manifest(data)
-        return self._write_items(MANIFESTS, [data], _checked_ids(MANIFESTS, [data], [manifest_id] if manifest_id else None))[0]
+        return self._put_items(MANIFESTS, [data], [manifest_id] if manifest_id else None)[0]
 
     def get_manifest(self, manifest_id: str) -> Manifest | None:
         """The parsed manifest, or None when absent or corrupt (then it is deleted)."""
@@ -187,7 +177,7 @@ class ContentStore:
 
     def put_record(self, data: Buffer, record_id: str | None = None) -> str:
         """Store a small record's exact bytes (its validation is the caller's); return its id."""
-        return self._write_items(RECORDS, [data], _checked_ids(RECORDS, [data], [record_id] if record_id else None))[0]
+        return self._put_items(RECORDS, [data], [record_id] if record_id else None)[0]
 
     def get_record(self, record_id: str) -> bytes | None:
         return self._get(RECORDS, record_id)
@@ -309,11 +299,15 @@ class ContentStore:
     def _pin_path(self, name: str) -> Path:
         return self.root / _PINS / name.encode().hex()
 
-    def _write_items(self, kind: str, items: list[Buffer], ids: list[str], drop_cache: bool = False) -> list[str]:
-        """Write ``items`` under ``ids``, which the caller has checked; return ``ids``."""
+    def _put_items(
+        self, kind: str, items: list[Buffer], cids: list[str] | None, drop_cache: bool = False
+    ) -> list[str]:
+        ids = [content_id(item) for item in items]
+        if cids is not None and cids != ids:
+            raise Invalid("bad_chunk" if kind == CHUNKS else "bad_cid", "data does not match its id")
         written: list[tuple[Path, Path]] = []
         new_directories = set()
-        with _TempFiles(drop_cache) as temps:
+        try:
             for cid, item in zip(ids, items):
                 path = self._path(kind, cid)
                 if _touch(path):
@@ -322,9 +316,8 @@ class ContentStore:
                 if not path.parent.is_dir():
                     path.parent.mkdir(exist_ok=True)
                     new_directories.add(path.parent.parent)
-                written.append((temps.write(path.parent, item), path))
+                written.append((_write_temp(path.parent, item, drop_cache), path))
                 self._count(bytes_written=memoryview(item).nbytes, items_written=1)
-            temps.sync()
             with self._lock:
                 for temp, path in written:
                     try:
@@ -335,6 +328,9 @@ class ContentStore:
                         if not _remove_entry(path):
                             raise
                         os.replace(temp, path)
+        finally:
+            for temp, _ in written:
+                temp.unlink(missing_ok=True)
         # A fan-out directory created just now needs its own entry made durable as well.
         for directory in {path.parent for _, path in written} | new_directories:
             fsync_dir(directory)
@@ -414,14 +410,6 @@ class ContentStore:
         return pins
 
 
-def _checked_ids(kind: str, items: list[Buffer], cids: Iterable[str] | None) -> list[str]:
-    """The content ids of ``items``; Invalid if ``cids`` is given and differs."""
-    ids = [content_id(item) for item in items]
-    if cids is not None and list(cids) != ids:
-        raise Invalid("bad_chunk" if kind == CHUNKS else "bad_cid", "data does not match its id")
-    return ids
-
-
 def _cid_of(path: Path, directory: Path) -> str | None:
     """The content id a file in ``directory`` stands for, or None for anything out of place."""
     cid = PREFIX + path.name
@@ -460,63 +448,34 @@ def _remove_entry(path: Path) -> bool:
     return True
 
 
-class _TempFiles:
-    """New temp files written in two passes: all the data first, then every file synced.
+def _write_temp(directory: Path, data: Buffer, drop_cache: bool = False) -> Path:
+    """Write ``data`` to a new, synced temp file in ``directory``; the caller renames it.
 
-    ``drop_cache``: once a file's data is on disk, tell the kernel its pages need not stay
-    cached. Fetched chunks arrive by the hundreds of MiB per head and most are read again
-    rarely, if ever; left cached they push out what is read often, and every fetch takes fresh
-    pages (which on a VM can cost a host fault per page; BENCHMARKS.md, chunk exchange). The
-    same advice given before the sync starts the file's writeback at once, so the disk works on
-    every file of the batch while the first sync waits, not one file at a time.
-    Used as a context manager: leaving it closes every file and removes any not renamed.
+    ``drop_cache``: once the data is on disk, tell the kernel its pages need not stay cached.
+    Fetched chunks arrive by the hundreds of MiB per head and most are read again rarely, if
+    ever; left cached they push out what is read often, and every fetch takes fresh pages
+    (which on a VM can cost a host fault per page; BENCHMARKS.md, chunk exchange).
     """
-
-    def __init__(self, drop_cache: bool = False) -> None:
-        self._advise = _fadvise if drop_cache else None
-        self._fds: list[int] = []
-        self.paths: list[Path] = []
-
-    def write(self, directory: Path, data: Buffer) -> Path:
-        path = directory / f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._fds.append(fd)
-        self.paths.append(path)
-        view = memoryview(data).cast("B")
-        while view:
-            view = view[os.write(fd, view) :]
-        if self._advise is not None:
-            self._advise(fd, 0, 0, _DONTNEED)  # starts the writeback; the dirty pages stay for now
-        return path
-
-    def sync(self) -> None:
-        """Make every file's data durable and close it."""
-        for fd in self._fds:
-            _sync_data(fd)
-            if self._advise is not None:
-                self._advise(fd, 0, 0, _DONTNEED)
-        self._close()
-
-    def _close(self) -> None:
-        fds, self._fds = self._fds, []
-        for fd in fds:
-            os.close(fd)
-
-    def __enter__(self) -> _TempFiles:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._close()
-        for path in self.paths:
-            path.unlink(missing_ok=True)  # renamed ones are gone already
+    path = directory / f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with open(fd, "wb", buffering=0) as handle:
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[handle.write(view) :]
+            _sync_data(handle.fileno())
+            if drop_cache and _fadvise is not None:
+                _fadvise(handle.fileno(), 0, 0, _DONTNEED)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def write_atomic(path: Path, data: Buffer) -> None:
     """Replace ``path`` with ``data`` atomically: temp file in the same folder, fsync, rename, fsync the folder."""
-    with _TempFiles() as temps:
-        temp = temps.write(path.parent, data)
-        temps.sync()
-        os.replace(temp, path)
+    temp = _write_temp(path.parent, data)
+    os.replace(temp, path)
     fsync_dir(path.parent)
 
 

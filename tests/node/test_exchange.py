@@ -296,8 +296,8 @@ class Breaker(Liar):
 
 
 def test_chunks_that_arrived_before_a_provider_broke_off_are_kept(swarm):
-    """A batch's chunks are written together once the answer is in; when the stream breaks
-    first, the chunks that did arrive are still verified and stored, not fetched again."""
+    """A provider that breaks off in the middle of an answer: the chunks that did arrive are
+    verified and stored, not fetched again."""
     honest = swarm.add(PACED, token=TOKEN)
     fetcher = swarm.add(exchange_toml(batch_bytes=4 * MIB, request_timeout_s=2.0), token=TOKEN)
     manifest_id = seed_artifact(honest, mib=32, seed=2)

@@ -65,26 +65,6 @@ def test_a_chunk_written_with_drop_cache_reads_back_verified(tmp_path: Path) -> 
     assert store.put_many([b"a", b"b"], drop_cache=True) == [content_id(b"a"), content_id(b"b")]
 
 
-def test_put_verified_stores_the_chunks_that_match_and_leaves_out_the_rest(tmp_path: Path) -> None:
-    store = ContentStore(tmp_path)
-    chunks = [os.urandom(1 << 20) for _ in range(4)]
-    cids = [content_id(chunk) for chunk in chunks]
-    chunks[2] = b"X" + chunks[2][1:]  # arrives damaged
-    assert store.put_verified(chunks, cids, drop_cache=True) == [True, True, False, True]
-    for index in (0, 1, 3):
-        assert store.get(cids[index]) == chunks[index]
-    assert not store.has(cids[2])
-    assert store.missing(cids) == [cids[2]]
-    counters = store.counters()
-    assert (counters.items_written, counters.bytes_written) == (3, 3 << 20)
-    # Nothing but the three chunks is left in the store's chunk folders: no temp files.
-    assert sorted(p.name for p in all_files(store.root / "chunks")) == sorted(cid[3:] for cid in cids if cid != cids[2])
-    # A batch with nothing good in it writes nothing; one already held is deduplicated.
-    assert store.put_verified([b"bad"], [cids[2]]) == [False]
-    assert store.put_verified([chunks[0]], [cids[0]]) == [True]
-    assert store.counters().items_deduplicated == 1
-
-
 def test_a_put_that_fails_midway_leaves_no_temp_files(tmp_path: Path) -> None:
     store = ContentStore(tmp_path)
     first, second = b"first", b"second"
