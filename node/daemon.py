@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from node.availability import Availability
 from node.config import Config
@@ -45,6 +47,7 @@ from protocol.records import RecordKind
 log = get_logger("daemon")
 
 SHUTDOWN_BUDGET_S = 4.0
+T = TypeVar("T")
 HEARTBEAT_RECORD = RecordKind(HEARTBEAT_KIND, frozenset({HEARTBEAT_VERSION}), Heartbeat.from_wire)
 ANNOUNCE_RECORD = RecordKind(ANNOUNCE_KIND, frozenset({ANNOUNCE_VERSION}), Announce.from_wire)
 EVAL_RECORD = RecordKind(EVAL_KIND, frozenset({EVAL_VERSION}), EvalRecord.from_wire)
@@ -89,9 +92,11 @@ class Node:
     async def start(self) -> None:
         cfg = self.config
         self.key = self._load_key()
-        workload = load_workload(cfg.workload.name, dict(cfg.workload.options))
+        # Loading a workload (a model, a dataset) and a full store check can take minutes: both
+        # run in threads the process does not wait for, so a SIGTERM meanwhile stops it at once.
+        workload = await _in_thread(load_workload, cfg.workload.name, dict(cfg.workload.options))
         self.store = ContentStore(self.data_dir / "store")
-        report = await asyncio.to_thread(self.store.check, cfg.store.check_on_start == "full")
+        report = await _in_thread(self.store.check, cfg.store.check_on_start == "full")
         log.info("store_checked", report=str(report))
         gossip_settings = GossipSettings(
             degree=cfg.gossip.degree,
@@ -189,11 +194,25 @@ class Node:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
         exit_code = 0
+        starting = asyncio.ensure_future(self.start())
+        stopping = asyncio.ensure_future(self._stop.wait())
         try:
-            await self.start()
+            await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                # Stopped while starting (docker stop during a long workload load): whatever
+                # has started is stopped again, and the process exits now, not after start.
+                starting.cancel()
+                await asyncio.wait((starting,))
+                log.info("node_stopping", reason="signal", during="start")
+                await self._shutdown()
+                return 0
+            starting.result()  # raises what failed the start
         except BaseException:
+            starting.cancel()
             await self._shutdown()
             raise
+        finally:
+            stopping.cancel()
         try:
             await self._serve()
         except* _Stop:
@@ -281,6 +300,34 @@ class Node:
         except TimeoutError:
             log.warning("shutdown_slow", budget_s=SHUTDOWN_BUDGET_S)
         log.info("node_stopped")
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a daemon thread: if the caller is cancelled, the process can still exit
+    without waiting for it (``asyncio.to_thread``'s pool threads are waited for at exit)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return  # the caller was cancelled
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # handed to the caller, whatever it is
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            pass  # the loop has closed: nobody waits for this any more
+
+    threading.Thread(target=run, name=f"start-{getattr(fn, '__name__', 'work')}", daemon=True).start()
+    return await future
 
 
 def key_path(config: Config) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 
@@ -62,6 +63,23 @@ def test_sigterm_exits_zero_within_five_seconds(swarm):
     assert first.terminate(timeout=10) == 0
     assert time.monotonic() - started < 5.0
     assert "node_stopped" in first.log()
+
+
+def test_sigterm_while_the_workload_loads_exits_at_once(swarm, tmp_path):
+    """docker stop (SIGTERM, then SIGKILL 10 s later) while a daemon loads a slow workload: it
+    exits cleanly within seconds instead of finishing a two-minute load first."""
+    marker = tmp_path / "loading"
+    peer = swarm.add(
+        '[workload]\nname = "tests.slow_start_workload:make"\n\n'
+        f"[workload.options]\nmarker = {json.dumps(str(marker))}\nseconds = 120\n"
+    )
+    peer.start()
+    wait_until(marker.exists, 60, interval=0.05, what="the daemon to start loading its workload")
+    started = time.monotonic()
+    assert peer.terminate(timeout=15) == 0, peer.log()
+    assert time.monotonic() - started < 5.0, peer.log()
+    log = peer.log()
+    assert '"during": "start"' in log and "node_stopped" in log, log
 
 
 async def _publish_hostile(target_addr: str, topic: str, swarm_name: str) -> None:
