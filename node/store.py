@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from protocol import canonical
-from protocol.cid import PREFIX, content_id, is_content_id
+from protocol.cid import PREFIX, content_hasher, content_id, content_id_of, is_content_id
 from protocol.errors import Invalid
-from protocol.manifest import Manifest, parse_manifest
+from protocol.exchange import MAX_ITEM_BYTES
+from protocol.manifest import MAX_MANIFEST_SIZE, Manifest, parse_manifest
 
 Buffer = bytes | bytearray | memoryview
 
@@ -273,7 +274,7 @@ class ContentStore:
         for cid, path in self._walk(CHUNKS):
             report.checked += 1
             if full:
-                intact = self._get(CHUNKS, cid) is not None
+                intact = self._verify(CHUNKS, cid)
             else:
                 info = path.stat()
                 intact = stat.S_ISREG(info.st_mode) and chunk_sizes.get(cid, info.st_size) == info.st_size
@@ -343,10 +344,33 @@ class ContentStore:
             return None
         with handle:
             inode = os.fstat(handle.fileno())
+            if inode.st_size > _LARGEST.get(kind, inode.st_size):
+                # Larger than any item of its kind can be: not read into memory at all.
+                self._drop(path, inode)
+                return None
             data = handle.read()
         intact = content_id(data) == cid
         self._after_read(path, inode, len(data), intact)
         return data if intact else None
+
+    def _verify(self, kind: str, cid: str) -> bool:
+        """Whether an item is on disk and hashes to its id, read a block at a time (a file of
+        any size costs one block of memory); a corrupt one is dropped."""
+        path = self._path(kind, cid)
+        handle = self._open(path)
+        if handle is None:
+            return False
+        hasher = content_hasher()
+        block = memoryview(bytearray(_VERIFY_BLOCK))
+        size = 0
+        with handle:
+            inode = os.fstat(handle.fileno())
+            while step := handle.readinto(block):
+                hasher.update(block[:step])
+                size += step
+        intact = size == inode.st_size and content_id_of(hasher) == cid
+        self._after_read(path, inode, size, intact)
+        return intact
 
     def _open(self, path: Path) -> io.FileIO | None:
         """An item's file opened for reading; None when there is none. Anything but a regular
@@ -408,6 +432,12 @@ class ContentStore:
                 value = canonical.decode(path.read_bytes(), limits)
                 pins[value["name"]] = frozenset(value["ids"])
         return pins
+
+
+# The largest a manifest or record file can be; a larger file is dropped without being read.
+# Chunks have no such bound here: a workload's microshards are stored as chunks too.
+_LARGEST = {MANIFESTS: MAX_MANIFEST_SIZE, RECORDS: MAX_ITEM_BYTES}
+_VERIFY_BLOCK = 1 << 20
 
 
 def _cid_of(path: Path, directory: Path) -> str | None:

@@ -14,6 +14,16 @@ def content_id(data: bytes | bytearray | memoryview) -> str:
     return PREFIX + blake3.blake3(data).hexdigest()
 
 
+def content_hasher() -> blake3.blake3:
+    """An incremental hasher: ``content_id_of(hasher)`` after feeding it every byte in order."""
+    return blake3.blake3()
+
+
+def content_id_of(hasher: blake3.blake3) -> str:
+    """The content id of everything fed to ``hasher`` (from ``content_hasher``)."""
+    return PREFIX + hasher.hexdigest()
+
+
 def is_content_id(value: object) -> bool:
     """Whether ``value`` is a well-formed content id string (lower-case hex)."""
     return (

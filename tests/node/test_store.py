@@ -1,6 +1,7 @@
 import os
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,46 @@ def test_a_put_that_fails_midway_leaves_no_temp_files(tmp_path: Path) -> None:
         store.put_many([first, second], drop_cache=True)
     assert all_files(store.root / "chunks") == [blocker]
     assert not store.has(content_id(first))
+
+
+def test_huge_stray_files_are_dropped_without_being_read_into_memory(tmp_path: Path) -> None:
+    """A file of hundreds of MB (sparse here) under a valid-looking name: the full check hashes
+    a chunk a block at a time, and a manifest or record larger than any can be is dropped
+    unread. Before, each was read whole into memory."""
+    store = ContentStore(tmp_path)
+    good = store.put(os.urandom(3 << 20))
+    huge = {kind: content_id(kind.encode()) for kind in ("chunks", "manifests", "records")}
+    for kind, cid in huge.items():
+        path = chunk_path(store, cid, kind)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.truncate(256 << 20)
+    tracemalloc.start()
+    try:
+        report = store.check(full=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sorted(report.corrupt) == sorted(huge.values())
+    assert peak < 16 << 20, f"peak {peak / 2**20:.0f} MiB traced during the check"
+    assert all(not chunk_path(store, cid, kind).exists() for kind, cid in huge.items())
+    assert store.get(good) is not None and store.counters().corrupt_dropped == 3
+
+
+def test_a_record_larger_than_any_item_is_dropped_unread(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path)
+    cid = content_id(b"record")
+    path = chunk_path(store, cid, "records")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.truncate(1 << 30)
+    tracemalloc.start()
+    try:
+        assert store.get_record(cid) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20 and not path.exists()
 
 
 def test_put_rejects_data_that_does_not_match_its_id(tmp_path: Path) -> None:
