@@ -194,37 +194,39 @@ class Node:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
         exit_code = 0
-        starting = asyncio.ensure_future(self.start())
-        stopping = asyncio.ensure_future(self._stop.wait())
         try:
-            await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
-            if not starting.done():
-                # Stopped while starting (docker stop during a long workload load): whatever
-                # has started is stopped again, and the process exits now, not after start.
-                starting.cancel()
-                await asyncio.wait((starting,))
+            if not await self._start_unless_stopped():
                 log.info("node_stopping", reason="signal", during="start")
-                await self._shutdown()
-                return 0
-            starting.result()  # raises what failed the start
-        except BaseException:
-            starting.cancel()
-            await self._shutdown()
-            raise
-        finally:
-            stopping.cancel()
-        try:
-            await self._serve()
-        except* _Stop:
-            log.info("node_stopping", reason="signal")
-        except* BridgeError as group:
-            log.error("libp2p_died", error=str(group.exceptions[0]))
-            exit_code = 1
+                return exit_code
+            try:
+                await self._serve()
+            except* _Stop:
+                log.info("node_stopping", reason="signal")
+            except* BridgeError as group:
+                log.error("libp2p_died", error=str(group.exceptions[0]))
+                exit_code = 1
+            return exit_code
         finally:
             await self._shutdown()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-        return exit_code
+
+    async def _start_unless_stopped(self) -> bool:
+        """Start; False if a stop was asked for first. A stop during the start (docker stop
+        while a large workload loads) cancels it, so the process exits now, not after it."""
+        starting = asyncio.ensure_future(self.start())
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not starting.done():
+                starting.cancel()
+                await asyncio.wait((starting,))
+        if starting.cancelled():
+            return False
+        starting.result()  # raises what failed the start
+        return True
 
     async def _serve(self) -> None:
         assert self.gossip is not None and self.membership is not None
