@@ -150,6 +150,12 @@ class Heads:
             try:
                 if head.id not in self.index and fork_rank(head) < fork_rank(self.canonical()):
                     await self._accept(head, author)
+            except Exception as exc:
+                # A fault of this peer's (a full disk, an I/O error), not of the head: it is not
+                # held against the author, and the head is verified again when it is announced
+                # again. The loop, and so the daemon, keeps running.
+                self.rejected["local_error"] += 1
+                log.error("head_verify_failed", head=head.id, author=author, error=f"{type(exc).__name__}: {exc}")
             finally:
                 self._verifying.discard(head.id)
 

@@ -41,6 +41,17 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last value: {last!r})")
 
 
+def mount_tmpfs(path: Path, mib: int, remount: bool = False) -> str | None:
+    """Mount (or resize) a tmpfs of ``mib`` MiB at ``path`` (a disk that fills up); why not,
+    where it cannot be done (not root). The caller unmounts it (``umount``)."""
+    options = f"{'remount,' if remount else ''}size={mib}m"
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    except OSError as exc:
+        return str(exc)
+    return None if done.returncode == 0 else done.stderr.strip() or f"mount exited {done.returncode}"
+
+
 @dataclass
 class Peer:
     name: str

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import shutil
+import subprocess
 import time
 from typing import Any
 
@@ -16,7 +18,7 @@ from protocol.heads import HeadRecord
 from protocol.identity import SigningKey
 from protocol.kinds import HEAD
 from protocol.records import sign_record
-from tests.swarm_harness import Peer, Swarm, logs_on_failure, training, wait_until
+from tests.swarm_harness import Peer, Swarm, logs_on_failure, mount_tmpfs, training, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -265,3 +267,37 @@ def test_forged_heads_are_rejected_by_recompute_and_training_goes_on(swarm):
             assert all(peer.get(f"/heads/{f}") is None for f in forged), "a forged head entered an index"
             chain = {h.id for h in canonical_chain(peer, after)}
             assert not forged & chain
+
+
+def test_a_peer_whose_disk_fills_keeps_running_and_catches_up_once_there_is_room(swarm):
+    """The second peer's store lies on a 1 MiB tmpfs, which training fills within seconds.
+    The peer stays up (its head verification used to die on the full disk, and took the
+    daemon with it); once the tmpfs is resized it adopts the swarm's head again and trains on."""
+    first = swarm.add(extra_toml=TRAINING.format(training=""))
+    second = swarm.add(extra_toml=TRAINING.format(training=""))
+    store = second.data_dir / "store"
+    store.mkdir(parents=True)
+    if (reason := mount_tmpfs(store, 1)) is not None:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {reason}")
+    try:
+        for peer in (first, second):
+            peer.start(extra_env=ONE_THREAD)
+        for peer in (first, second):
+            peer.wait_healthy(60)
+        with logs_on_failure(swarm):
+            wait_until(lambda: "No space left on device" in second.log(), 120, what="the second peer's disk to fill")
+            full_at = training(second).get("head_round", 0)
+            # The swarm goes on without it, and it stays up meanwhile.
+            wait_until(lambda: training(first).get("head_round", 0) >= full_at + 5, 60, what="the swarm to move on")
+            assert second.process.poll() is None and second.get("/healthz") == {"ok": True}
+            assert mount_tmpfs(store, 64, remount=True) is None
+            published = len(events(second.log(), "update_published"))
+            wait_agreed([first, second], full_at + 6, 60, "the second peer to catch up")
+            wait_until(lambda: len(events(second.log(), "update_published")) > published, 60,
+                       what="the second peer to train and publish an update again")
+            assert training(second)["head_rejections"].get("local_error", 0) >= 1
+            assert shutil.disk_usage(store).free > 0
+        assert first.terminate() == 0 and second.terminate() == 0
+    finally:
+        swarm.stop_all()
+        subprocess.run(["umount", str(store)], capture_output=True)

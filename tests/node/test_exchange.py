@@ -28,7 +28,7 @@ from protocol.errors import Invalid
 from protocol.exchange import HaveAnswer, HaveRequest, Item
 from protocol.identity import SigningKey
 from protocol.records import sign_record
-from tests.swarm_harness import Peer, Swarm, wait_until
+from tests.swarm_harness import Peer, Swarm, mount_tmpfs, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -385,16 +385,6 @@ def test_a_fetch_killed_midway_resumes_after_restart_and_fetches_only_what_is_mi
 
 
 # ---- a full disk ----------------------------------------------------------------------
-
-
-def mount_tmpfs(path: Path, mib: int, remount: bool = False) -> str | None:
-    """Mount (or resize) a tmpfs of ``mib`` MiB at ``path``; why not, where it cannot be done."""
-    options = f"{'remount,' if remount else ''}size={mib}m"
-    try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
-    except OSError as exc:
-        return str(exc)
-    return None if done.returncode == 0 else done.stderr.strip() or f"mount exited {done.returncode}"
 
 
 def test_a_fetch_that_fills_the_disk_fails_clearly_stores_nothing_corrupt_and_resumes(swarm):
