@@ -228,38 +228,48 @@ class Liar:
             await asyncio.sleep(0.5)
 
 
-def test_a_provider_serving_corrupt_chunks_is_caught_and_the_fetch_succeeds(swarm):
-    honest, fetcher = swarm.add(PACED, token=TOKEN), swarm.add(exchange_toml(batch_bytes=MIB), token=TOKEN)
-    manifest_id = seed_artifact(honest, mib=32, seed=1)
-    store = ContentStore(honest.data_dir / "store")
+def rogue_provider(kind: type[Liar], swarm: Swarm, holder: Peer, manifest_id: str) -> Liar:
+    """A ``kind`` of bad provider (not started) with ``holder``'s copy of the artifact."""
+    store = ContentStore(holder.data_dir / "store")
     manifest = store.get_manifest(manifest_id)
-    liar = Liar(
-        swarm.swarm, manifest_id, manifest.encoded, {ref.cid: store.get(ref.cid) for ref in manifest.chunks}
-    )
-    start_all([honest, fetcher])
+    return kind(swarm.swarm, manifest_id, manifest.encoded, {ref.cid: store.get(ref.cid) for ref in manifest.chunks})
+
+
+def fetch_beside(rogue: Liar, fetcher: Peer, manifest_id: str) -> dict:
+    """Start ``rogue``, join it to ``fetcher``'s mesh and let it announce the artifact; then
+    have the fetcher fetch it and return the finished fetch's view."""
 
     async def scenario() -> dict:
-        topic = records_topic(swarm.swarm)
-        await liar.bridge.start()
+        topic = records_topic(rogue.swarm)
+        await rogue.bridge.start()
         try:
-            await liar.bridge.set_stream_handler(wire.PROTOCOL_ID, liar.serve)
-            inbox = await liar.bridge.subscribe(topic)
-            await liar.bridge.connect(fetcher.addr, timeout=10)
+            await rogue.bridge.set_stream_handler(wire.PROTOCOL_ID, rogue.serve)
+            inbox = await rogue.bridge.subscribe(topic)
+            await rogue.bridge.connect(fetcher.addr, timeout=10)
             # The mesh works both ways once the fetcher's own records reach us.
             async with asyncio.timeout(30):
                 while (await inbox.get()).source != fetcher.peer_id:
                     pass
-            announcer = asyncio.create_task(liar.announce_forever(topic))
-            await asyncio.sleep(2.0)  # a few announcements: the fetcher indexes the liar as a holder
+            announcer = asyncio.create_task(rogue.announce_forever(topic))
+            await asyncio.sleep(2.0)  # a few announcements: the fetcher indexes the rogue as a holder
             await asyncio.to_thread(start_fetch, fetcher, manifest_id)
             view = await asyncio.to_thread(wait_done, fetcher, manifest_id, 60)
             announcer.cancel()
             return view
         finally:
-            await liar.bridge.stop()
+            await rogue.bridge.stop()
 
+    return asyncio.run(scenario())
+
+
+def test_a_provider_serving_corrupt_chunks_is_caught_and_the_fetch_succeeds(swarm):
+    honest, fetcher = swarm.add(PACED, token=TOKEN), swarm.add(exchange_toml(batch_bytes=MIB), token=TOKEN)
+    manifest_id = seed_artifact(honest, mib=32, seed=1)
+    manifest = ContentStore(honest.data_dir / "store").get_manifest(manifest_id)
+    liar = rogue_provider(Liar, swarm, honest, manifest_id)
+    start_all([honest, fetcher])
     try:
-        view = asyncio.run(scenario())
+        view = fetch_beside(liar, fetcher, manifest_id)
         assert liar.corrupt_served >= 1, "the fetcher never asked the liar: nothing was tested"
         stats = fetcher.get("/exchange")
         assert stats["rejected_chunks_by_peer"].get(liar.peer_id, 0) >= 1, stats
@@ -301,34 +311,11 @@ def test_chunks_that_arrived_before_a_provider_broke_off_are_kept(swarm):
     honest = swarm.add(PACED, token=TOKEN)
     fetcher = swarm.add(exchange_toml(batch_bytes=4 * MIB, request_timeout_s=2.0), token=TOKEN)
     manifest_id = seed_artifact(honest, mib=32, seed=2)
-    store = ContentStore(honest.data_dir / "store")
-    manifest = store.get_manifest(manifest_id)
-    breaker = Breaker(
-        swarm.swarm, manifest_id, manifest.encoded, {ref.cid: store.get(ref.cid) for ref in manifest.chunks}
-    )
+    manifest = ContentStore(honest.data_dir / "store").get_manifest(manifest_id)
+    breaker = rogue_provider(Breaker, swarm, honest, manifest_id)
     start_all([honest, fetcher])
-
-    async def scenario() -> dict:
-        topic = records_topic(swarm.swarm)
-        await breaker.bridge.start()
-        try:
-            await breaker.bridge.set_stream_handler(wire.PROTOCOL_ID, breaker.serve)
-            inbox = await breaker.bridge.subscribe(topic)
-            await breaker.bridge.connect(fetcher.addr, timeout=10)
-            async with asyncio.timeout(30):
-                while (await inbox.get()).source != fetcher.peer_id:
-                    pass
-            announcer = asyncio.create_task(breaker.announce_forever(topic))
-            await asyncio.sleep(2.0)
-            await asyncio.to_thread(start_fetch, fetcher, manifest_id)
-            view = await asyncio.to_thread(wait_done, fetcher, manifest_id, 60)
-            announcer.cancel()
-            return view
-        finally:
-            await breaker.bridge.stop()
-
     try:
-        view = asyncio.run(scenario())
+        view = fetch_beside(breaker, fetcher, manifest_id)
         assert breaker.served_before_reset >= 2, "the fetcher never asked the breaker: nothing was tested"
         assert breaker.peer_id in view["dropped_providers"], view
         stats = fetcher.get("/exchange")
