@@ -13,6 +13,8 @@ from workloads.base import Workload
 
 log = get_logger("microshards")
 
+DATASET_PIN = "dataset"  # the store pin that keeps a local-data peer's microshards
+
 
 class MicroshardUnavailable(RuntimeError):
     """Some leased microshards could not be had from anyone; the message lists how many."""
@@ -54,6 +56,9 @@ class MicroshardSource:
                     self._store.put(self._workload.microshard_bytes(microshard.index), microshard.source.data_cid)
 
         await asyncio.to_thread(put_all)
+        # Pinned: the store's GC keeps only what a pin names (or what is younger than
+        # store.gc_keep_recent_s), and a peer trains on, and serves, these for every epoch.
+        await asyncio.to_thread(self._store.pin, DATASET_PIN, [m.source.data_cid for m in self.plan])
         self._availability.add_held(self.dataset_id)
         log.info("dataset_seeded", dataset=self.dataset_id, microshards=len(self.plan))
 

@@ -301,3 +301,26 @@ def test_a_peer_whose_disk_fills_keeps_running_and_catches_up_once_there_is_room
     finally:
         swarm.stop_all()
         subprocess.run(["umount", str(store)], capture_output=True)
+
+
+def test_training_goes_on_while_the_store_collects_garbage_every_second(swarm):
+    """GC every second, keeping unpinned content for 2 s only. A local-data peer pins its
+    microshards, so training goes on. They were not pinned: once GC removed them (after 60 to
+    70 minutes with the default settings), every round failed for want of data."""
+    toml = TRAINING.format(training="") + "\n[store]\ngc_interval_s = 1.0\ngc_keep_recent_s = 2.0\n"
+    peers = [swarm.add(extra_toml=toml) for _ in range(2)]
+    for peer in peers:
+        peer.start(extra_env=ONE_THREAD)
+    for peer in peers:
+        peer.wait_healthy(60)
+    with logs_on_failure(swarm):
+
+        def collected() -> bool:
+            return any("removed=0," not in e["report"] for p in peers for e in events(p.log(), "store_gc"))
+
+        wait_until(collected, 60, what="a garbage collection that removed something")
+        start_round = min(training(p).get("head_round", 0) for p in peers)
+        wait_agreed(peers, start_round + 8, 90, "eight more rounds with GC running every second")
+        for peer in peers:
+            assert not events(peer.log(), "microshards_unavailable"), peer.name
+            assert "dataset" in ContentStore(peer.data_dir / "store").pins()
