@@ -280,7 +280,13 @@ class Node:
         assert self.store is not None
         while True:
             await asyncio.sleep(self.config.store.gc_interval_s)
-            report = await asyncio.to_thread(self.store.gc, self.config.store.gc_keep_recent_s)
+            try:
+                report = await asyncio.to_thread(self.store.gc, self.config.store.gc_keep_recent_s)
+            except Exception as exc:
+                # A store gone read-only or failing (EROFS, EIO) is the disk's fault: said, and
+                # tried again next time, while the daemon runs on.
+                log.error("store_gc_failed", error=f"{type(exc).__name__}: {exc}")
+                continue
             log.info("store_gc", report=str(report))
 
     async def _watch_bridge(self) -> None:

@@ -324,3 +324,33 @@ def test_training_goes_on_while_the_store_collects_garbage_every_second(swarm):
         for peer in peers:
             assert not events(peer.log(), "microshards_unavailable"), peer.name
             assert "dataset" in ContentStore(peer.data_dir / "store").pins()
+
+
+def test_a_peer_whose_store_turns_read_only_keeps_running_and_recovers(swarm):
+    """The second peer's store is a tmpfs remounted read-only (what ext4 does on disk errors),
+    with GC every second: its GC fails and says so each time, and the daemon runs on (a
+    failed GC used to end it). Made writable again, the peer adopts the swarm's head."""
+    toml = TRAINING.format(training="") + "\n[store]\ngc_interval_s = 1.0\ngc_keep_recent_s = 2.0\n"
+    first, second = swarm.add(extra_toml=toml), swarm.add(extra_toml=toml)
+    store = second.data_dir / "store"
+    store.mkdir(parents=True)
+    if (reason := mount_tmpfs(store, 64)) is not None:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {reason}")
+    try:
+        for peer in (first, second):
+            peer.start(extra_env=ONE_THREAD)
+        for peer in (first, second):
+            peer.wait_healthy(60)
+        with logs_on_failure(swarm):
+            wait_agreed([first, second], 3, 60, "both peers at round 3")
+            done = subprocess.run(["mount", "-o", "remount,ro", "tmpfs", str(store)], capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            wait_until(lambda: len(events(second.log(), "store_gc_failed")) >= 3, 30, what="three failed collections")
+            assert second.process.poll() is None and second.get("/healthz") == {"ok": True}
+            now = training(first).get("head_round", 0)
+            subprocess.run(["mount", "-o", "remount,rw", "tmpfs", str(store)], check=True)
+            wait_agreed([first, second], now + 3, 60, "the second peer to catch up")
+        assert first.terminate() == 0 and second.terminate() == 0
+    finally:
+        swarm.stop_all()
+        subprocess.run(["umount", str(store)], capture_output=True)
