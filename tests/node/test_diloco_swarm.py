@@ -9,6 +9,8 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -269,21 +271,31 @@ def test_forged_heads_are_rejected_by_recompute_and_training_goes_on(swarm):
             assert not forged & chain
 
 
-def test_a_peer_whose_disk_fills_keeps_running_and_catches_up_once_there_is_room(swarm):
-    """The second peer's store lies on a 1 MiB tmpfs, which training fills within seconds.
-    The peer stays up (its head verification used to die on the full disk, and took the
-    daemon with it); once the tmpfs is resized it adopts the swarm's head again and trains on."""
-    first = swarm.add(extra_toml=TRAINING.format(training=""))
-    second = swarm.add(extra_toml=TRAINING.format(training=""))
+@contextlib.contextmanager
+def second_store_on_tmpfs(swarm: Swarm, toml: str, mib: int) -> Iterator[tuple[Peer, Peer, Path]]:
+    """Two peers training with ``toml``, started and healthy, the second one's store on a tmpfs
+    of ``mib`` MiB (a disk a test can fill, or make read-only); unmounted at the end."""
+    first, second = swarm.add(extra_toml=toml), swarm.add(extra_toml=toml)
     store = second.data_dir / "store"
     store.mkdir(parents=True)
-    if (reason := mount_tmpfs(store, 1)) is not None:
+    if (reason := mount_tmpfs(store, mib)) is not None:
         pytest.skip(f"cannot mount a tmpfs (needs root): {reason}")
     try:
         for peer in (first, second):
             peer.start(extra_env=ONE_THREAD)
         for peer in (first, second):
             peer.wait_healthy(60)
+        yield first, second, store
+    finally:
+        swarm.stop_all()
+        subprocess.run(["umount", str(store)], capture_output=True)
+
+
+def test_a_peer_whose_disk_fills_keeps_running_and_catches_up_once_there_is_room(swarm):
+    """The second peer's store lies on a 1 MiB tmpfs, which training fills within seconds.
+    The peer stays up (its head verification used to die on the full disk, and took the
+    daemon with it); once the tmpfs is resized it adopts the swarm's head again and trains on."""
+    with second_store_on_tmpfs(swarm, TRAINING.format(training=""), 1) as (first, second, store):
         with logs_on_failure(swarm):
             wait_until(lambda: "No space left on device" in second.log(), 120, what="the second peer's disk to fill")
             full_at = training(second).get("head_round", 0)
@@ -298,9 +310,6 @@ def test_a_peer_whose_disk_fills_keeps_running_and_catches_up_once_there_is_room
             assert training(second)["head_rejections"].get("local_error", 0) >= 1
             assert shutil.disk_usage(store).free > 0
         assert first.terminate() == 0 and second.terminate() == 0
-    finally:
-        swarm.stop_all()
-        subprocess.run(["umount", str(store)], capture_output=True)
 
 
 def test_training_goes_on_while_the_store_collects_garbage_every_second(swarm):
@@ -331,16 +340,7 @@ def test_a_peer_whose_store_turns_read_only_keeps_running_and_recovers(swarm):
     with GC every second: its GC fails and says so each time, and the daemon runs on (a
     failed GC used to end it). Made writable again, the peer adopts the swarm's head."""
     toml = TRAINING.format(training="") + "\n[store]\ngc_interval_s = 1.0\ngc_keep_recent_s = 2.0\n"
-    first, second = swarm.add(extra_toml=toml), swarm.add(extra_toml=toml)
-    store = second.data_dir / "store"
-    store.mkdir(parents=True)
-    if (reason := mount_tmpfs(store, 64)) is not None:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {reason}")
-    try:
-        for peer in (first, second):
-            peer.start(extra_env=ONE_THREAD)
-        for peer in (first, second):
-            peer.wait_healthy(60)
+    with second_store_on_tmpfs(swarm, toml, 64) as (first, second, store):
         with logs_on_failure(swarm):
             wait_agreed([first, second], 3, 60, "both peers at round 3")
             done = subprocess.run(["mount", "-o", "remount,ro", "tmpfs", str(store)], capture_output=True, text=True)
@@ -351,6 +351,3 @@ def test_a_peer_whose_store_turns_read_only_keeps_running_and_recovers(swarm):
             subprocess.run(["mount", "-o", "remount,rw", "tmpfs", str(store)], check=True)
             wait_agreed([first, second], now + 3, 60, "the second peer to catch up")
         assert first.terminate() == 0 and second.terminate() == 0
-    finally:
-        swarm.stop_all()
-        subprocess.run(["umount", str(store)], capture_output=True)
