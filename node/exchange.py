@@ -20,7 +20,7 @@ from typing import Any
 
 from node.availability import Availability
 from node.fetch_journal import FetchJournal
-from node.libp2p_bridge import BridgeError, FramedStream, FrameWriter, Libp2pBridge, frame_prefix
+from node.libp2p_bridge import BridgeError, FramedStream, FrameWriter, Libp2pBridge, frame_prefix, mark_retrieved
 from node.logs import get_logger
 from node.store import ContentStore
 from protocol import exchange as wire
@@ -223,11 +223,6 @@ class ChunkServer:
         return HaveAnswer(await asyncio.to_thread(holdings)).encode()
 
 
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
 class _Drop(Exception):
     """A provider is out of this fetch; ``reason`` says why. ``ban``: for good (it served bad
     data); otherwise it may rejoin after a backoff (unreachable, reset, timed out)."""
@@ -409,8 +404,7 @@ class Exchange:
     def _forget_task(self, manifest_id: str, task: asyncio.Task[Manifest]) -> None:
         if self._tasks.get(manifest_id) is task:
             del self._tasks[manifest_id]
-        if not task.cancelled() and task.exception() is not None:
-            task.exception()  # retrieved here so asyncio does not warn; callers saw it
+        mark_retrieved(task)  # callers saw its error
 
     # ---- one fetch -------------------------------------------------------------------
 
@@ -604,17 +598,16 @@ class Exchange:
             while batch := run.pick(peer):
                 storing = await self._request(run, stream, peer, batch)
                 previous, settling = settling, asyncio.ensure_future(self._settle_stored(run, peer, storing))
+                # A failed write (a full disk) fails the fetch through whichever await sees it first.
+                settling.add_done_callback(mark_retrieved)
                 await _honest_or_drop(previous)
             await _honest_or_drop(settling)
         except _Drop as exc:
             self._drop(run, peer, exc.reason, exc.ban)
         finally:
-            for task in (previous, settling):
-                if task is not None:
-                    if not task.done():
-                        await asyncio.wait([task])
-                    if not task.cancelled():
-                        task.exception()  # retrieved: a failed write (a full disk) has failed the fetch already
+            unsettled = [task for task in (previous, settling) if task is not None and not task.done()]
+            if unsettled:
+                await asyncio.wait(unsettled)
             run.workers[peer] -= 1
             if stream is not None:
                 await stream.close()
@@ -648,7 +641,7 @@ class Exchange:
                         writing = asyncio.ensure_future(asyncio.to_thread(self.store.put, item.data, cid, drop_cache=True))
                         # A full disk fails every write in flight, and the fetch stops at the first
                         # one it awaits: the others are retrieved here, so asyncio does not log them.
-                        writing.add_done_callback(_retrieve)
+                        writing.add_done_callback(mark_retrieved)
                         storing.append((cid, writing))
         except TimeoutError:
             await self._settle_stored(run, peer, storing)

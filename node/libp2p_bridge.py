@@ -968,7 +968,7 @@ class _TrioTask(Generic[T]):
         self.scope: trio.CancelScope | None = None
         self.cancelled = False
         self._token = token
-        future.add_done_callback(_mark_retrieved)
+        future.add_done_callback(mark_retrieved)
 
     def cancel(self) -> None:
         """Cancel it (from asyncio); the future is cancelled unless it settled first."""
@@ -988,8 +988,9 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         log.debug("libp2p run ended with %r", future.exception())
 
 
-def _mark_retrieved(future: asyncio.Future[Any]) -> None:
-    # Whoever spawned the task may stop listening (a reader left early): no "never retrieved" noise.
+def mark_retrieved(future: asyncio.Future[Any]) -> None:
+    """A done-callback: whoever awaits ``future`` still gets its error, and when nobody does (a
+    reader left early, a fetch that stopped at another error) asyncio logs no "never retrieved"."""
     if not future.cancelled():
         future.exception()
 
