@@ -21,7 +21,7 @@ from node.exchange import Exchange, ExchangeSettings
 from node.fetch_journal import FetchJournal
 from node.gossip import Gossip
 from node.keys import KEY_FILE, load_or_create_key, read_key
-from node.libp2p_bridge import BridgeError, GossipSettings, Libp2pBridge
+from node.libp2p_bridge import BridgeError, GossipSettings, Libp2pBridge, ListenFailed
 from node.logs import get_logger
 from node.membership import Membership
 from node.status_api import StatusApi
@@ -59,6 +59,12 @@ class _Stop(Exception):
     """Raised inside the task group to cancel every task on a clean shutdown."""
 
 
+def describe_os_error(exc: OSError) -> str:
+    """``exc`` as one line: what failed and where, without the traceback."""
+    text = exc.strerror or str(exc)
+    return f"{text}: {exc.filename}" if exc.filename else text
+
+
 class Node:
     """One peer. ``run()`` returns the process exit status."""
 
@@ -67,6 +73,7 @@ class Node:
         self.data_dir = Path(config.node.data_dir)
         self.started_at = time.time()
         self._stop = asyncio.Event()
+        self.starting = ""  # what the start is doing, for the error when it fails
         self.key: SigningKey | None = None
         self.bridge: Libp2pBridge | None = None
         self.gossip: Gossip | None = None
@@ -91,11 +98,15 @@ class Node:
 
     async def start(self) -> None:
         cfg = self.config
+        self.starting = "loading the identity key"
         self.key = self._load_key()
         # Loading a workload (a model, a dataset) and a full store check can take minutes: both
         # run in threads the process does not wait for, so a SIGTERM meanwhile stops it at once.
+        self.starting = "loading the workload"
         workload = await _in_thread(load_workload, cfg.workload.name, dict(cfg.workload.options))
+        self.starting = "opening the store"
         self.store = ContentStore(self.data_dir / "store")
+        self.starting = "checking the store"
         report = await _in_thread(self.store.check, cfg.store.check_on_start == "full")
         log.info("store_checked", report=str(report))
         gossip_settings = GossipSettings(
@@ -106,6 +117,7 @@ class Node:
             max_message_bytes=cfg.gossip.max_message_bytes,
             inbound_queue=cfg.gossip.publish_queue * 4,
         )
+        self.starting = "starting libp2p"
         self.bridge = Libp2pBridge(
             self.key.seed,
             list(cfg.network.listen),
@@ -134,6 +146,7 @@ class Node:
         self.availability = Availability(self.gossip, self.key.peer_id, cfg.exchange.announce_interval_s)
         for manifest_id in await asyncio.to_thread(complete_manifests, self.store):
             self.availability.add_held(manifest_id)
+        self.starting = "starting the chunk exchange"
         ex = cfg.exchange
         self.exchange = Exchange(
             self.bridge,
@@ -150,6 +163,7 @@ class Node:
             FetchJournal(self.data_dir / "fetches.json"),
         )
         await self.exchange.start()
+        self.starting = "starting the outer loop"
         trainer = Trainer(workload, cfg.workload.device, self.data_dir, cfg.workload.seed)
         self.outer = OuterLoop(
             cfg, self.key.peer_id, trainer, self.store, self.exchange, self.availability, self.gossip, self.membership
@@ -170,8 +184,10 @@ class Node:
         assert self.outer.heads is not None
         self.outer.heads.emit = self.events.emit
         self.operations.on_rollback = self.outer.heads.apply_rollback
+        self.starting = "restoring operator records"
         await self.operations.restore()
         self.membership.set_fields(self._heartbeat_fields)
+        self.starting = "starting the status port"
         if cfg.status.enabled:
             self.status = StatusApi(self)
             await self.status.start(cfg.status.host, cfg.status.port)
@@ -195,7 +211,14 @@ class Node:
             loop.add_signal_handler(sig, self.request_stop)
         exit_code = 0
         try:
-            if not await self._start_unless_stopped():
+            try:
+                started = await self._start_unless_stopped()
+            except (OSError, ListenFailed) as exc:
+                # A local fault (a full or read-only disk, a port in use): one clear line, exit 1.
+                error = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+                log.error("node_start_failed", during=self.starting, error=error)
+                return 1
+            if not started:
                 log.info("node_stopping", reason="signal", during="start")
                 return exit_code
             try:

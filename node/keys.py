@@ -21,10 +21,16 @@ def write_key(path: Path, key: SigningKey) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, (_HEADER + key.seed.hex() + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            os.write(fd, (_HEADER + key.seed.hex() + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        # A full disk: leave no empty temp file behind, and name the file in the error.
+        tmp.unlink(missing_ok=True)
+        exc.filename = exc.filename or str(path)
+        raise
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

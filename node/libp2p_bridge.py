@@ -323,6 +323,19 @@ class StreamClosed(BridgeError):
     """The remote end closed or reset the stream before a whole frame arrived."""
 
 
+class ListenFailed(BridgeError):
+    """The host could not listen on a configured address."""
+
+
+def _listen_failure(error: BaseException | None) -> ListenFailed | None:
+    """The ListenFailed that ended a trio run, however deep in exception groups it lies."""
+    if isinstance(error, ListenFailed):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        return next((found for inner in error.exceptions if (found := _listen_failure(inner))), None)
+    return None
+
+
 class FrameTooLarge(BridgeError):
     """The peer announced a frame above the reader's limit."""
 
@@ -661,7 +674,10 @@ class Libp2pBridge:
 
         def settle() -> None:
             if not ready.done():
-                ready.set_exception(BridgeError(f"libp2p host failed to start: {error!r}"))
+                if (refused := _listen_failure(error)) is not None:
+                    ready.set_exception(ListenFailed(str(refused)))
+                else:
+                    ready.set_exception(BridgeError(f"libp2p host failed to start: {error!r}"))
             if not done.done():
                 if error is None:
                     done.set_result(None)
@@ -701,6 +717,14 @@ class Libp2pBridge:
         self._stop_event = trio.Event()
         self._token = trio.lowlevel.current_trio_token()
         async with host.run(listen_addrs=self._listen), trio.open_nursery() as nursery:
+            # py-libp2p logs an address it cannot listen on (taken, or not on this machine) and
+            # goes on without it: a node nobody can dial. Not listening where told is a failed start.
+            listening = host.get_network().listeners
+            if missing := [str(addr) for addr in self._listen if str(addr) not in listening]:
+                raise ListenFailed(
+                    f"cannot listen on {', '.join(missing)} (in use by another process, or not an"
+                    " address of this machine; libp2p's error above says which)"
+                )
             self._nursery = nursery
             async with background_trio_service(pubsub), background_trio_service(gossipsub):
                 await pubsub.wait_until_ready()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
+import subprocess
 import time
 
 import pytest
@@ -13,7 +15,7 @@ from protocol import canonical
 from protocol.identity import SigningKey
 from protocol.membership import HEARTBEAT_KIND, Heartbeat
 from protocol.records import sign_record
-from tests.swarm_harness import Swarm, wait_until
+from tests.swarm_harness import Peer, Swarm, mount_tmpfs, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -80,6 +82,68 @@ def test_sigterm_while_the_workload_loads_exits_at_once(swarm, tmp_path):
     assert time.monotonic() - started < 5.0, peer.log()
     log = peer.log()
     assert '"during": "start"' in log and "node_stopped" in log, log
+
+
+def _start_fails(peer: Peer) -> dict:
+    """Start ``peer`` and expect exit 1 with one ``node_start_failed`` record and no traceback;
+    that record."""
+    peer.log_path.unlink(missing_ok=True)
+    peer.start()
+    assert peer.process is not None and peer.process.wait(timeout=60) == 1, peer.log()
+    log = peer.log()
+    assert "Traceback" not in log, log
+    return next(json.loads(line) for line in log.splitlines() if "node_start_failed" in line)
+
+
+def test_a_taken_port_fails_the_start_with_one_clear_line(swarm):
+    """Another process holds the libp2p port, then the status port: the daemon exits 1 and says
+    which, without a traceback. (py-libp2p used to log the taken port and go on without a
+    listener, leaving a node that nobody could dial.) With both ports free it starts."""
+    peer = swarm.add()
+    cases = (
+        (peer.p2p_port, "starting libp2p", f"cannot listen on /ip4/127.0.0.1/tcp/{peer.p2p_port}"),
+        (peer.status_port, "starting the status port", "address already in use"),
+    )
+    for port, during, says in cases:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", port))
+            taken.listen()
+            record = _start_fails(peer)
+        assert record["during"] == during and says in record["error"], record
+    peer.start()
+    peer.wait_healthy(60)
+
+
+def test_a_full_or_read_only_disk_fails_the_start_with_one_clear_line(swarm):
+    """The data directory lies on a tmpfs: full, then read-only. Each start exits 1 and names
+    the fault and the file, without a traceback or a half-written key; with room it starts."""
+    peer = swarm.add()
+    for name in os.listdir(peer.data_dir):  # the key Swarm.add made: the daemon must write its own
+        os.remove(peer.data_dir / name)
+    if (reason := mount_tmpfs(peer.data_dir, 1)) is not None:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {reason}")
+    try:
+        with open(peer.data_dir / "filler", "wb") as filler:
+            try:
+                while filler.write(b"\0" * 65536):
+                    pass
+            except OSError:
+                pass
+        record = _start_fails(peer)
+        assert record["during"] == "loading the identity key", record
+        assert record["error"] == f"No space left on device: {peer.data_dir / 'identity.key'}", record
+        assert os.listdir(peer.data_dir) == ["filler"]  # no temp key file left behind
+        os.remove(peer.data_dir / "filler")
+        subprocess.run(["mount", "-o", "remount,ro", str(peer.data_dir)], check=True)
+        record = _start_fails(peer)
+        assert "Read-only file system" in record["error"], record
+        assert mount_tmpfs(peer.data_dir, 256, remount=True) is None
+        subprocess.run(["mount", "-o", "remount,rw", str(peer.data_dir)], check=True)
+        peer.start()
+        peer.wait_healthy(60)
+    finally:
+        swarm.stop_all()
+        subprocess.run(["umount", str(peer.data_dir)], capture_output=True)
 
 
 async def _publish_hostile(target_addr: str, topic: str, swarm_name: str) -> None:
