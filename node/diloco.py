@@ -28,7 +28,7 @@ from node.exchange import Exchange, FetchFailed
 from node.gossip import Gossip, now_ms
 from node.heads import Heads
 from node.leasing import Leasing
-from node.logs import get_logger
+from node.logs import Repeats, get_logger
 from node.membership import Membership
 from node.merge import UpdateInput, merge, outer_rule
 from node.microshards import MicroshardSource, MicroshardUnavailable
@@ -106,6 +106,7 @@ class OuterLoop:
         self.started = time.monotonic()
         self.speed = 1.0
         self.round_failures = 0
+        self._crashes = Repeats()  # the same local fault, logged once a minute
         self.current_settings: dict[str, Any] = {}
         self._state: RoundState | None = None
         self._arrived = asyncio.Event()
@@ -228,10 +229,12 @@ class OuterLoop:
                 self.round_failures += 1
                 log.warning("round_failed", round=base.round + 1, error=str(exc)[:300])
                 await asyncio.sleep(1.0)
-            except Exception:
+            except Exception as exc:
                 # A bug must be loud, but one bad round must not take the peer out of the swarm.
+                # The same fault round after round (a full disk) is logged once a minute.
                 self.round_failures += 1
-                log.exception("round_crashed", round=base.round + 1)
+                if (held := self._crashes.due(f"{type(exc).__name__}: {exc}")) is not None:
+                    log.exception("round_crashed", round=base.round + 1, repeated=held)
                 await asyncio.sleep(1.0)
 
     async def _sync(self) -> None:

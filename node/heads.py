@@ -11,7 +11,7 @@ from typing import Any
 
 from node.exchange import Exchange
 from node.gossip import Gossip
-from node.logs import get_logger
+from node.logs import Repeats, get_logger
 from node.store import ContentStore, write_atomic
 from protocol import canonical
 from protocol.cid import matches
@@ -55,6 +55,7 @@ class Heads:
         self.adopted: str = genesis.id
         self.changed = asyncio.Event()
         self.rejected: Counter[str] = Counter()
+        self._verify_faults = Repeats()  # the same local fault, logged once a minute
         self.penalties: Counter[str] = Counter()
         self.eval: dict[str, dict[str, Any]] = {}
         self.rollbacks: dict[str, RollbackRecord] = {}
@@ -155,7 +156,9 @@ class Heads:
                 # held against the author, and the head is verified again when it is announced
                 # again. The loop, and so the daemon, keeps running.
                 self.rejected["local_error"] += 1
-                log.error("head_verify_failed", head=head.id, author=author, error=f"{type(exc).__name__}: {exc}")
+                error = f"{type(exc).__name__}: {exc}"
+                if (held := self._verify_faults.due(error)) is not None:
+                    log.error("head_verify_failed", head=head.id, author=author, error=error, repeated=held)
             finally:
                 self._verifying.discard(head.id)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import structlog
@@ -92,6 +94,34 @@ def configure_logging(level: str, fmt: str, stream: TextIO = sys.stderr) -> None
         # on structlog's default configuration.
         cache_logger_on_first_use=False,
     )
+
+
+class Repeats:
+    """Holds back a fault's log record while the same fault repeats, for ``interval_s``.
+
+    A full disk fails every head verification and every round, once a second or more, with
+    the same error. The first record of a fault goes out; the same fault (the same ``key``)
+    again within ``interval_s`` is only counted, and the next record out says how many were
+    held back (``repeated``). Counters on the status port still count every one.
+    """
+
+    def __init__(self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last: dict[str, tuple[float, int]] = {}  # key -> (when last logged, held back since)
+
+    def due(self, key: str) -> int | None:
+        """None: hold this one back. Otherwise log it, with this many held back since the last."""
+        now = self._clock()
+        for old in [k for k, (when, _) in self._last.items() if now - when >= self.interval_s and k != key]:
+            if not self._last[old][1]:
+                del self._last[old]  # a fault that stopped: forgotten, so the map stays small
+        when, held = self._last.get(key, (float("-inf"), 0))
+        if now - when < self.interval_s:
+            self._last[key] = (when, held + 1)
+            return None
+        self._last[key] = (now, 0)
+        return held
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

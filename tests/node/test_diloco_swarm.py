@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import json
 import shutil
 import subprocess
@@ -291,6 +292,18 @@ def second_store_on_tmpfs(swarm: Swarm, toml: str, mib: int) -> Iterator[tuple[P
         subprocess.run(["umount", str(store)], capture_output=True)
 
 
+def assert_each_fault_logged_once_a_minute(log: str, names: tuple[str, ...]) -> None:
+    """The same fault (event and error) is not logged again within a minute: a full disk fails
+    every head verification and every round, and each used to log every time."""
+    for name in names:
+        last: dict[str, datetime.datetime] = {}
+        for event in events(log, name):
+            fault = event.get("error") or event.get("exception", "").strip().splitlines()[-1]
+            at = datetime.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+            assert fault not in last or (at - last[fault]).total_seconds() >= 59, (name, fault, event["timestamp"])
+            last[fault] = at
+
+
 def test_a_peer_whose_disk_fills_keeps_running_and_catches_up_once_there_is_room(swarm):
     """The second peer's store lies on a 1 MiB tmpfs, which training fills within seconds.
     The peer stays up (its head verification used to die on the full disk, and took the
@@ -302,6 +315,7 @@ def test_a_peer_whose_disk_fills_keeps_running_and_catches_up_once_there_is_room
             # The swarm goes on without it, and it stays up meanwhile.
             wait_until(lambda: training(first).get("head_round", 0) >= full_at + 5, 60, what="the swarm to move on")
             assert second.process.poll() is None and second.get("/healthz") == {"ok": True}
+            assert_each_fault_logged_once_a_minute(second.log(), ("head_verify_failed", "round_crashed"))
             assert mount_tmpfs(store, 64, remount=True) is None
             published = len(events(second.log(), "update_published"))
             wait_agreed([first, second], full_at + 6, 60, "the second peer to catch up")

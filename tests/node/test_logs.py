@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from node.logs import configure_logging, get_logger
+from node.logs import Repeats, configure_logging, get_logger
 
 
 class _Terminal(io.StringIO):
@@ -92,3 +92,20 @@ def test_unknown_level_or_format_is_refused() -> None:
         configure_logging("loud", "json")
     with pytest.raises(ValueError, match="unknown log format 'xml'"):
         configure_logging("info", "xml")
+
+
+def test_repeats_holds_back_the_same_fault_for_the_interval_and_counts_it() -> None:
+    now = [0.0]
+    repeats = Repeats(60.0, clock=lambda: now[0])
+    assert repeats.due("OSError: disk full") == 0  # the first one goes out
+    now[0] = 1.0
+    assert repeats.due("OSError: disk full") is None  # the same again: held back
+    assert repeats.due("OSError: read-only") == 0  # another fault goes out at once
+    now[0] = 59.0
+    assert repeats.due("OSError: disk full") is None
+    now[0] = 61.0
+    assert repeats.due("OSError: disk full") == 2  # out again, saying two were held back
+    assert repeats.due("OSError: disk full") is None
+    now[0] = 200.0
+    assert repeats.due("OSError: disk full") == 1
+    assert repeats.due("OSError: read-only") == 0
