@@ -3,13 +3,15 @@
 Five peers (bootstrap, trainer1-3, consumer), each in its own namespace behind a veth pair on a
 bridge, started from the compose file's own configs and environment: once with /dns4/<service>
 rewritten to namespace addresses and links shaped with tc tbf at 100 mbit/s, once with the
-compose multiaddrs unchanged and resolved by a DNS server in the hub namespace. Skipped only where namespaces cannot be created (not root, no iproute2, not
-permitted in this container).
+compose multiaddrs unchanged and resolved by a DNS server in the hub namespace. Also two peers
+that find each other by mDNS alone. Skipped only where namespaces cannot be created (not root,
+no iproute2, not permitted in this container).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -129,3 +131,62 @@ def test_ctrl_c_tears_everything_down() -> None:
     assert not {ns for ns in _namespaces() if ns.startswith(prefix)}
     time.sleep(0.2)
     assert not [p for p in pids if Path(f"/proc/{p}").exists()], "a peer outlived the teardown"
+
+
+# Run inside a namespace: print the daemon's /peers (default status port), or exit 1.
+PEERS_QUERY = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8470/peers', timeout=3).read().decode())"
+
+
+def test_two_peers_find_each_other_by_mdns_alone(tmp_path: Path) -> None:
+    """`network.mdns = true`, no bootstrap, no Kademlia: two daemons on one link (namespaces
+    on a bridge, so the multicast never leaves this machine) meet and see each other alive."""
+    hub = f"{netns_swarm.NS_PREFIX}{os.getpid()}-mdns-hub"
+    spaces = [f"{netns_swarm.NS_PREFIX}{os.getpid()}-mdns-{i}" for i in (1, 2)]
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for ns in (hub, *spaces):
+            subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
+        netns_swarm.make_hub(hub)
+        for i, ns in enumerate(spaces, start=1):
+            netns_swarm.plug(hub, ns, f"vm{i}", f"10.213.9.{i}/24")
+            config = tmp_path / f"peer{i}.toml"
+            config.write_text(
+                f'[node]\nname = "peer{i}"\ndata_dir = "{tmp_path / f"peer{i}"}"\nlog_format = "json"\n\n'
+                '[swarm]\nname = "mdns-test"\n\n'
+                f'[network]\nlisten = ["/ip4/10.213.9.{i}/tcp/4001"]\nkademlia = false\nmdns = true\n\n'
+                '[training]\nrole = "consumer"\n'
+            )
+            with open(tmp_path / f"peer{i}.log", "wb") as log:
+                processes.append(subprocess.Popen(
+                    ["ip", "netns", "exec", ns, sys.executable, "-m", "node.cli", "start", "--config", str(config)],
+                    cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                ))
+
+        def peers_of(ns: str) -> set[str]:
+            done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", PEERS_QUERY],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                return set()
+            return {row["peer_id"] for row in json.loads(done.stdout)["peers"] if row["alive"]}
+
+        keys = [tmp_path / f"peer{i}" / "identity.key" for i in (1, 2)]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ids = [read_key(key).peer_id if key.exists() else None for key in keys]
+            if None not in ids and peers_of(spaces[0]) == {ids[1]} and peers_of(spaces[1]) == {ids[0]}:
+                break
+            time.sleep(1.0)
+        else:
+            logs = "\n".join((tmp_path / f"peer{i}.log").read_text(errors="replace")[-3000:] for i in (1, 2))
+            pytest.fail(f"the two peers did not meet by mDNS within 60 s\n{logs}")
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for ns in (*spaces, hub):
+            netns_swarm._kill_namespace_pids(ns)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
