@@ -22,6 +22,8 @@ Run from the repository root: python -m bench.bench_exchange [--mib 256] [--repe
 With several repeats it prints the best of each transfer, and the target ratios taken within each
 attempt (their median), which the machine's drift between attempts disturbs less.
 ``--frame-sweep 65536,131072,...`` instead runs only the tuned bare stream at each yamux frame size.
+``--pace-sweep 0,300,100`` instead runs only the bridge stream, its reader held to each rate in
+MiB/s (0: as fast as it can), to show how the cost per byte of each end grows as the rate falls.
 It starts its own processes on 127.0.0.1 and stops them before it exits. Linux only (the CPU
 times come from /proc).
 """
@@ -111,6 +113,7 @@ def _raw_libp2p_host(seed: bytes, tuned: bool):
 
 BENCH_PROTOCOL = "/p2p-node/bench/1.0.0"
 FRAME_SWEEP_ENV = "P2P_BENCH_YAMUX_FRAME_BYTES"
+PACE_SWEEP_ENV = "P2P_BENCH_READ_MIB_PER_S"
 
 
 def serve_raw_libp2p(total: int, tuned: bool = False) -> None:
@@ -170,10 +173,15 @@ def serve_bridge(total: int) -> None:
         bridge = Libp2pBridge(b"s" * 32, ["/ip4/127.0.0.1/tcp/0"], kademlia=False)
         await bridge.start()
 
+        # --pace-sweep: read no faster than this (MiB/s), as a fetcher with more to do per byte does.
+        pace = float(os.environ.get(PACE_SWEEP_ENV, "0")) * MIB
+
         async def handler(stream: FramedStream) -> None:
-            got = 0
+            got, started = 0, time.perf_counter()
             while got < total:
                 got += len(await stream.read_frame(BLOCK + 64, timeout=60))
+                if pace and (ahead := got / pace - (time.perf_counter() - started)) > 0:
+                    await asyncio.sleep(ahead)
             await stream.write_frame(ACK, timeout=10)
 
         await bridge.set_stream_handler(BENCH_PROTOCOL, handler)
@@ -303,6 +311,21 @@ def frame_sweep(total: int, sizes: list[int], repeats: int) -> None:
               f" {best.sender_cpu_s / gib:17.2f}", flush=True)
 
 
+def pace_sweep(total: int, rates: list[float], repeats: int) -> None:
+    """The bridge stream with its receiver reading no faster than each rate (0: unpaced), runs
+    interleaved, median of ``repeats`` each: what the same bytes cost each end at a lower rate."""
+    gib = total / (1 << 30)
+    runs: dict[float, list[Transfer]] = {rate: [] for rate in rates}
+    for _ in range(repeats):
+        for rate in rates:
+            runs[rate].append(bare_transfer("bridge", total, {PACE_SWEEP_ENV: str(rate)}))
+    print(f"{'read limit MiB/s':>16} {'MiB/s':>8} {'receiver CPU s/GiB':>19} {'sender CPU s/GiB':>17}  (medians)")
+    for rate, transfers in runs.items():
+        print(f"{rate or 'none':>16} {statistics.median(total / MIB / t.seconds for t in transfers):8.1f}"
+              f" {statistics.median(t.receiver_cpu_s for t in transfers) / gib:19.2f}"
+              f" {statistics.median(t.sender_cpu_s for t in transfers) / gib:17.2f}", flush=True)
+
+
 # ---- daemons -------------------------------------------------------------------------
 
 
@@ -371,6 +394,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="best of N for each measurement")
     parser.add_argument("--frame-sweep", metavar="BYTES,BYTES,...",
                         help="instead: the tuned bare stream at each of these yamux frame sizes")
+    parser.add_argument("--pace-sweep", metavar="MIB/S,MIB/S,...",
+                        help="instead: the bridge stream with its reader limited to each rate (0: no limit)")
     parser.add_argument("--serve", choices=sorted(SERVERS), help=argparse.SUPPRESS)
     parser.add_argument("--client", choices=sorted(CLIENTS), help=argparse.SUPPRESS)
     parser.add_argument("--addr", help=argparse.SUPPRESS)
@@ -387,6 +412,9 @@ def main() -> None:
     total = args.mib * MIB
     if args.frame_sweep:
         frame_sweep(total, [int(size) for size in args.frame_sweep.split(",")], args.repeats)
+        return
+    if args.pace_sweep:
+        pace_sweep(total, [float(rate) for rate in args.pace_sweep.split(",")], args.repeats)
         return
     best: dict[str, Transfer] = {}
     runs: list[dict[str, Transfer]] = []  # each attempt's transfers, for ratios within one attempt
