@@ -46,6 +46,7 @@ from protocol.records import RecordKind
 
 log = get_logger("daemon")
 
+LEAVE_BUDGET_S = 1.0  # for the goodbye heartbeat, within SHUTDOWN_BUDGET_S
 SHUTDOWN_BUDGET_S = 4.0
 T = TypeVar("T")
 HEARTBEAT_RECORD = RecordKind(HEARTBEAT_KIND, frozenset({HEARTBEAT_VERSION}), Heartbeat.from_wire)
@@ -322,6 +323,10 @@ class Node:
             self.outer.trainer.request_stop()
         try:
             async with asyncio.timeout(SHUTDOWN_BUDGET_S):
+                if self.membership is not None:
+                    # Say goodbye: peers count us out now (their rounds stop waiting for us,
+                    # our leases free up) rather than after a few missed heartbeats.
+                    await self.membership.leave(timeout=LEAVE_BUDGET_S)
                 if self.status is not None:
                     await self.status.close()
                 if self.exchange is not None:

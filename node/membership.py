@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from protocol.errors import Invalid
 from protocol.membership import (
     HEARTBEAT_KIND,
     HEARTBEAT_VERSION,
+    LEAVING,
     Heartbeat,
     PeerDied,
     PeerEvent,
@@ -96,10 +98,24 @@ class Membership:
                 log.info("peer_joined", peer=event.peer)
             elif isinstance(event, PeerRevived):
                 log.info("peer_revived", peer=event.peer)
+            elif isinstance(event, PeerDied) and event.left:
+                log.info("peer_left", peer=event.peer)
             elif isinstance(event, PeerDied):
                 log.info("peer_dead", peer=event.peer, silent_s=round(event.silent_ms / 1000, 1))
             for listener in self._listeners:
                 listener(event)
+
+    async def leave(self, timeout: float) -> bool:
+        """Publish a last heartbeat marked LEAVING: the swarm counts this peer out now, not
+        after ``dead_after_missed`` silent intervals. Best effort; whether it went out."""
+        beat = self.heartbeat()
+        last = replace(beat, capabilities=tuple(sorted({**dict(beat.capabilities), LEAVING: 1}.items())))
+        try:
+            async with asyncio.timeout(timeout):
+                return bool(await self._gossip.publish(HEARTBEAT_KIND, HEARTBEAT_VERSION, last.to_wire()))
+        except Exception as exc:  # noqa: BLE001 - shutting down either way
+            log.debug("leave_not_announced", error=f"{type(exc).__name__}: {exc}")
+            return False
 
     async def run(self) -> None:
         """Heartbeat, liveness and connection upkeep, forever."""

@@ -13,6 +13,9 @@ HEARTBEAT_VERSION = 1
 MAX_ADDRS = 16
 MAX_TEXT = 200
 MAX_CAPABILITIES = 32
+# A heartbeat capability: set (to 1) in the last heartbeat of a peer that is shutting down, so the
+# others count it out at once instead of after ``dead_after_missed`` silent intervals.
+LEAVING = "leaving"
 ROLES = frozenset({"trainer", "consumer", "bootstrap"})
 
 
@@ -125,6 +128,7 @@ class PeerRevived:
 class PeerDied:
     peer: str
     silent_ms: int
+    left: bool = False  # it said goodbye (LEAVING) rather than fall silent
 
 
 PeerEvent = PeerJoined | PeerRevived | PeerDied
@@ -145,11 +149,20 @@ class PeerTable:
         if heartbeat.peer != author:
             raise Invalid("peer_mismatch", "heartbeat names another peer than its author")
         known = self.peers.get(author)
+        leaving = bool(dict(heartbeat.capabilities).get(LEAVING))
         if known is None:
+            if leaving:
+                return []  # a goodbye from a peer we never knew: nothing to forget
             self.peers[author] = PeerState(author, heartbeat, now_ms, now_ms, created_ms)
             return [PeerJoined(author)]
         if created_ms <= known.last_created_ms:
             return []
+        if leaving:
+            self.peers[author] = replace(
+                known, heartbeat=heartbeat, last_seen_ms=now_ms, last_created_ms=created_ms, alive=False,
+                deaths=known.deaths + 1 if known.alive else known.deaths,
+            )
+            return [PeerDied(author, 0, left=True)] if known.alive else []
         revived = not known.alive
         self.peers[author] = replace(
             known, heartbeat=heartbeat, last_seen_ms=now_ms, last_created_ms=created_ms, alive=True

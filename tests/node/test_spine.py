@@ -54,6 +54,26 @@ def test_five_peers_discover_each_other_detect_death_and_restart(swarm):
         raise
 
 
+def test_a_peer_that_stops_says_goodbye_and_is_counted_out_at_once(swarm):
+    """Heartbeats every 5 s: a silent peer would be counted dead after 15 s. A peer stopped
+    with SIGTERM sends a last heartbeat marked "leaving", and the others count it out at once
+    (logged as peer_left, not peer_dead). Restarted, it is counted back in."""
+    first, second = swarm.add(heartbeat_s=5.0), swarm.add(heartbeat_s=5.0)
+    for peer in (first, second):
+        peer.start()
+    for peer in (first, second):
+        peer.wait_healthy()
+    wait_until(lambda: first.live_peers() == {second.peer_id}, 40, what="the two peers meet")
+    stopped_at = time.monotonic()
+    assert second.terminate() == 0
+    wait_until(lambda: second.peer_id in first.dead_peers(), 10, what="the first peer counts the second out")
+    assert time.monotonic() - stopped_at < 5.0
+    assert '"event": "peer_left"' in first.log() and '"event": "peer_dead"' not in first.log()
+    second.start()
+    second.wait_healthy()
+    wait_until(lambda: first.live_peers() == {second.peer_id}, 40, what="the restarted peer is counted back in")
+
+
 def test_sigterm_exits_zero_within_five_seconds(swarm):
     first, second = swarm.add(), swarm.add()
     first.start()

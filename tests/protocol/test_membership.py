@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from protocol.errors import Invalid
-from protocol.membership import Heartbeat, PeerDied, PeerJoined, PeerRevived, PeerTable
+from protocol.membership import LEAVING, Heartbeat, PeerDied, PeerJoined, PeerRevived, PeerTable
 
 
 def beat(peer="peerA", interval_ms=1000, **kw):
@@ -20,6 +20,21 @@ def test_join_die_revive():
     assert table.live() == []
     assert table.observe("peerA", 1, beat(), now_ms=4000) == []  # a replay revives nothing
     assert table.observe("peerA", 2, beat(), now_ms=4000) == [PeerRevived("peerA")]
+    assert table.is_live("peerA")
+
+
+def test_a_goodbye_counts_the_peer_out_at_once_and_a_newer_heartbeat_brings_it_back():
+    table = PeerTable("me", dead_after_missed=3)
+    goodbye = beat(capabilities=((LEAVING, 1),))
+    assert table.observe("peerA", 5, goodbye, now_ms=0) == []  # from a stranger: ignored
+    assert table.peers == {}
+    assert table.observe("peerA", 6, beat(), now_ms=0) == [PeerJoined("peerA")]
+    assert table.observe("peerA", 7, goodbye, now_ms=10) == [PeerDied("peerA", 0, left=True)]
+    assert not table.is_live("peerA") and table.peers["peerA"].deaths == 1
+    assert table.observe("peerA", 7, beat(), now_ms=20) == []  # a replay of the same moment: nothing
+    assert table.observe("peerA", 8, goodbye, now_ms=20) == []  # already out
+    assert table.tick(10_000) == []  # not counted dead a second time
+    assert table.observe("peerA", 9, beat(), now_ms=30) == [PeerRevived("peerA")]  # restarted
     assert table.is_live("peerA")
 
 
