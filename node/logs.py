@@ -113,9 +113,11 @@ class Repeats:
     def due(self, key: str) -> int | None:
         """None: hold this one back. Otherwise log it, with this many held back since the last."""
         now = self._clock()
-        for old in [k for k, (when, _) in self._last.items() if now - when >= self.interval_s and k != key]:
-            if not self._last[old][1]:
-                del self._last[old]  # a fault that stopped: forgotten, so the map stays small
+        # Faults that stopped are forgotten, so the map stays small: at once when nothing was
+        # held back since they were logged, after ten intervals otherwise.
+        for old, (when, held) in list(self._last.items()):
+            if old != key and now - when >= (10 * self.interval_s if held else self.interval_s):
+                del self._last[old]
         when, held = self._last.get(key, (float("-inf"), 0))
         if now - when < self.interval_s:
             self._last[key] = (when, held + 1)

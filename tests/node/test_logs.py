@@ -109,3 +109,11 @@ def test_repeats_holds_back_the_same_fault_for_the_interval_and_counts_it() -> N
     now[0] = 200.0
     assert repeats.due("OSError: disk full") == 1
     assert repeats.due("OSError: read-only") == 0
+    now[0] = 201.0
+    assert repeats.due("OSError: disk full") is None  # held back: remembered for ten intervals
+    now[0] = 262.0
+    assert repeats.due("OSError: read-only") == 0
+    assert set(repeats._last) == {"OSError: disk full", "OSError: read-only"}
+    now[0] = 801.0
+    assert repeats.due("OSError: another") == 0
+    assert set(repeats._last) == {"OSError: another"}  # the faults that stopped are forgotten
