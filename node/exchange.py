@@ -59,6 +59,10 @@ class ExchangeStats:
     busy_refusals: int = 0
     rejected_chunks_by_peer: Counter[str] = field(default_factory=Counter)
     timeouts_by_peer: Counter[str] = field(default_factory=Counter)
+    # Content bytes moved, by kind (chunk, manifest, record), as received or sent; bytes_in and
+    # bytes_out count chunks only.
+    bytes_in_by_kind: Counter[str] = field(default_factory=Counter)
+    bytes_out_by_kind: Counter[str] = field(default_factory=Counter)
 
     def view(self) -> dict[str, Any]:
         return {
@@ -72,6 +76,8 @@ class ExchangeStats:
             "busy_refusals": self.busy_refusals,
             "rejected_chunks_by_peer": dict(self.rejected_chunks_by_peer),
             "timeouts_by_peer": dict(self.timeouts_by_peer),
+            "bytes_in_by_kind": dict(self.bytes_in_by_kind),
+            "bytes_out_by_kind": dict(self.bytes_out_by_kind),
         }
 
 
@@ -181,8 +187,10 @@ class ChunkServer:
                     read_ahead(1)
                     await writer.send_framed(frame, timeout=self._settings.request_timeout_s)
                     if size:
-                        self._stats.bytes_out += size
-                        self._stats.chunks_out += 1
+                        self._stats.bytes_out_by_kind[kind] += size
+                        if kind == "chunk":
+                            self._stats.bytes_out += size
+                            self._stats.chunks_out += 1
             finally:
                 for read in reads:
                     read.cancel()
@@ -505,6 +513,7 @@ class Exchange:
             await stream.close()
         if item.data is None:
             return None
+        self.stats.bytes_in_by_kind[kind] += len(item.data)
         if not matches(content_id, item.data):
             raise Invalid("bad_hash", "content does not hash to its id")
         return bytes(item.data)  # a manifest or record: small, and kept by the caller
@@ -637,6 +646,7 @@ class Exchange:
                             continue
                         self.stats.bytes_in += len(item.data)
                         self.stats.chunks_in += 1
+                        self.stats.bytes_in_by_kind["chunk"] += len(item.data)
                         run.progress.fetched_bytes += len(item.data)
                         writing = asyncio.ensure_future(asyncio.to_thread(self.store.put, item.data, cid, drop_cache=True))
                         # A full disk fails every write in flight, and the fetch stops at the first
@@ -740,6 +750,7 @@ class Exchange:
                             continue
                         self.stats.bytes_in += len(item.data)
                         self.stats.chunks_in += 1
+                        self.stats.bytes_in_by_kind["chunk"] += len(item.data)
                         await asyncio.to_thread(self.store.put, item.data, cid, drop_cache=True)
                         self.stats.chunks_verified += 1
             except Invalid as exc:

@@ -273,6 +273,12 @@ class NodeMetrics:
             "exchange_chunks_total", "counter", "Chunks moved by the exchange, by direction.",
             [({"direction": "in"}, stats.chunks_in), ({"direction": "out"}, stats.chunks_out)],
         )
+        out.family(
+            "exchange_content_bytes_total", "counter",
+            "Content bytes moved by the exchange, by direction and kind (chunk, manifest, record).",
+            [({"direction": "in", "kind": kind}, count) for kind, count in sorted(stats.bytes_in_by_kind.items())]
+            + [({"direction": "out", "kind": kind}, count) for kind, count in sorted(stats.bytes_out_by_kind.items())],
+        )
         out.counter("exchange_requests_served_total", "Exchange requests this peer answered.", stats.requests_served)
         out.counter("exchange_bad_requests_total", "Malformed exchange requests from peers.", stats.bad_requests)
         out.counter("exchange_busy_refusals_total", "Streams refused over the per-peer limit.", stats.busy_refusals)

@@ -149,6 +149,7 @@ SCHEMAS: dict[str, Schema] = {
         "bytes_in": COUNT, "bytes_out": COUNT, "chunks_in": COUNT, "chunks_out": COUNT,
         "chunks_verified": COUNT, "requests_served": COUNT, "bad_requests": COUNT, "busy_refusals": COUNT,
         "rejected_chunks_by_peer": counts(), "timeouts_by_peer": counts(),
+        "bytes_in_by_kind": counts(), "bytes_out_by_kind": counts(),
     }),
     "Exchange": {"allOf": [ref("ExchangeCounters"), obj({"fetches": {"type": "array", "items": ref("Fetch")}})]},
     "FetchStarted": {"anyOf": [ref("Fetch"), obj({"manifest_id": CONTENT_ID})]},

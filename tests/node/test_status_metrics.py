@@ -197,6 +197,10 @@ def test_metrics_of_a_training_daemon(swarm: Swarm) -> None:
     # Peers download each other's pseudo-gradients every round: bytes flow and fetches end.
     moved = {dict(k)["direction"]: v for k, v in values(families, "exchange_bytes_total").items()}
     assert moved["in"] > 0 and moved["out"] > 0
+    # By kind: the chunk bytes are the same count; manifests and records come on top.
+    by_kind = {(dict(k)["direction"], dict(k)["kind"]): v for k, v in values(families, "exchange_content_bytes_total").items()}
+    assert by_kind[("in", "chunk")] == moved["in"] and by_kind[("out", "chunk")] == moved["out"], by_kind
+    assert by_kind.get(("in", "manifest"), 0) + by_kind.get(("out", "manifest"), 0) > 0, by_kind
     assert values(families, "fetches_in_flight")[()] >= 0
     counts = {
         labels["outcome"]: value
