@@ -49,8 +49,6 @@ class ExchangeSettings:
 
 @dataclass
 class ExchangeStats:
-    bytes_in: int = 0
-    bytes_out: int = 0
     chunks_in: int = 0
     chunks_out: int = 0
     chunks_verified: int = 0
@@ -59,10 +57,19 @@ class ExchangeStats:
     busy_refusals: int = 0
     rejected_chunks_by_peer: Counter[str] = field(default_factory=Counter)
     timeouts_by_peer: Counter[str] = field(default_factory=Counter)
-    # Content bytes moved, by kind (chunk, manifest, record), as received or sent; bytes_in and
-    # bytes_out count chunks only.
+    # Content bytes moved, by kind (chunk, manifest, record), as received or sent.
     bytes_in_by_kind: Counter[str] = field(default_factory=Counter)
     bytes_out_by_kind: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def bytes_in(self) -> int:
+        """Chunk bytes received."""
+        return self.bytes_in_by_kind["chunk"]
+
+    @property
+    def bytes_out(self) -> int:
+        """Chunk bytes sent."""
+        return self.bytes_out_by_kind["chunk"]
 
     def view(self) -> dict[str, Any]:
         return {
@@ -189,7 +196,6 @@ class ChunkServer:
                     if size:
                         self._stats.bytes_out_by_kind[kind] += size
                         if kind == "chunk":
-                            self._stats.bytes_out += size
                             self._stats.chunks_out += 1
             finally:
                 for read in reads:
@@ -644,9 +650,8 @@ class Exchange:
                                 run.has[peer] = set(run.sizes) - {cid}
                             run.settle(cid, stored=False)
                             continue
-                        self.stats.bytes_in += len(item.data)
-                        self.stats.chunks_in += 1
                         self.stats.bytes_in_by_kind["chunk"] += len(item.data)
+                        self.stats.chunks_in += 1
                         run.progress.fetched_bytes += len(item.data)
                         writing = asyncio.ensure_future(asyncio.to_thread(self.store.put, item.data, cid, drop_cache=True))
                         # A full disk fails every write in flight, and the fetch stops at the first
@@ -748,9 +753,8 @@ class Exchange:
                         item = wire.decode_item(frame, cid)
                         if item.data is None:
                             continue
-                        self.stats.bytes_in += len(item.data)
-                        self.stats.chunks_in += 1
                         self.stats.bytes_in_by_kind["chunk"] += len(item.data)
+                        self.stats.chunks_in += 1
                         await asyncio.to_thread(self.store.put, item.data, cid, drop_cache=True)
                         self.stats.chunks_verified += 1
             except Invalid as exc:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import replace
 from collections.abc import Callable
 from typing import Any
 
@@ -71,8 +70,10 @@ class Membership:
     def subscribe(self, listener: PeerListener) -> None:
         self._listeners.append(listener)
 
-    def heartbeat(self) -> Heartbeat:
+    def heartbeat(self, leaving: bool = False) -> Heartbeat:
+        """This peer's heartbeat; ``leaving``: its last, marked LEAVING."""
         extra = self._fields()
+        capabilities = {**extra.get("capabilities", {}), **({LEAVING: 1} if leaving else {})}
         return Heartbeat(
             peer=self._bridge.peer_id,
             addrs=tuple(self._bridge.listen_addrs()[:16]),
@@ -83,7 +84,7 @@ class Membership:
             head=extra.get("head"),
             round=extra.get("round", 0),
             device=extra.get("device", "cpu"),
-            capabilities=tuple(sorted(extra.get("capabilities", {}).items())),
+            capabilities=tuple(sorted(capabilities.items())),
         )
 
     async def _on_heartbeat(self, record: Record) -> None:
@@ -108,11 +109,10 @@ class Membership:
     async def leave(self, timeout: float) -> bool:
         """Publish a last heartbeat marked LEAVING: the swarm counts this peer out now, not
         after ``dead_after_missed`` silent intervals. Best effort; whether it went out."""
-        beat = self.heartbeat()
-        last = replace(beat, capabilities=tuple(sorted({**dict(beat.capabilities), LEAVING: 1}.items())))
         try:
             async with asyncio.timeout(timeout):
-                return bool(await self._gossip.publish(HEARTBEAT_KIND, HEARTBEAT_VERSION, last.to_wire()))
+                last = self.heartbeat(leaving=True).to_wire()
+                return bool(await self._gossip.publish(HEARTBEAT_KIND, HEARTBEAT_VERSION, last))
         except Exception as exc:  # noqa: BLE001 - shutting down either way
             log.debug("leave_not_announced", error=f"{type(exc).__name__}: {exc}")
             return False
