@@ -345,13 +345,15 @@ def seed_artifact(data_dirs: list[Path], mib: int) -> str:
     return manifest_id
 
 
-def daemon_fetch(root: Path, mib: int, providers: int, others: int = 0) -> Transfer:
+def daemon_fetch(root: Path, mib: int, providers: int, others: int = 0, fan_out: str = "adaptive") -> Transfer:
     """``POST /fetches`` until ``done`` for a daemon fetching from ``providers`` seeds, with
-    ``others`` more daemons in the swarm that do not hold the artifact."""
+    ``others`` more daemons in the swarm that do not hold the artifact; ``fan_out`` is the
+    fetcher's ``exchange.fan_out``."""
     from tests.swarm_harness import Swarm, wait_until
 
-    quiet = '[training]\nrole = "consumer"\nevaluate = false\n\n[exchange]\nannounce_interval_s = 1.0\n'
-    swarm = Swarm(root / f"swarm{providers}-{others}")
+    quiet = ('[training]\nrole = "consumer"\nevaluate = false\n\n'
+             f'[exchange]\nannounce_interval_s = 1.0\nfan_out = "{fan_out}"\n')
+    swarm = Swarm(root / f"swarm{providers}-{others}-{fan_out}")
     seeds = [swarm.add(quiet) for _ in range(providers + others)]
     fetcher = swarm.add(quiet, token="bench")
     manifest_id = seed_artifact([seed.data_dir for seed in seeds[:providers]], mib)
@@ -383,6 +385,8 @@ def daemon_fetch(root: Path, mib: int, providers: int, others: int = 0) -> Trans
         took = view["elapsed_s"]
         spent = {peer.peer_id: cpu_seconds(peer.process.pid) - cpu[peer.peer_id] for peer in peers}
         assert view["state"] == "done", view
+        if providers > 1:
+            print(f"    fan-out: {view['fan_out']}", flush=True)
         return Transfer(took, spent[fetcher.peer_id], sum(spent[seed.peer_id] for seed in seeds))
     finally:
         swarm.stop_all()
@@ -396,6 +400,8 @@ def main() -> None:
                         help="instead: the tuned bare stream at each of these yamux frame sizes")
     parser.add_argument("--pace-sweep", metavar="MIB/S,MIB/S,...",
                         help="instead: the bridge stream with its reader limited to each rate (0: no limit)")
+    parser.add_argument("--fetches-only", action="store_true",
+                        help="only the daemon fetches (the second target's rows), not the bare transports")
     parser.add_argument("--serve", choices=sorted(SERVERS), help=argparse.SUPPRESS)
     parser.add_argument("--client", choices=sorted(CLIENTS), help=argparse.SUPPRESS)
     parser.add_argument("--addr", help=argparse.SUPPRESS)
@@ -423,7 +429,7 @@ def main() -> None:
         runs[-1][name] = transfer
         if name not in best or transfer.seconds < best[name].seconds:
             best[name] = transfer
-        print(f"  {name:<30} {transfer.seconds:7.2f} s  {total / MIB / transfer.seconds:8.1f} MiB/s"
+        print(f"  {name:<31} {transfer.seconds:7.2f} s  {total / MIB / transfer.seconds:8.1f} MiB/s"
               f"   CPU s: receiver {transfer.receiver_cpu_s:5.2f}, sender(s) {transfer.sender_cpu_s:5.2f}", flush=True)
 
     root = Path(tempfile.mkdtemp(prefix="bench-exchange-"))
@@ -432,11 +438,16 @@ def main() -> None:
             print(f"run {attempt + 1}/{args.repeats}: {args.mib} MiB", flush=True)
             runs.append({})
             record("fetch, 1 provider", daemon_fetch(root / f"r{attempt}", args.mib, 1))
-            record("bare libp2p stream, stock", bare_transfer("raw-libp2p", total))
-            record("bare libp2p stream, tuned", bare_transfer("raw-libp2p-tuned", total))
-            record("libp2p stream via bridge", bare_transfer("bridge", total))
-            record("asyncio+uvloop TCP", bare_transfer("tcp", total))
-            record("fetch, 3 providers", daemon_fetch(root / f"r{attempt}", args.mib, 3))
+            if not args.fetches_only:
+                record("bare libp2p stream, stock", bare_transfer("raw-libp2p", total))
+                record("bare libp2p stream, tuned", bare_transfer("raw-libp2p-tuned", total))
+                record("libp2p stream via bridge", bare_transfer("bridge", total))
+                record("asyncio+uvloop TCP", bare_transfer("tcp", total))
+            # The two fetches from three providers take turns going first: a fetch can be slowed by
+            # the one before it (its files, its daemons' exit), and that must not favour either.
+            for fan_out in ("adaptive", "wide")[:: 1 if attempt % 2 == 0 else -1]:
+                name = "fetch, 3 providers" + (", all at once" if fan_out == "wide" else "")
+                record(name, daemon_fetch(root / f"r{attempt}", args.mib, 3, fan_out=fan_out))
             record("fetch, 1 provider of 3 daemons", daemon_fetch(root / f"r{attempt}", args.mib, 1, others=2))
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -444,39 +455,46 @@ def main() -> None:
     cores = os.cpu_count() or 1
     gib = total / (1 << 30)
     print(f"\nbest of each; CPU seconds per GiB moved; the rate {cores} cores could sustain at that CPU cost:")
-    print(f"  {'':<30} {'MiB/s':>8} {'receiver':>9} {'sender(s)':>9} {'both':>7} {'CPU-bound MiB/s':>16}")
+    print(f"  {'':<31} {'MiB/s':>8} {'receiver':>9} {'sender(s)':>9} {'both':>7} {'CPU-bound MiB/s':>16}")
     rates: dict[str, float] = {}
     for name, transfer in best.items():
         rates[name] = total / MIB / transfer.seconds
         both = transfer.receiver_cpu_s + transfer.sender_cpu_s
-        print(f"  {name:<30} {rates[name]:8.1f} {transfer.receiver_cpu_s / gib:9.2f} "
+        print(f"  {name:<31} {rates[name]:8.1f} {transfer.receiver_cpu_s / gib:9.2f} "
               f"{transfer.sender_cpu_s / gib:9.2f} {both / gib:7.2f} {cores * total / MIB / both:16.1f}")
-    stock, tuned = rates["bare libp2p stream, stock"], rates["bare libp2p stream, tuned"]
-    one, three = rates["fetch, 1 provider"], rates["fetch, 3 providers"]
 
     def cpu_per_byte(name: str) -> float:
         return (best[name].receiver_cpu_s + best[name].sender_cpu_s) / total
 
-    print(f"\nfetch(1) / bare stream, stock py-libp2p   : {one / stock:6.2f}  (target >= 0.80)")
-    print(f"fetch(1) / bare stream, daemon's tuning   : {one / tuned:6.2f}")
-    print(f"fetch(1) / bridge stream                  : {one / rates['libp2p stream via bridge']:6.2f}")
-    print(f"bare stream, tuned / stock                : {tuned / stock:6.2f}")
-    print(f"bare stream, stock / uvloop TCP           : {stock / rates['asyncio+uvloop TCP']:6.3f}")
-    print(f"fetch(3) / fetch(1)                       : {three / one:6.2f}  (target >= 1.00)")
-    print(f"fetch(3) / fetch(1), both in 4 daemons    : {three / rates['fetch, 1 provider of 3 daemons']:6.2f}")
+    # (label, numerator row, denominator row, target): a ratio of rates, printed where both rows ran.
+    ratios = [
+        ("fetch(1) / bare stream, stock py-libp2p", "fetch, 1 provider", "bare libp2p stream, stock", ">= 0.80"),
+        ("fetch(1) / bare stream, daemon's tuning", "fetch, 1 provider", "bare libp2p stream, tuned", ""),
+        ("fetch(1) / bridge stream", "fetch, 1 provider", "libp2p stream via bridge", ""),
+        ("bare stream, tuned / stock", "bare libp2p stream, tuned", "bare libp2p stream, stock", ""),
+        ("bare stream, stock / uvloop TCP", "bare libp2p stream, stock", "asyncio+uvloop TCP", ""),
+        ("fetch(3) / fetch(1)", "fetch, 3 providers", "fetch, 1 provider", ">= 1.00"),
+        ("fetch(3) / fetch(1), both in 4 daemons", "fetch, 3 providers", "fetch, 1 provider of 3 daemons", ""),
+        ("fetch(3) all at once / fetch(1)", "fetch, 3 providers, all at once", "fetch, 1 provider", ""),
+        ("fetch(3) / fetch(3) all at once", "fetch, 3 providers", "fetch, 3 providers, all at once", ""),
+    ]
+    ratios = [r for r in ratios if r[1] in rates and r[2] in rates]
+    print()
+    for label, top, bottom, target in ratios:
+        print(f"{label:<41} : {rates[top] / rates[bottom]:6.2f}" + (f"  (target {target})" if target else ""))
     for name in ("bare libp2p stream, stock", "bare libp2p stream, tuned"):
-        print(f"CPU per byte, fetch(1) / {name[19:]:<16} : {cpu_per_byte('fetch, 1 provider') / cpu_per_byte(name):6.2f}")
+        if name in best:
+            print(f"CPU per byte, fetch(1) / {name[19:]:<16} : "
+                  f"{cpu_per_byte('fetch, 1 provider') / cpu_per_byte(name):6.2f}")
     if len(runs) > 1:
         # This VM's speed drifts between attempts by more than the gaps measured here; a ratio
         # of two transfers from the same attempt (a minute apart) is less exposed to the drift.
         print("\nthe same ratios within each attempt (median, then each attempt in order):")
-        for label, top, bottom in (("fetch(1) / bare stream, stock", "fetch, 1 provider", "bare libp2p stream, stock"),
-                                   ("fetch(3) / fetch(1)", "fetch, 3 providers", "fetch, 1 provider"),
-                                   ("fetch(3) / fetch(1), both in 4 daemons", "fetch, 3 providers",
-                                    "fetch, 1 provider of 3 daemons")):
-            ratios = [run[bottom].seconds / run[top].seconds for run in runs]
-            each = ", ".join(f"{ratio:.2f}" for ratio in ratios)
-            print(f"{label:<41} : {statistics.median(ratios):6.2f}  ({each})")
+        for label, top, bottom, _ in ratios:
+            within = [run[bottom].seconds / run[top].seconds for run in runs]
+            each = ", ".join(f"{ratio:.2f}" for ratio in within)
+            print(f"{label:<41} : {statistics.median(within):6.2f}  ({each})")
+
 
 if __name__ == "__main__":
     main()

@@ -4,11 +4,12 @@ not CPU bound: does the fetch use every provider's link?
 Each daemon runs in its own Linux network namespace, joined to the others by a veth pair on a
 bridge in a hub namespace (as ``scripts/netns_swarm.py`` builds them, on a private test subnet
 that exists only inside these namespaces). Every seed's link is limited with ``tc tbf`` to
-``--rate`` in the direction it sends; the fetcher's link is not limited. The same four daemons
-(a fetcher and three seeds) run in both fetches: the artifact is on one seed, then on all three.
-If the exchange spreads its requests over the providers, three providers move about three
-times what one does; on loopback (``bench_exchange``) the machine's cores, not the links, set
-the rate.
+``--rate`` in the direction it sends; the fetcher's link is not limited. Each fetch runs four
+fresh daemons (a fetcher and three seeds): the artifact on one seed; on all three; and on all
+three with the fetcher set to draw on every provider at once (``exchange.fan_out = "wide"``)
+instead of measuring which width is faster (the default, ``adaptive``). If the exchange
+spreads its requests over the providers, three providers move about three times what one
+does; on loopback (``bench_exchange``) the machine's cores, not the links, set the rate.
 
 Run from the repository root, as root (namespaces and tc): python -m bench.bench_exchange_links
 [--mib 64] [--rate 100mbit] [--repeats 1]. It removes its namespaces and files before it exits.
@@ -60,6 +61,7 @@ class LinkSwarm:
     root: Path
     seeds: int
     rate: str
+    fan_out: str = "adaptive"
     tag: str = field(default_factory=lambda: f"p2pbx-{os.getpid()}")
     namespaces: list[str] = field(default_factory=list)
     daemons: list[Daemon] = field(default_factory=list)
@@ -98,7 +100,7 @@ class LinkSwarm:
                 f'[swarm]\nname = "bench-links"\nbootstrap = {json.dumps(boot)}\n\n'
                 f'[network]\nlisten = ["/ip4/{daemon.address}/tcp/{P2P_PORT}"]\n\n'
                 f"[membership]\nheartbeat_interval_s = 1.0\n\n"
-                f'[status]\nport = {STATUS_PORT}\ntoken = "{TOKEN}"\n\n{QUIET}'
+                f'[status]\nport = {STATUS_PORT}\ntoken = "{TOKEN}"\n\n{QUIET}fan_out = "{self.fan_out}"\n'
             )
 
     def start(self) -> None:
@@ -164,11 +166,12 @@ def drive(seeds: list[str], manifest: str, timeout: float) -> None:
     raise SystemExit("the fetch did not finish in time")
 
 
-def fetch(root: Path, mib: int, rate: str, holders: int) -> dict:
-    """One swarm (a fetcher, three seeds), the artifact on ``holders`` seeds; the fetch's view."""
+def fetch(root: Path, mib: int, rate: str, holders: int, fan_out: str = "adaptive") -> dict:
+    """One swarm (a fetcher, three seeds), the artifact on ``holders`` seeds, the fetcher's
+    ``exchange.fan_out`` as given; the fetch's view."""
     from bench.bench_exchange import seed_artifact
 
-    swarm = LinkSwarm(root / f"holders{holders}", 3, rate)
+    swarm = LinkSwarm(root / f"holders{holders}-{fan_out}", 3, rate, fan_out)
     try:
         swarm.build()
         fetcher, *seeds = swarm.daemons
@@ -204,22 +207,26 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("needs root: it creates network namespaces and tc qdiscs")
     root = Path(tempfile.mkdtemp(prefix="bench-links-"))
-    ratios = []
+    ratios, wide_ratios = [], []
     try:
         for attempt in range(args.repeats):
             rates = {}
-            for holders in (1, 3):
-                view = fetch(root / f"r{attempt}", args.mib, args.rate, holders)
-                rates[holders] = args.mib / view["elapsed_s"]
-                print(f"  fetch, {holders} provider{'s' if holders > 1 else ''} on {args.rate} links"
-                      f" {view['elapsed_s']:7.2f} s {rates[holders]:8.1f} MiB/s"
+            for holders, fan_out in ((1, "adaptive"), (3, "adaptive"), (3, "wide")):
+                view = fetch(root / f"r{attempt}", args.mib, args.rate, holders, fan_out)
+                name = f"{holders} provider{'s' if holders > 1 else ''}" + (", all at once" if fan_out == "wide" else "")
+                rates[name] = args.mib / view["elapsed_s"]
+                print(f"  fetch, {name} on {args.rate} links {view['elapsed_s']:7.2f} s {rates[name]:8.1f} MiB/s"
                       f"  (providers used: {len(view.get('providers', []))})", flush=True)
-            ratios.append(rates[3] / rates[1])
+                if holders > 1 and fan_out == "adaptive":
+                    print(f"    fan-out: {view.get('fan_out')}", flush=True)
+            ratios.append(rates["3 providers"] / rates["1 provider"])
+            wide_ratios.append(rates["3 providers, all at once"] / rates["1 provider"])
             shutil.rmtree(root / f"r{attempt}", ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"\nfetch(3) / fetch(1) on {args.rate} links: {statistics.median(ratios):.2f}"
-          f"  ({', '.join(f'{r:.2f}' for r in ratios)})")
+    for label, values in (("fetch(3) / fetch(1)", ratios), ("fetch(3) all at once / fetch(1)", wide_ratios)):
+        print(f"{label} on {args.rate} links: {statistics.median(values):.2f}"
+              f"  ({', '.join(f'{r:.2f}' for r in values)})")
 
 
 if __name__ == "__main__":

@@ -270,7 +270,7 @@ class ExchangeSection:
     )
     streams_per_provider: int = setting(2, "Concurrent requests to one provider during a fetch.", check=_positive)
     batch_bytes: int = setting(
-        16 * 1024 * 1024,
+        4 * 1024 * 1024,
         "Most bytes asked for in one chunk request; a request also takes at most an even share of what the fetch"
         " still lacks among its streams.",
         check=_positive,
@@ -286,6 +286,11 @@ class ExchangeSection:
     )
     chunk_bytes: int = setting(
         1024 * 1024, "Size of fixed chunks for artifacts this peer creates.", check=_positive
+    )
+    fan_out: Literal["adaptive", "wide", "narrow"] = setting(
+        "adaptive",
+        "How many providers a fetch draws from at once. adaptive: measures one against all of them and keeps"
+        " whichever delivers more (again every few seconds); wide: all; narrow: one at a time.",
     )
 
 

@@ -160,6 +160,7 @@ class Node:
                 max_streams_per_peer=ex.max_streams_per_peer,
                 max_bytes_in_flight=ex.max_bytes_in_flight,
                 stall_timeout_s=ex.stall_timeout_s,
+                fan_out=ex.fan_out,
             ),
             FetchJournal(self.data_dir / "fetches.json"),
         )

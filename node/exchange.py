@@ -4,7 +4,8 @@ A fetch runs one worker per provider connection. Each worker asks its peer
 for a batch of chunks the peer has and nobody else is fetching, verifies each
 chunk's hash before storing it, and hands failed chunks back to the pool. A
 peer that times out is disconnected and dropped from the fetch; a peer that
-serves a corrupt chunk is banned from it and penalised.
+serves a corrupt chunk is banned from it and penalised. How many providers
+have workers at once (all, or one) is the fetch's width (``node.fanout``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from node.availability import Availability
+from node.fanout import NARROW, WIDE, FanOut, Width
 from node.fetch_journal import FetchJournal
 from node.libp2p_bridge import BridgeError, FramedStream, FrameWriter, Libp2pBridge, frame_prefix, mark_retrieved
 from node.logs import get_logger
@@ -39,12 +41,13 @@ _READ_AHEAD = 4  # chunks a server reads from disk ahead of the one it is sendin
 class ExchangeSettings:
     request_timeout_s: float = 10.0
     streams_per_provider: int = 2
-    batch_bytes: int = 16 * 1024 * 1024
+    batch_bytes: int = 4 * 1024 * 1024
     max_streams_per_peer: int = 8
     max_bytes_in_flight: int = 256 * 1024 * 1024
     stall_timeout_s: float = 60.0
     have_poll_s: float = 0.5
     serve_pending_bytes: int = 4 * 1024 * 1024  # answers queued per stream ahead of the wire
+    fan_out: str = "adaptive"  # adaptive: measure one provider against all, keep the faster; wide; narrow
 
 
 @dataclass
@@ -106,6 +109,7 @@ class FetchProgress:
     providers: set[str] = field(default_factory=set)
     dropped: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    fan_out: FanOut | None = None
 
     def view(self) -> dict[str, Any]:
         # A fetch that ended keeps the rate it had over its own duration.
@@ -126,6 +130,7 @@ class FetchProgress:
             "eta_s": round(remaining / rate, 1) if rate > 0 and remaining > 0 else None,
             "providers": sorted(self.providers),
             "dropped_providers": dict(self.dropped),
+            "fan_out": self.fan_out.view() if self.fan_out is not None else None,
             "error": self.error,
         }
 
@@ -256,10 +261,13 @@ async def _honest_or_drop(settling: asyncio.Future[bool] | None) -> None:
 class _FetchRun:
     """The state of one fetch: which chunks are pending, who has what, who is fetching what."""
 
-    def __init__(self, exchange: Exchange, manifest: Manifest, progress: FetchProgress) -> None:
+    def __init__(self, exchange: Exchange, manifest: Manifest, progress: FetchProgress, fan_out: FanOut) -> None:
         self.exchange = exchange
         self.manifest = manifest
         self.progress = progress
+        self.fan_out = fan_out
+        self.focus: str | None = None  # the provider a narrow fetch draws from
+        self.asked = 0  # bytes requested and not yet answered
         self.sizes = {ref.cid: ref.size for ref in manifest.chunks}
         self.index = {ref.cid: i for i, ref in reversed(list(enumerate(manifest.chunks)))}
         self.pending: set[str] = set()
@@ -275,6 +283,9 @@ class _FetchRun:
         self.last_progress = time.monotonic()
         me = exchange.self_peer
         self.my_weight = {cid: rendezvous_weight(cid, me) for cid in self.sizes}
+        # Which provider a narrow fetch prefers: seeds first, then by a weight of our own, so
+        # fetchers of one artifact draw on different seeds.
+        self.provider_key = f"{manifest.artifact_id}:{me}"
         # Our own preference order, computed once: picking a batch walks it instead of sorting.
         self.order = sorted(self.sizes, key=lambda cid: -self.my_weight[cid])
 
@@ -299,11 +310,28 @@ class _FetchRun:
         return any(all(cid not in held for held in partial) for cid in self.pending)
 
     def available(self, peer: str) -> bool:
+        """Whether ``peer`` should be asked for a batch now: it has chunks nobody is fetching,
+        and the fetch's width lets it in."""
+        return self.admits(peer) and self._has_work(peer)
+
+    def _has_work(self, peer: str) -> bool:
         held = self.has.get(peer)
         free = self.pending - self.inflight
         if held is None:
             return bool(free)
         return not free.isdisjoint(held) and not self.seed_only_left()
+
+    def admits(self, peer: str) -> bool:
+        """Wide: every provider. Narrow: one, kept while it has work for us."""
+        if self.fan_out.width == WIDE:
+            return True
+        if self.focus is not None and self.focus not in self.dropped and self._has_work(self.focus):
+            return peer == self.focus
+        ready = [p for p in self.has if p not in self.dropped and self._has_work(p)]
+        if not ready:
+            return False
+        self.focus = max(ready, key=lambda p: (self.has[p] is None, rendezvous_weight(self.provider_key, p)))
+        return peer == self.focus
 
     def pick(self, peer: str) -> list[str]:
         """The next batch for ``peer``: chunks it has that nobody is fetching, best first, at
@@ -311,6 +339,8 @@ class _FetchRun:
         held = self.has.get(peer)
         if held is not None and self.seed_only_left():
             return []
+        if not self.admits(peer):
+            return []  # narrowed: this worker ends once its batch is in
         pending, inflight = self.pending, self.inflight
         unclaimed = [c for c in self.order if c in pending and c not in inflight]
         free = unclaimed if held is None else [c for c in unclaimed if c in held]
@@ -339,7 +369,17 @@ class _FetchRun:
             batch.append(cid)
             size += self.sizes[cid]
         self.inflight.update(batch)
+        self.asked += size
         return batch
+
+    def answered(self, size: int, data: bool) -> None:
+        """One item of ``size`` bytes came back (with its chunk, or "missing"), or will not."""
+        self.asked -= size
+        # With one provider there is no width to choose, and nothing to learn for the next fetch.
+        if data and sum(1 for p in self.has if p not in self.dropped) > 1:
+            if self.fan_out.received(time.monotonic(), size, self.asked):
+                log.debug("fetch_fan_out", manifest=self.manifest.artifact_id, **self.fan_out.view())
+                self.changed.set()
 
     def settle(self, cid: str, stored: bool) -> None:
         self.inflight.discard(cid)
@@ -373,6 +413,8 @@ class Exchange:
         self._tasks: dict[str, asyncio.Task[Manifest]] = {}
         self._journal = journal
         self._cancelled: set[str] = set()
+        # Where an adaptive fetch starts: what the last one found to deliver more.
+        self._fan_out_start: Width = WIDE
 
     async def start(self) -> None:
         await self.bridge.set_stream_handler(wire.PROTOCOL_ID, self.server.handle)
@@ -431,7 +473,8 @@ class Exchange:
             await asyncio.to_thread(self._journal.add, manifest_id)
         try:
             manifest = await self._manifest(manifest_id, hints, progress)
-            run = _FetchRun(self, manifest, progress)
+            run = _FetchRun(self, manifest, progress, self._fan_out())
+            progress.fan_out = run.fan_out
             progress.total_chunks = len(run.sizes)
             progress.total_bytes = sum(run.sizes.values())
             run.pending = set(await asyncio.to_thread(self.store.missing, list(run.sizes)))
@@ -441,6 +484,8 @@ class Exchange:
             if run.pending:
                 await self._run(run, hints)
             progress.state = "done"
+            if run.fan_out.chosen is not None:
+                self._fan_out_start = run.fan_out.chosen
             self.availability.add_held(manifest_id)
             await self._settle_journal(manifest_id)
             log.info("fetch_done", manifest=manifest_id, fetched_bytes=progress.fetched_bytes,
@@ -465,6 +510,12 @@ class Exchange:
         finally:
             progress.finished = time.monotonic()
             self.availability.set_fetching(manifest_id, False)
+
+    def _fan_out(self) -> FanOut:
+        mode = self.settings.fan_out
+        if mode == "adaptive":
+            return FanOut(start=self._fan_out_start)
+        return FanOut(start=WIDE if mode == "wide" else NARROW, adaptive=False)
 
     def _prune_finished(self, keep: int = 64) -> None:
         """Forget the oldest finished fetches beyond ``keep``: a long-running peer fetches every head."""
@@ -642,6 +693,7 @@ class Exchange:
                     for cid in batch:
                         item = wire.decode_item(await anext(frames), cid)
                         remaining.remove(cid)
+                        run.answered(run.sizes[cid], item.data is not None)
                         if item.data is None:
                             held = run.has.get(peer)
                             if held is not None:
@@ -679,6 +731,7 @@ class Exchange:
         finally:
             for cid in remaining:
                 run.inflight.discard(cid)
+                run.answered(run.sizes[cid], False)
         return storing
 
     async def _settle_stored(self, run: _FetchRun, peer: str, storing: list[tuple[str, asyncio.Future[str]]]) -> bool:

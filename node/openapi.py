@@ -142,7 +142,15 @@ SCHEMAS: dict[str, Schema] = {
         "eta_s": nullable(NUMBER),
         "providers": STRINGS,
         "dropped_providers": counts(STRING),
+        "fan_out": nullable(ref("FanOut")),
         "error": nullable(STRING),
+    }),
+    "FanOut": obj({
+        "width": {"enum": ["narrow", "wide"]},
+        "adaptive": BOOLEAN,
+        "chosen": nullable({"enum": ["narrow", "wide"]}),
+        "comparisons": COUNT,
+        "rate_bytes_per_s": counts(NUMBER),
     }),
     "Fetches": obj({"fetches": {"type": "array", "items": ref("Fetch")}}),
     "ExchangeCounters": obj({

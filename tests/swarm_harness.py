@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,7 +25,26 @@ from node.keys import load_or_create_key
 REPO = Path(__file__).resolve().parents[1]
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
+    """A port free now, below the kernel's ephemeral range: a port the kernel hands out (bind to
+    0) can be taken, before the daemon binds it, as the source port of any outgoing connection,
+    and a bench run lost a daemon to "address already in use" that way."""
+    low = 1024
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = [p for p in range(max(1024, low - 12000), low) if p not in _HANDED_OUT] if low > 2048 else []
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            _HANDED_OUT.add(port)  # not again to another peer of this run, which may not have bound it yet
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

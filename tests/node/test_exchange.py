@@ -269,7 +269,9 @@ def fetch_beside(rogue: Liar, fetcher: Peer, manifest_id: str) -> dict:
 
 
 def test_a_provider_serving_corrupt_chunks_is_caught_and_the_fetch_succeeds(swarm):
-    honest, fetcher = swarm.add(PACED, token=TOKEN), swarm.add(exchange_toml(batch_bytes=MIB), token=TOKEN)
+    honest = swarm.add(PACED, token=TOKEN)
+    # Wide: the fetcher draws on both providers at once, so the liar is asked from the start.
+    fetcher = swarm.add(exchange_toml(batch_bytes=MIB, fan_out="wide"), token=TOKEN)
     manifest_id = seed_artifact(honest, mib=32, seed=1)
     manifest = ContentStore(honest.data_dir / "store").get_manifest(manifest_id)
     liar = rogue_provider(Liar, swarm, honest, manifest_id)
@@ -315,7 +317,8 @@ def test_chunks_that_arrived_before_a_provider_broke_off_are_kept(swarm):
     """A provider that breaks off in the middle of an answer: the chunks that did arrive are
     verified and stored, not fetched again."""
     honest = swarm.add(PACED, token=TOKEN)
-    fetcher = swarm.add(exchange_toml(batch_bytes=4 * MIB, request_timeout_s=2.0), token=TOKEN)
+    # Wide: the fetcher draws on both providers at once, so the breaker is asked from the start.
+    fetcher = swarm.add(exchange_toml(batch_bytes=4 * MIB, request_timeout_s=2.0, fan_out="wide"), token=TOKEN)
     manifest_id = seed_artifact(honest, mib=32, seed=2)
     manifest = ContentStore(honest.data_dir / "store").get_manifest(manifest_id)
     breaker = rogue_provider(Breaker, swarm, honest, manifest_id)

@@ -12,13 +12,16 @@ import torch
 
 from node.artifacts import store_artifact
 from node.exchange import Exchange, ExchangeSettings, FetchProgress, _FetchRun
+from node.fanout import NARROW, WIDE, FanOut
 from node.libp2p_bridge import Libp2pBridge
 from node.store import ContentStore
 
 MIB = 1 << 20
 
 
-def fetch_run(tmp_path: Path, mib: int, batch_bytes: int, providers: list[str], streams: int) -> _FetchRun:
+def fetch_run(
+    tmp_path: Path, mib: int, batch_bytes: int, providers: list[str], streams: int, width: str = WIDE
+) -> _FetchRun:
     generator = torch.Generator().manual_seed(0)
     tensors = {f"t{i}": torch.randn(1024, 1024, generator=generator) for i in range(mib // 4)}
     store = ContentStore(tmp_path / "store")
@@ -28,7 +31,7 @@ def fetch_run(tmp_path: Path, mib: int, batch_bytes: int, providers: list[str], 
     bridge = Libp2pBridge(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"], kademlia=False)
     settings = ExchangeSettings(batch_bytes=batch_bytes)
     exchange = Exchange(bridge, store, availability=None, settings=settings)  # type: ignore[arg-type]
-    run = _FetchRun(exchange, manifest, FetchProgress(manifest.artifact_id))
+    run = _FetchRun(exchange, manifest, FetchProgress(manifest.artifact_id), FanOut(start=width, adaptive=False))
     run.pending = set(run.sizes)
     for peer in providers:
         run.has[peer] = None  # a seed: it holds every chunk
@@ -68,3 +71,30 @@ def test_a_dropped_provider_does_not_count_among_the_streams(tmp_path: Path) -> 
     run = fetch_run(tmp_path, 32, 16 * MIB, ["a", "b"], streams=2)
     run.dropped.add("b")
     assert len(run.pick("a")) == 16  # two live streams: an even share is 16 of 32
+
+
+def test_a_narrow_fetch_draws_on_one_provider_until_it_drops_out(tmp_path: Path) -> None:
+    seeds = ["a", "b", "c"]
+    run = fetch_run(tmp_path, 32, 4 * MIB, seeds, streams=2, width=NARROW)
+    admitted = [seed for seed in seeds if run.available(seed)]
+    assert len(admitted) == 1
+    focus = admitted[0]
+    assert all(run.pick(seed) == [] for seed in seeds if seed != focus)
+    assert len(run.pick(focus)) == 4
+    # The focus goes (timed out, banned): the next provider takes over, and only that one.
+    run.dropped.add(focus)
+    admitted = [seed for seed in seeds if run.available(seed)]
+    assert len(admitted) == 1 and admitted[0] != focus
+    assert len(run.pick(admitted[0])) == 4
+
+
+def test_a_narrow_fetch_prefers_a_seed_to_a_partial_holder(tmp_path: Path) -> None:
+    run = fetch_run(tmp_path, 16, 4 * MIB, ["seed"], streams=1, width=NARROW)
+    run.has["partial"] = set(list(run.sizes)[:8])
+    assert run.available("seed") and not run.available("partial")
+
+
+def test_a_wide_fetch_draws_on_every_provider(tmp_path: Path) -> None:
+    seeds = ["a", "b", "c"]
+    run = fetch_run(tmp_path, 32, 4 * MIB, seeds, streams=2, width=WIDE)
+    assert all(run.available(seed) and run.pick(seed) for seed in seeds)

@@ -1,0 +1,146 @@
+"""How many providers a fetch draws from at once: one, or all of them, whichever delivers more.
+
+Spreading a fetch over every provider pays where each provider's path is the limit (a link,
+a busy seed): three seeds on 100 Mbit/s links deliver three times what one does. It costs
+where the fetcher's own CPU is the limit, or the providers share its machine: every extra
+stream then only adds work per byte, and the fetch slows down. No static rule tells the two
+apart, so the fetch measures: it draws with one width for a short window, with the other for
+as long, then with the first again, and compares the second window with the mean of the two
+around it (a fetch speeds up or slows down as it goes, and the first and last windows cancel
+that drift out). It keeps whichever delivered more (wide on a tie, which spreads the load over
+the providers), and compares again later, less often while the answer stays the same.
+
+Pure: the fetch feeds it the bytes it receives and the clock; nothing here waits or sleeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Width = Literal["narrow", "wide"]
+NARROW: Width = "narrow"
+WIDE: Width = "wide"
+
+
+def _other(width: Width) -> Width:
+    return WIDE if width == NARROW else NARROW
+
+
+@dataclass(frozen=True)
+class FanOutSettings:
+    window_s: float = 0.15  # a window lasts at least this long ...
+    window_chunks: int = 4  # ... and takes at least this many chunks
+    retry_s: float = 10.0  # after a choice, compare again this much later ...
+    retry_max_s: float = 60.0  # ... doubling up to this while the choice stays the same
+    tie: float = 0.02  # narrow wins only by more than this fraction; closer is a tie, and wide
+
+
+@dataclass
+class _Window:
+    """Bytes received since a window opened; it opens on the first chunk after a switch settled."""
+
+    opened: float | None = None
+    last: float = 0.0
+    bytes: int = 0
+    chunks: int = 0
+
+    def add(self, now: float, size: int) -> None:
+        if self.opened is None:
+            self.opened = self.last = now  # this chunk marks the start; its bytes came before it
+            return
+        self.last = now
+        self.bytes += size
+        self.chunks += 1
+
+    def rate(self) -> float:
+        elapsed = self.last - (self.opened or self.last)
+        return self.bytes / elapsed if elapsed > 0 else 0.0
+
+
+@dataclass
+class FanOut:
+    """The width a fetch draws with, chosen by measuring both (``adaptive``) or fixed."""
+
+    start: Width = WIDE
+    adaptive: bool = True
+    settings: FanOutSettings = field(default_factory=FanOutSettings)
+    width: Width = field(init=False)
+    chosen: Width | None = field(init=False, default=None)  # the last comparison's winner
+    rates: dict[str, float] = field(init=False, default_factory=dict)  # bytes/s, last window of each
+    comparisons: int = field(init=False, default=0)
+    _phase: Literal["first", "trial", "again", "hold"] = field(init=False, default="first")
+    _first_rate: float = field(init=False, default=0.0)
+    _window: _Window = field(init=False, default_factory=_Window)
+    _skip: int | None = field(init=False, default=None)  # None: not yet known (the fetch's start)
+    _hold_until: float = field(init=False, default=0.0)
+    _retry_s: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        self.width = self.start
+        self._retry_s = self.settings.retry_s
+
+    def received(self, now: float, size: int, in_flight: int) -> bool:
+        """Count a chunk of ``size`` bytes received at ``now``; ``in_flight`` bytes were asked for
+        and not yet received. True when the width changed (the fetch then starts or stops providers)."""
+        if not self.adaptive:
+            return False
+        if self._skip is None:
+            # The first requests ramp up (streams opening, buffers warming): the first window
+            # opens once they are in, so it measures the width, not the start of the fetch.
+            self._skip = in_flight
+        if self._phase == "hold":
+            if now < self._hold_until:
+                return False
+            self._phase = "first"  # measure the chosen width afresh, then try the other
+            self._window = _Window()
+        if self._skip > 0:
+            # Chunks asked for before the last switch still arrive at the old width's pace.
+            self._skip -= size
+            return False
+        self._window.add(now, size)
+        window = self._window
+        if window.opened is None or now - window.opened < self.settings.window_s:
+            return False
+        if window.chunks < self.settings.window_chunks:
+            return False
+        rate = window.rate()
+        if self._phase == "first":
+            self._first_rate = rate
+            self._phase = "trial"
+        elif self._phase == "trial":
+            self.rates[self.width] = rate
+            self._phase = "again"
+        else:
+            self.rates[self.width] = (self._first_rate + rate) / 2
+            return self._choose(now, in_flight)
+        self._switch(_other(self.width), in_flight)
+        return True
+
+    def _choose(self, now: float, in_flight: int) -> bool:
+        best = NARROW if self.rates[NARROW] > self.rates[WIDE] * (1 + self.settings.tie) else WIDE
+        self.comparisons += 1
+        # The same answer again: ask less often. A new one: conditions moved, ask soon again.
+        same = best == self.chosen
+        self._retry_s = min(self._retry_s * 2, self.settings.retry_max_s) if same else self.settings.retry_s
+        self.chosen = best
+        self._phase = "hold"
+        self._hold_until = now + self._retry_s
+        if best == self.width:
+            return False
+        self._switch(best, in_flight)
+        return True
+
+    def _switch(self, width: Width, in_flight: int) -> None:
+        self.width = width
+        self._skip = in_flight
+        self._window = _Window()
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "width": self.width,
+            "adaptive": self.adaptive,
+            "chosen": self.chosen,
+            "comparisons": self.comparisons,
+            "rate_bytes_per_s": {width: round(rate) for width, rate in sorted(self.rates.items())},
+        }

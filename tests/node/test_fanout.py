@@ -1,0 +1,117 @@
+"""The fetch's width: one provider or all, whichever delivers more, measured on a plain clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from node.fanout import NARROW, WIDE, FanOut, FanOutSettings
+
+MIB = 1 << 20
+SETTINGS = FanOutSettings(window_s=0.15, window_chunks=4, retry_s=10.0, retry_max_s=60.0, tie=0.02)
+
+
+class Feed:
+    """Chunks of 1 MiB stored at the rate ``rates[width]`` (MiB/s), with ``in_flight`` asked for."""
+
+    def __init__(self, fan_out: FanOut, rates: Callable[[str], float], in_flight: int = 8 * MIB) -> None:
+        self.fan_out = fan_out
+        self.rates = rates
+        self.in_flight = in_flight
+        self.now = 0.0
+        self.widths: list[str] = []
+
+    def run(self, seconds: float) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.now += 1.0 / self.rates(self.fan_out.width)
+            self.fan_out.received(self.now, MIB, self.in_flight)
+            self.widths.append(self.fan_out.width)
+
+    def time_at(self, width: str) -> float:
+        return self.widths.count(width) / len(self.widths)
+
+
+def test_a_cpu_bound_fetch_settles_on_one_provider() -> None:
+    # Three co-located seeds: every extra stream costs the shared cores, so one delivers more.
+    feed = Feed(FanOut(start=WIDE, settings=SETTINGS), {NARROW: 300.0, WIDE: 250.0}.__getitem__)
+    feed.run(2.0)
+    assert feed.fan_out.chosen == NARROW
+    assert feed.fan_out.width == NARROW
+    assert feed.fan_out.rates[NARROW] > feed.fan_out.rates[WIDE]
+    assert feed.time_at(NARROW) > 0.6
+
+
+def test_link_limited_providers_are_all_used() -> None:
+    # Three seeds behind 100 Mbit/s uplinks: all of them deliver three times what one does.
+    feed = Feed(FanOut(start=NARROW, settings=SETTINGS), {NARROW: 11.3, WIDE: 33.5}.__getitem__)
+    feed.run(20.0)
+    assert feed.fan_out.chosen == WIDE
+    assert feed.fan_out.rates[WIDE] > 2.5 * feed.fan_out.rates[NARROW]
+    assert feed.time_at(WIDE) > 0.85
+
+
+def test_a_drift_during_the_comparison_does_not_decide_it() -> None:
+    # The whole fetch speeds up as it goes (buffers and caches warming), at either width: the
+    # second window alone would look better, and the one after it cancels that out.
+    def rates(width: str) -> float:
+        return 100.0 + 200.0 * feed.now
+
+    for start in (NARROW, WIDE):
+        feed = Feed(FanOut(start=start, settings=SETTINGS), rates)
+        feed.run(1.5)
+        assert feed.fan_out.chosen == WIDE, start  # a tie, whichever went first
+
+
+def test_a_tie_spreads_the_load() -> None:
+    feed = Feed(FanOut(start=NARROW, settings=SETTINGS), lambda width: 100.0)
+    feed.run(2.0)
+    assert feed.fan_out.chosen == WIDE
+
+
+def test_bytes_asked_for_before_a_switch_do_not_count_for_the_new_width() -> None:
+    fan_out = FanOut(start=NARROW, settings=SETTINGS)
+    now = 0.0
+    # The fetch's first requests (8 MiB) ramp up: no window opens until they are in.
+    for _ in range(9):
+        now += 1.0
+        assert not fan_out.received(now, MIB, in_flight=8 * MIB)
+    assert not fan_out.rates
+    for _ in range(40):  # the narrow window closes and the wide trial begins
+        now += 0.01
+        if fan_out.received(now, MIB, in_flight=32 * MIB):
+            break
+    assert fan_out.width == WIDE
+    # The 32 MiB in flight arrive at the old pace and open no window; the wide trial then measures.
+    for _ in range(32):
+        now += 0.01
+        assert not fan_out.received(now, MIB, in_flight=0)
+    assert WIDE not in fan_out.rates
+    for _ in range(300):
+        now += 0.001
+        if fan_out.received(now, MIB, in_flight=0):
+            break
+    # 1 MiB a millisecond, as the wide window saw it, not the 100 MiB/s of the bytes before it.
+    assert fan_out.rates[WIDE] > 900 * MIB
+    assert fan_out.width == NARROW  # back to the first width, to measure it again
+
+
+def test_it_compares_again_less_often_while_the_answer_holds_and_follows_a_change() -> None:
+    rates = {NARROW: 300.0, WIDE: 250.0}
+    feed = Feed(FanOut(start=NARROW, settings=SETTINGS), rates.__getitem__)
+    feed.run(60.0)
+    # Holds of 10, 20, 40 s: a few comparisons in a minute, not one per window.
+    assert 2 <= feed.fan_out.comparisons <= 4
+    assert feed.fan_out.chosen == NARROW
+    # The seeds' links become the limit: the next comparison (at most 60 s away) goes wide.
+    rates.update({NARROW: 10.0, WIDE: 30.0})
+    feed.run(70.0)
+    assert feed.fan_out.chosen == WIDE
+    assert feed.fan_out.width == WIDE
+
+
+def test_a_fixed_width_never_changes() -> None:
+    for width in (NARROW, WIDE):
+        feed = Feed(FanOut(start=width, adaptive=False, settings=SETTINGS), lambda w: 100.0 if w == width else 900.0)
+        feed.run(30.0)
+        assert set(feed.widths) == {width}
+        assert feed.fan_out.comparisons == 0
