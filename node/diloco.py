@@ -154,6 +154,9 @@ class OuterLoop:
         self.source = MicroshardSource(self.workload, self.store, self.exchange, self.availability, cfg.workload.local_data)
         initial = await asyncio.to_thread(self.trainer.initial_weights)
         weights_id = await asyncio.to_thread(store_artifact, self.store, initial, FP32, self.chunking)
+        # Pinned at once: the first round ensures (and pins) it only after the sync, and GC may
+        # run in between (it did, with a short gc_keep_recent_s: the swarm then lost genesis).
+        await asyncio.to_thread(self.store.pin, "genesis", [weights_id])
         genesis = genesis_head(weights_id, self.workload.schema_hash(), self.source.dataset_id, self.rule())
         self.availability.add_held(weights_id)
         self.heads = Heads(
@@ -475,12 +478,17 @@ class OuterLoop:
         """The head's weights and momentum as fp32 tensors, fetched from peers if we lack them."""
         cached = self._weights_cache
         if cached is not None and cached[0] == head.id:
-            return cached[1], cached[2]
-        weights = await self._load(head.weights)
-        momentum = await self._load(head.momentum) if head.momentum is not None else None
-        self._weights_cache = (head.id, weights, momentum)
-        self.store.pin(f"head-{head.round % max(self.config.training.head_retention, 1)}",
-                       [head.weights] + ([head.momentum] if head.momentum else []))
+            weights, momentum = cached[1], cached[2]
+        else:
+            weights = await self._load(head.weights)
+            momentum = await self._load(head.momentum) if head.momentum is not None else None
+            self._weights_cache = (head.id, weights, momentum)
+        # Pinned on a cache hit too: a head this peer merged itself is cached, not loaded, and
+        # went unpinned, so GC removed its weights and momentum and no peer could fetch them here.
+        await asyncio.to_thread(
+            self.store.pin, f"head-{head.round % max(self.config.training.head_retention, 1)}",
+            [head.weights] + ([head.momentum] if head.momentum else []),
+        )
         return weights, momentum
 
     async def _load(self, manifest_id: str) -> dict[str, torch.Tensor]:

@@ -268,6 +268,7 @@ class _FetchRun:
         self.fan_out = fan_out
         self.focus: str | None = None  # the provider a narrow fetch draws from
         self.asked = 0  # bytes requested and not yet answered
+        self.delivered: Counter[str] = Counter()  # chunk bytes each provider sent us in this fetch
         self.sizes = {ref.cid: ref.size for ref in manifest.chunks}
         self.index = {ref.cid: i for i, ref in reversed(list(enumerate(manifest.chunks)))}
         self.pending: set[str] = set()
@@ -283,8 +284,9 @@ class _FetchRun:
         self.last_progress = time.monotonic()
         me = exchange.self_peer
         self.my_weight = {cid: rendezvous_weight(cid, me) for cid in self.sizes}
-        # Which provider a narrow fetch prefers: seeds first, then by a weight of our own, so
-        # fetchers of one artifact draw on different seeds.
+        # Which provider a narrow fetch prefers: seeds first, then the one that sent us the most
+        # (the fastest, after a window on all of them), then by a weight of our own, so fetchers
+        # of one artifact that know nothing yet draw on different seeds.
         self.provider_key = f"{manifest.artifact_id}:{me}"
         # Our own preference order, computed once: picking a batch walks it instead of sorting.
         self.order = sorted(self.sizes, key=lambda cid: -self.my_weight[cid])
@@ -330,7 +332,9 @@ class _FetchRun:
         ready = [p for p in self.has if p not in self.dropped and self._has_work(p)]
         if not ready:
             return False
-        self.focus = max(ready, key=lambda p: (self.has[p] is None, rendezvous_weight(self.provider_key, p)))
+        self.focus = max(
+            ready, key=lambda p: (self.has[p] is None, self.delivered[p], rendezvous_weight(self.provider_key, p))
+        )
         return peer == self.focus
 
     def pick(self, peer: str) -> list[str]:
@@ -372,12 +376,15 @@ class _FetchRun:
         self.asked += size
         return batch
 
-    def answered(self, size: int, data: bool) -> None:
-        """One item of ``size`` bytes came back (with its chunk, or "missing"), or will not."""
+    def answered(self, peer: str, size: int, data: bool) -> None:
+        """One item of ``size`` bytes came back from ``peer`` (with its chunk, or "missing"), or will not."""
         self.asked -= size
+        if data:
+            self.delivered[peer] += size
         # With one provider there is no width to choose, and nothing to learn for the next fetch.
         if data and sum(1 for p in self.has if p not in self.dropped) > 1:
             if self.fan_out.received(time.monotonic(), size, self.asked):
+                self.focus = None  # narrowed again: to the provider fastest by now
                 log.debug("fetch_fan_out", manifest=self.manifest.artifact_id, **self.fan_out.view())
                 self.changed.set()
 
@@ -693,7 +700,7 @@ class Exchange:
                     for cid in batch:
                         item = wire.decode_item(await anext(frames), cid)
                         remaining.remove(cid)
-                        run.answered(run.sizes[cid], item.data is not None)
+                        run.answered(peer, run.sizes[cid], item.data is not None)
                         if item.data is None:
                             held = run.has.get(peer)
                             if held is not None:
@@ -731,7 +738,7 @@ class Exchange:
         finally:
             for cid in remaining:
                 run.inflight.discard(cid)
-                run.answered(run.sizes[cid], False)
+                run.answered(peer, run.sizes[cid], False)
         return storing
 
     async def _settle_stored(self, run: _FetchRun, peer: str, storing: list[tuple[str, asyncio.Future[str]]]) -> bool:

@@ -198,6 +198,8 @@ class ContentStore:
             raise Invalid("bad_cid", f"pin {name} lists a malformed id")
         data = canonical.encode({"name": name, "ids": sorted(pinned)})
         with self._lock:
+            if self._pins.get(name) == pinned:
+                return  # unchanged: set again every round, and no reason to write it again
             write_atomic(self._pin_path(name), data)
             self._pins[name] = pinned
 

@@ -349,6 +349,35 @@ def test_training_goes_on_while_the_store_collects_garbage_every_second(swarm):
             assert "dataset" in ContentStore(peer.data_dir / "store").pins()
 
 
+def whole_in_store(peer: Peer, manifest_id: str) -> bool:
+    store = ContentStore(peer.data_dir / "store")
+    manifest = store.get_manifest(manifest_id)
+    return manifest is not None and not store.missing([ref.cid for ref in manifest.chunks])
+
+
+def test_gc_keeps_genesis_and_every_head_a_round_was_built_on(swarm):
+    """GC every half second keeping unpinned content for 1 s, and a 4.5 s sync before the first
+    round. Genesis was pinned only when the first round began, so GC removed its weights first
+    and no peer could start; a head a peer merged itself was never pinned at all (a cache hit
+    skipped the pin), so its weights and momentum went within a second, and no peer could fetch
+    them from it. Both are kept now."""
+    toml = TRAINING.replace("head_reannounce_s = 1.0", "head_reannounce_s = 3.0").format(training="")
+    toml += "\n[store]\ngc_interval_s = 0.5\ngc_keep_recent_s = 1.0\n"
+    peers = [swarm.add(extra_toml=toml) for _ in range(2)]
+    for peer in peers:
+        peer.start(extra_env=ONE_THREAD)
+    with logs_on_failure(swarm):
+        wait_agreed(peers, 4, 120, "both peers at round 4 with GC every half second")
+        for peer in peers:
+            built_on = [row for row in peer.get("/heads")["heads"] if 0 <= row["round"] <= 2]
+            assert {row["round"] for row in built_on} >= {0, 1, 2}, built_on
+            for row in built_on:
+                record = peer.get(f"/heads/{row['id']}")["record"]
+                for manifest_id in filter(None, (record["weights"], record.get("momentum"))):
+                    assert whole_in_store(peer, manifest_id), f"{peer.name}: round {row['round']} {manifest_id}"
+            assert "genesis" in ContentStore(peer.data_dir / "store").pins()
+
+
 def test_a_peer_whose_store_turns_read_only_keeps_running_and_recovers(swarm):
     """The second peer's store is a tmpfs remounted read-only (what ext4 does on disk errors),
     with GC every second: its GC fails and says so each time, and the daemon runs on (a

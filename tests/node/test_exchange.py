@@ -428,21 +428,32 @@ def test_a_fetch_that_fills_the_disk_fails_clearly_stores_nothing_corrupt_and_re
 # ---- a frozen provider ----------------------------------------------------------------
 
 
-def test_a_frozen_provider_costs_one_deadline_not_a_hang(swarm):
+@pytest.mark.parametrize("fan_out", ["wide", "narrow"])
+def test_a_frozen_provider_costs_one_deadline_not_a_hang(swarm, fan_out):
+    """Wide: one of the two providers the fetch draws on freezes. Narrow: the one provider it
+    draws on freezes, and the fetch moves to the other."""
     deadline_s = 2.0
-    toml = exchange_toml(batch_bytes=MIB, streams_per_provider=1, request_timeout_s=deadline_s)
-    first, second, fetcher = (swarm.add(toml, token=TOKEN) for _ in range(3))
-    manifest_id = seed_artifact(first)
-    assert seed_artifact(second) == manifest_id
+    toml = exchange_toml(batch_bytes=MIB, streams_per_provider=1, request_timeout_s=deadline_s, fan_out=fan_out)
+    one, other, fetcher = (swarm.add(toml, token=TOKEN) for _ in range(3))
+    manifest_id = seed_artifact(one)
+    assert seed_artifact(other) == manifest_id
     try:
-        start_all([first, second, fetcher])
+        start_all([one, other, fetcher])
         start_fetch(fetcher, manifest_id)
 
-        def both_serving() -> bool:
+        def serving() -> bool:
             view = fetch_view(fetcher, manifest_id)
-            return bool(view and view["have_chunks"] >= 8 and {first.peer_id, second.peer_id} <= set(view["providers"]))
+            return bool(view and view["have_chunks"] >= 8 and {one.peer_id, other.peer_id} <= set(view["providers"]))
 
-        wait_until(both_serving, 90, interval=0.02, what="the fetch to run from both providers")
+        wait_until(serving, 90, interval=0.02, what="the fetch to run with both providers known")
+        sent = [(peer, peer.get("/exchange")["chunks_out"]) for peer in (one, other)]
+        if fan_out == "wide":
+            assert all(chunks for _, chunks in sent), f"the fetch does not draw on both providers: {sent}"
+            first = one
+        else:
+            serving_peers = [peer for peer, chunks in sent if chunks]
+            assert len(serving_peers) == 1, f"a narrow fetch draws on one provider: {sent}"
+            first = serving_peers[0]
         first.process.send_signal(signal.SIGSTOP)
         frozen_at = time.monotonic()
         view = wait_done(fetcher, manifest_id, 60)
@@ -458,6 +469,7 @@ def test_a_frozen_provider_costs_one_deadline_not_a_hang(swarm):
         print(swarm.logs())
         raise
     finally:
-        first.process.send_signal(signal.SIGCONT)
+        for peer in (one, other):
+            peer.process.send_signal(signal.SIGCONT)
     assert fetcher.terminate() == 0
     assert_identical_copy(fetcher, manifest_id)

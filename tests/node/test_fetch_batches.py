@@ -88,6 +88,16 @@ def test_a_narrow_fetch_draws_on_one_provider_until_it_drops_out(tmp_path: Path)
     assert len(run.pick(admitted[0])) == 4
 
 
+def test_a_narrow_fetch_draws_on_the_provider_that_sent_the_most(tmp_path: Path) -> None:
+    seeds = ["a", "b", "c"]
+    run = fetch_run(tmp_path, 32, 4 * MIB, seeds, streams=2, width=NARROW)
+    # While wide, "c" delivered the most: its link or its CPU is the fastest of the three.
+    for peer, chunks in (("a", 2), ("b", 3), ("c", 6)):
+        for _ in range(chunks):
+            run.answered(peer, MIB, data=True)
+    assert [seed for seed in seeds if run.available(seed)] == ["c"]
+
+
 def test_a_narrow_fetch_prefers_a_seed_to_a_partial_holder(tmp_path: Path) -> None:
     run = fetch_run(tmp_path, 16, 4 * MIB, ["seed"], streams=1, width=NARROW)
     run.has["partial"] = set(list(run.sizes)[:8])
