@@ -290,7 +290,7 @@ class ExchangeSection:
     fan_out: Literal["adaptive", "wide", "narrow"] = setting(
         "adaptive",
         "How many providers a fetch draws from at once. adaptive: measures one against all of them and keeps"
-        " whichever delivers more (again every few seconds); wide: all; narrow: one at a time.",
+        " whichever delivers more (again after 10 s, then less often); wide: all; narrow: one at a time.",
     )
 
 
