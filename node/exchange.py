@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from node.availability import Availability
-from node.fanout import NARROW, WIDE, FanOut, Width
+from node.fanout import NARROW, WIDE, FanOut, FanOutSettings, Width
 from node.fetch_journal import FetchJournal
 from node.libp2p_bridge import BridgeError, FramedStream, FrameWriter, Libp2pBridge, frame_prefix, mark_retrieved
 from node.logs import get_logger
@@ -420,8 +420,8 @@ class Exchange:
         self._tasks: dict[str, asyncio.Task[Manifest]] = {}
         self._journal = journal
         self._cancelled: set[str] = set()
-        # Where an adaptive fetch starts: what the last one found to deliver more.
-        self._fan_out_start: Width = WIDE
+        # Where an adaptive fetch starts: what the last comparison found to deliver more, and when.
+        self._fan_out_learnt: tuple[Width, float] = (WIDE, 0.0)
 
     async def start(self) -> None:
         await self.bridge.set_stream_handler(wire.PROTOCOL_ID, self.server.handle)
@@ -492,7 +492,7 @@ class Exchange:
                 await self._run(run, hints)
             progress.state = "done"
             if run.fan_out.chosen is not None:
-                self._fan_out_start = run.fan_out.chosen
+                self._fan_out_learnt = (run.fan_out.chosen, time.monotonic())
             self.availability.add_held(manifest_id)
             await self._settle_journal(manifest_id)
             log.info("fetch_done", manifest=manifest_id, fetched_bytes=progress.fetched_bytes,
@@ -521,7 +521,11 @@ class Exchange:
     def _fan_out(self) -> FanOut:
         mode = self.settings.fan_out
         if mode == "adaptive":
-            return FanOut(start=self._fan_out_start)
+            # Fetches too short to compare widths (most pseudo-gradients) follow the last answer
+            # only while it is fresh: conditions change, and only a long fetch would notice.
+            width, at = self._fan_out_learnt
+            fresh = time.monotonic() - at <= FanOutSettings().retry_max_s
+            return FanOut(start=width if fresh else WIDE)
         return FanOut(start=WIDE if mode == "wide" else NARROW, adaptive=False)
 
     def _prune_finished(self, keep: int = 64) -> None:

@@ -6,6 +6,7 @@ of them holding a whole batch while the others idle (``bench/bench_exchange_link
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -108,3 +109,14 @@ def test_a_wide_fetch_draws_on_every_provider(tmp_path: Path) -> None:
     seeds = ["a", "b", "c"]
     run = fetch_run(tmp_path, 32, 4 * MIB, seeds, streams=2, width=WIDE)
     assert all(run.available(seed) and run.pick(seed) for seed in seeds)
+
+
+def test_an_adaptive_fetch_starts_with_the_last_answer_while_it_is_fresh(tmp_path: Path) -> None:
+    run = fetch_run(tmp_path, 4, 4 * MIB, ["a"], streams=1)
+    exchange = run.exchange
+    assert exchange._fan_out().width == WIDE  # nothing learnt yet: every provider at once
+    exchange._fan_out_learnt = (NARROW, time.monotonic())
+    assert exchange._fan_out().width == NARROW
+    # A minute on, with no fetch long enough to compare again, it starts wide again.
+    exchange._fan_out_learnt = (NARROW, time.monotonic() - 61.0)
+    assert exchange._fan_out().width == WIDE
