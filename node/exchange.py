@@ -284,9 +284,9 @@ class _FetchRun:
         self.last_progress = time.monotonic()
         me = exchange.self_peer
         self.my_weight = {cid: rendezvous_weight(cid, me) for cid in self.sizes}
-        # Which provider a narrow fetch prefers: seeds first, then the one that sent us the most
-        # (the fastest, after a window on all of them), then by a weight of our own, so fetchers
-        # of one artifact that know nothing yet draw on different seeds.
+        # Which provider a narrow fetch prefers: seeds first, then the one that has sent us the
+        # most in this fetch (the one it measured, when a comparison chose narrow), then by a
+        # weight of our own, so fetchers of one artifact that know nothing yet pick different seeds.
         self.provider_key = f"{manifest.artifact_id}:{me}"
         # Our own preference order, computed once: picking a batch walks it instead of sorting.
         self.order = sorted(self.sizes, key=lambda cid: -self.my_weight[cid])
@@ -384,7 +384,7 @@ class _FetchRun:
         # With one provider there is no width to choose, and nothing to learn for the next fetch.
         if data and sum(1 for p in self.has if p not in self.dropped) > 1:
             if self.fan_out.received(time.monotonic(), size, self.asked):
-                self.focus = None  # narrowed again: to the provider fastest by now
+                self.focus = None  # chosen afresh when next narrowed
                 log.debug("fetch_fan_out", manifest=self.manifest.artifact_id, **self.fan_out.view())
                 self.changed.set()
 
