@@ -54,7 +54,9 @@ class _Window:
         self.chunks += 1
 
     def rate(self) -> float:
-        elapsed = self.last - (self.opened or self.last)
+        if self.opened is None:
+            return 0.0
+        elapsed = self.last - self.opened
         return self.bytes / elapsed if elapsed > 0 else 0.0
 
 
