@@ -47,6 +47,7 @@ from pathlib import Path
 MIB = 1 << 20
 BLOCK = MIB
 ACK = b"ok"
+ANNOUNCE_INTERVAL_S = 5.0  # exchange.announce_interval_s, default
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -351,8 +352,8 @@ def daemon_fetch(root: Path, mib: int, providers: int, others: int = 0, fan_out:
     fetcher's ``exchange.fan_out``."""
     from tests.swarm_harness import Swarm, wait_until
 
-    quiet = ('[training]\nrole = "consumer"\nevaluate = false\n\n'
-             f'[exchange]\nannounce_interval_s = 1.0\nfan_out = "{fan_out}"\n')
+    # Every other setting at its default, as a swarm would run: announcements every 5 s among them.
+    quiet = f'[training]\nrole = "consumer"\nevaluate = false\n\n[exchange]\nfan_out = "{fan_out}"\n'
     swarm = Swarm(root / f"swarm{providers}-{others}-{fan_out}")
     seeds = [swarm.add(quiet) for _ in range(providers + others)]
     fetcher = swarm.add(quiet, token="bench")
@@ -370,7 +371,8 @@ def daemon_fetch(root: Path, mib: int, providers: int, others: int = 0, fan_out:
             60,
             what="the fetcher to connect to every seed",
         )
-        time.sleep(2.0)  # a couple of announcements: the fetcher knows every seed
+        # One round of announcements after the mesh formed: the fetcher knows every seed.
+        time.sleep(ANNOUNCE_INTERVAL_S + 1.0)
         cpu = {peer.peer_id: cpu_seconds(peer.process.pid) for peer in peers}
         status, body = fetcher.post("/fetches", {"manifest": manifest_id})
         assert status == 202, body
@@ -386,7 +388,7 @@ def daemon_fetch(root: Path, mib: int, providers: int, others: int = 0, fan_out:
         spent = {peer.peer_id: cpu_seconds(peer.process.pid) - cpu[peer.peer_id] for peer in peers}
         assert view["state"] == "done", view
         if providers > 1:
-            print(f"    fan-out: {view['fan_out']}", flush=True)
+            print(f"    providers: {len(view['providers'])}, fan-out: {view['fan_out']}", flush=True)
         return Transfer(took, spent[fetcher.peer_id], sum(spent[seed.peer_id] for seed in seeds))
     finally:
         swarm.stop_all()

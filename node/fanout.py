@@ -7,8 +7,11 @@ stream then only adds work per byte, and the fetch slows down. No static rule te
 apart, so the fetch measures: it draws with one width for a short window, with the other for
 as long, then with the first again, and compares the second window with the mean of the two
 around it (a fetch speeds up or slows down as it goes, and the first and last windows cancel
-that drift out). It keeps whichever delivered more (wide on a tie, which spreads the load over
-the providers), and compares again later, less often while the answer stays the same.
+that drift out). Wide must deliver clearly more to be kept: every extra stream costs the
+providers CPU per byte (three seeds serving a third each spent about 1.7 times the CPU per byte
+of one serving it all, BENCHMARKS.md), and a gain within the windows' noise is not worth that.
+Where wide pays, over links that limit each provider, it delivers several times what one does.
+It compares again later, less often while the answer stays the same.
 
 Pure: the fetch feeds it the bytes it receives and the clock; nothing here waits or sleeps.
 """
@@ -33,7 +36,7 @@ class FanOutSettings:
     window_chunks: int = 4  # ... and takes at least this many chunks
     retry_s: float = 10.0  # after a choice, compare again this much later ...
     retry_max_s: float = 60.0  # ... doubling up to this while the choice stays the same
-    tie: float = 0.02  # narrow wins only by more than this fraction; closer is a tie, and wide
+    wide_margin: float = 0.10  # wide is kept only if it delivers more than this fraction above narrow
 
 
 @dataclass
@@ -120,7 +123,7 @@ class FanOut:
         return True
 
     def _choose(self, now: float, in_flight: int) -> bool:
-        best = NARROW if self.rates[NARROW] > self.rates[WIDE] * (1 + self.settings.tie) else WIDE
+        best = WIDE if self.rates[WIDE] > self.rates[NARROW] * (1 + self.settings.wide_margin) else NARROW
         self.comparisons += 1
         # The same answer again: ask less often. A new one: conditions moved, ask soon again.
         same = best == self.chosen

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from node.fanout import NARROW, WIDE, FanOut, FanOutSettings
 
 MIB = 1 << 20
-SETTINGS = FanOutSettings(window_s=0.15, window_chunks=4, retry_s=10.0, retry_max_s=60.0, tie=0.02)
+SETTINGS = FanOutSettings(window_s=0.15, window_chunks=4, retry_s=10.0, retry_max_s=60.0, wide_margin=0.10)
 
 
 class Feed:
@@ -59,13 +59,22 @@ def test_a_drift_during_the_comparison_does_not_decide_it() -> None:
     for start in (NARROW, WIDE):
         feed = Feed(FanOut(start=start, settings=SETTINGS), rates)
         feed.run(1.5)
-        assert feed.fan_out.chosen == WIDE, start  # a tie, whichever went first
+        assert feed.fan_out.chosen == NARROW, start  # a tie, whichever went first
 
 
-def test_a_tie_spreads_the_load() -> None:
-    feed = Feed(FanOut(start=NARROW, settings=SETTINGS), lambda width: 100.0)
-    feed.run(2.0)
-    assert feed.fan_out.chosen == WIDE
+def test_a_tie_keeps_one_provider() -> None:
+    # Equal rates: the other streams would only cost the providers CPU.
+    for start in (NARROW, WIDE):
+        feed = Feed(FanOut(start=start, settings=SETTINGS), lambda width: 100.0)
+        feed.run(2.0)
+        assert feed.fan_out.chosen == NARROW, start
+
+
+def test_wide_is_kept_only_for_a_clear_gain() -> None:
+    for gain, chosen in ((1.05, NARROW), (1.2, WIDE)):
+        feed = Feed(FanOut(start=WIDE, settings=SETTINGS), {NARROW: 100.0, WIDE: 100.0 * gain}.__getitem__)
+        feed.run(2.0)
+        assert feed.fan_out.chosen == chosen, gain
 
 
 def test_bytes_asked_for_before_a_switch_do_not_count_for_the_new_width() -> None:
