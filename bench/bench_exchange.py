@@ -477,6 +477,7 @@ def main() -> None:
         ("bare stream, stock / uvloop TCP", "bare libp2p stream, stock", "asyncio+uvloop TCP", ""),
         ("fetch(3) / fetch(1)", "fetch, 3 providers", "fetch, 1 provider", ">= 1.00"),
         ("fetch(3) / fetch(1), both in 4 daemons", "fetch, 3 providers", "fetch, 1 provider of 3 daemons", ""),
+        ("fetch(1), 4 daemons / 2 daemons", "fetch, 1 provider of 3 daemons", "fetch, 1 provider", ""),
         ("fetch(3) all at once / fetch(1)", "fetch, 3 providers, all at once", "fetch, 1 provider", ""),
         ("fetch(3) / fetch(3) all at once", "fetch, 3 providers", "fetch, 3 providers, all at once", ""),
     ]
