@@ -12,6 +12,10 @@
    the same four daemons on the machine as in 5, so that comparing 5 with 6 changes only how
    many peers provide the artifact, not how many daemons share the cores.
 
+Each daemon fetch (1, 5, 6) is the first fetch of fresh daemons, and is followed by a second
+fetch of another artifact of the same size from the same daemons (the rows ending "next"), as a
+running daemon fetches: a head's weights and then its momentum, the same providers for both.
+
 Each transfer also reports the CPU time its receiving and sending processes spent on it
 (user + system, every thread; in 6 the two daemons without the artifact count among the
 senders), so a run shows whether the machine's cores, rather than the
@@ -330,15 +334,15 @@ def pace_sweep(total: int, rates: list[float], repeats: int) -> None:
 # ---- daemons -------------------------------------------------------------------------
 
 
-def seed_artifact(data_dirs: list[Path], mib: int) -> str:
-    """The bench's artifact (``mib`` MiB of float32 in 4 MiB tensors, fixed seed) stored in
+def seed_artifact(data_dirs: list[Path], mib: int, seed: int = 0) -> str:
+    """The bench's artifact (``mib`` MiB of float32 in 4 MiB tensors, from ``seed``) stored in
     the store of each daemon data directory in ``data_dirs``; its manifest id."""
     import torch
 
     from node.artifacts import store_artifact
     from node.store import ContentStore
 
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     tensors = {f"t{i}": torch.randn(1024, 1024, generator=generator) for i in range(mib // 4)}
     manifest_id = ""
     for data_dir in data_dirs:
@@ -346,10 +350,14 @@ def seed_artifact(data_dirs: list[Path], mib: int) -> str:
     return manifest_id
 
 
-def daemon_fetch(root: Path, mib: int, providers: int, others: int = 0, fan_out: str = "adaptive") -> Transfer:
+def daemon_fetch(
+    root: Path, mib: int, providers: int, others: int = 0, fan_out: str = "adaptive"
+) -> tuple[Transfer, Transfer]:
     """``POST /fetches`` until ``done`` for a daemon fetching from ``providers`` seeds, with
     ``others`` more daemons in the swarm that do not hold the artifact; ``fan_out`` is the
-    fetcher's ``exchange.fan_out``."""
+    fetcher's ``exchange.fan_out``. Two artifacts, one fetch after the other: the first fetch
+    of fresh daemons, then the next one, as a running daemon fetches (a head's weights, then
+    its momentum)."""
     from tests.swarm_harness import Swarm, wait_until
 
     # Every other setting at its default, as a swarm would run: announcements every 5 s among them.
@@ -357,7 +365,7 @@ def daemon_fetch(root: Path, mib: int, providers: int, others: int = 0, fan_out:
     swarm = Swarm(root / f"swarm{providers}-{others}-{fan_out}")
     seeds = [swarm.add(quiet) for _ in range(providers + others)]
     fetcher = swarm.add(quiet, token="bench")
-    manifest_id = seed_artifact([seed.data_dir for seed in seeds[:providers]], mib)
+    manifest_ids = [seed_artifact([seed.data_dir for seed in seeds[:providers]], mib, n) for n in range(2)]
     peers = [*seeds, fetcher]
     try:
         for peer in peers:
@@ -373,23 +381,27 @@ def daemon_fetch(root: Path, mib: int, providers: int, others: int = 0, fan_out:
         )
         # One round of announcements after the mesh formed: the fetcher knows every seed.
         time.sleep(ANNOUNCE_INTERVAL_S + 1.0)
-        cpu = {peer.peer_id: cpu_seconds(peer.process.pid) for peer in peers}
-        status, body = fetcher.post("/fetches", {"manifest": manifest_id})
-        assert status == 202, body
+        transfers = []
+        for manifest_id in manifest_ids:
+            cpu = {peer.peer_id: cpu_seconds(peer.process.pid) for peer in peers}
+            status, body = fetcher.post("/fetches", {"manifest": manifest_id})
+            assert status == 202, body
 
-        def done() -> dict | None:
-            rows = (fetcher.get("/fetches") or {}).get("fetches", [])
-            return next((r for r in rows if r["state"] in ("done", "failed")), None)
+            def done(manifest_id: str = manifest_id) -> dict | None:
+                rows = (fetcher.get("/fetches") or {}).get("fetches", [])
+                ended = ("done", "failed")
+                return next((r for r in rows if r["manifest_id"] == manifest_id and r["state"] in ended), None)
 
-        # The fetch's own clock (POST to done, inside the fetcher) times it, so the status
-        # polls can be sparse: at 50 Hz they took a noticeable part of the fetcher's event loop.
-        view = wait_until(done, 300, interval=0.1, what="the fetch")
-        took = view["elapsed_s"]
-        spent = {peer.peer_id: cpu_seconds(peer.process.pid) - cpu[peer.peer_id] for peer in peers}
-        assert view["state"] == "done", view
-        if providers > 1:
-            print(f"    providers: {len(view['providers'])}, fan-out: {view['fan_out']}", flush=True)
-        return Transfer(took, spent[fetcher.peer_id], sum(spent[seed.peer_id] for seed in seeds))
+            # The fetch's own clock (POST to done, inside the fetcher) times it, so the status
+            # polls can be sparse: at 50 Hz they took a noticeable part of the fetcher's event loop.
+            view = wait_until(done, 300, interval=0.1, what="the fetch")
+            spent = {peer.peer_id: cpu_seconds(peer.process.pid) - cpu[peer.peer_id] for peer in peers}
+            assert view["state"] == "done", view
+            if providers > 1:
+                print(f"    providers: {len(view['providers'])}, fan-out: {view['fan_out']}", flush=True)
+            seeds_cpu = sum(spent[seed.peer_id] for seed in seeds)
+            transfers.append(Transfer(view["elapsed_s"], spent[fetcher.peer_id], seeds_cpu))
+        return transfers[0], transfers[1]
     finally:
         swarm.stop_all()
 
@@ -431,7 +443,7 @@ def main() -> None:
         runs[-1][name] = transfer
         if name not in best or transfer.seconds < best[name].seconds:
             best[name] = transfer
-        print(f"  {name:<31} {transfer.seconds:7.2f} s  {total / MIB / transfer.seconds:8.1f} MiB/s"
+        print(f"  {name:<37} {transfer.seconds:7.2f} s  {total / MIB / transfer.seconds:8.1f} MiB/s"
               f"   CPU s: receiver {transfer.receiver_cpu_s:5.2f}, sender(s) {transfer.sender_cpu_s:5.2f}", flush=True)
 
     root = Path(tempfile.mkdtemp(prefix="bench-exchange-"))
@@ -439,7 +451,9 @@ def main() -> None:
         for attempt in range(args.repeats):
             print(f"run {attempt + 1}/{args.repeats}: {args.mib} MiB", flush=True)
             runs.append({})
-            record("fetch, 1 provider", daemon_fetch(root / f"r{attempt}", args.mib, 1))
+            first, then = daemon_fetch(root / f"r{attempt}", args.mib, 1)
+            record("fetch, 1 provider", first)
+            record("fetch, 1 provider, next", then)
             if not args.fetches_only:
                 record("bare libp2p stream, stock", bare_transfer("raw-libp2p", total))
                 record("bare libp2p stream, tuned", bare_transfer("raw-libp2p-tuned", total))
@@ -449,20 +463,24 @@ def main() -> None:
             # the one before it (its files, its daemons' exit), and that must not favour either.
             for fan_out in ("adaptive", "wide")[:: 1 if attempt % 2 == 0 else -1]:
                 name = "fetch, 3 providers" + (", all at once" if fan_out == "wide" else "")
-                record(name, daemon_fetch(root / f"r{attempt}", args.mib, 3, fan_out=fan_out))
-            record("fetch, 1 provider of 3 daemons", daemon_fetch(root / f"r{attempt}", args.mib, 1, others=2))
+                first, then = daemon_fetch(root / f"r{attempt}", args.mib, 3, fan_out=fan_out)
+                record(name, first)
+                record(name + ", next", then)
+            first, then = daemon_fetch(root / f"r{attempt}", args.mib, 1, others=2)
+            record("fetch, 1 provider of 3 daemons", first)
+            record("fetch, 1 provider of 3 daemons, next", then)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     cores = os.cpu_count() or 1
     gib = total / (1 << 30)
     print(f"\nbest of each; CPU seconds per GiB moved; the rate {cores} cores could sustain at that CPU cost:")
-    print(f"  {'':<31} {'MiB/s':>8} {'receiver':>9} {'sender(s)':>9} {'both':>7} {'CPU-bound MiB/s':>16}")
+    print(f"  {'':<37} {'MiB/s':>8} {'receiver':>9} {'sender(s)':>9} {'both':>7} {'CPU-bound MiB/s':>16}")
     rates: dict[str, float] = {}
     for name, transfer in best.items():
         rates[name] = total / MIB / transfer.seconds
         both = transfer.receiver_cpu_s + transfer.sender_cpu_s
-        print(f"  {name:<31} {rates[name]:8.1f} {transfer.receiver_cpu_s / gib:9.2f} "
+        print(f"  {name:<37} {rates[name]:8.1f} {transfer.receiver_cpu_s / gib:9.2f} "
               f"{transfer.sender_cpu_s / gib:9.2f} {both / gib:7.2f} {cores * total / MIB / both:16.1f}")
 
     def cpu_per_byte(name: str) -> float:
@@ -480,11 +498,16 @@ def main() -> None:
         ("fetch(1), 4 daemons / 2 daemons", "fetch, 1 provider of 3 daemons", "fetch, 1 provider", ""),
         ("fetch(3) all at once / fetch(1)", "fetch, 3 providers, all at once", "fetch, 1 provider", ""),
         ("fetch(3) / fetch(3) all at once", "fetch, 3 providers", "fetch, 3 providers, all at once", ""),
+        ("next fetch: fetch(3) / fetch(1)", "fetch, 3 providers, next", "fetch, 1 provider, next", ">= 1.00"),
+        ("next fetch: fetch(3) / fetch(1), 4 daemons", "fetch, 3 providers, next",
+         "fetch, 1 provider of 3 daemons, next", ""),
+        ("next fetch: fetch(3) all at once / fetch(1)", "fetch, 3 providers, all at once, next",
+         "fetch, 1 provider, next", ""),
     ]
     ratios = [r for r in ratios if r[1] in rates and r[2] in rates]
     print()
     for label, top, bottom, target in ratios:
-        print(f"{label:<41} : {rates[top] / rates[bottom]:6.2f}" + (f"  (target {target})" if target else ""))
+        print(f"{label:<44} : {rates[top] / rates[bottom]:6.2f}" + (f"  (target {target})" if target else ""))
     for name in ("bare libp2p stream, stock", "bare libp2p stream, tuned"):
         if name in best:
             print(f"CPU per byte, fetch(1) / {name[19:]:<16} : "
@@ -496,7 +519,7 @@ def main() -> None:
         for label, top, bottom, _ in ratios:
             within = [run[bottom].seconds / run[top].seconds for run in runs]
             each = ", ".join(f"{ratio:.2f}" for ratio in within)
-            print(f"{label:<41} : {statistics.median(within):6.2f}  ({each})")
+            print(f"{label:<44} : {statistics.median(within):6.2f}  ({each})")
 
 
 if __name__ == "__main__":

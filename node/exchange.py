@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from node.availability import Availability
-from node.fanout import NARROW, WIDE, FanOut, FanOutSettings, Width
+from node.fanout import NARROW, WIDE, FanOut, FanOutSettings, Verdict
 from node.fetch_journal import FetchJournal
 from node.libp2p_bridge import BridgeError, FramedStream, FrameWriter, Libp2pBridge, frame_prefix, mark_retrieved
 from node.logs import get_logger
@@ -420,8 +420,9 @@ class Exchange:
         self._tasks: dict[str, asyncio.Task[Manifest]] = {}
         self._journal = journal
         self._cancelled: set[str] = set()
-        # Where an adaptive fetch starts: what the last comparison found to deliver more, and when.
-        self._fan_out_learnt: tuple[Width, float] = (WIDE, 0.0)
+        # Where an adaptive fetch starts: the last comparison's answer, the providers it was
+        # measured on, and when the fetch that held it ended.
+        self._fan_out_learnt: tuple[Verdict, frozenset[str], float] | None = None
 
     async def start(self) -> None:
         await self.bridge.set_stream_handler(wire.PROTOCOL_ID, self.server.handle)
@@ -480,7 +481,8 @@ class Exchange:
             await asyncio.to_thread(self._journal.add, manifest_id)
         try:
             manifest = await self._manifest(manifest_id, hints, progress)
-            run = _FetchRun(self, manifest, progress, self._fan_out())
+            full, partial = self._candidates(manifest_id, hints)
+            run = _FetchRun(self, manifest, progress, self._fan_out(frozenset([*full, *partial])))
             progress.fan_out = run.fan_out
             progress.total_chunks = len(run.sizes)
             progress.total_bytes = sum(run.sizes.values())
@@ -491,8 +493,10 @@ class Exchange:
             if run.pending:
                 await self._run(run, hints)
             progress.state = "done"
-            if run.fan_out.chosen is not None:
-                self._fan_out_learnt = (run.fan_out.chosen, time.monotonic())
+            verdict = run.fan_out.standing()
+            providers = frozenset(p for p in run.has if p not in run.dropped)
+            if verdict is not None and providers:
+                self._fan_out_learnt = (verdict, providers, time.monotonic())
             self.availability.add_held(manifest_id)
             await self._settle_journal(manifest_id)
             log.info("fetch_done", manifest=manifest_id, fetched_bytes=progress.fetched_bytes,
@@ -518,15 +522,23 @@ class Exchange:
             progress.finished = time.monotonic()
             self.availability.set_fetching(manifest_id, False)
 
-    def _fan_out(self) -> FanOut:
+    def _fan_out(self, providers: frozenset[str]) -> FanOut:
+        """How a fetch from ``providers`` (those known as it starts) chooses its width."""
         mode = self.settings.fan_out
-        if mode == "adaptive":
-            # Fetches too short to compare widths (most pseudo-gradients) follow the last answer
-            # only while it is fresh: conditions change, and only a long fetch would notice.
-            width, at = self._fan_out_learnt
-            fresh = time.monotonic() - at <= FanOutSettings().retry_max_s
-            return FanOut(start=width if fresh else WIDE)
-        return FanOut(start=WIDE if mode == "wide" else NARROW, adaptive=False)
+        if mode != "adaptive":
+            return FanOut(start=WIDE if mode == "wide" else NARROW, adaptive=False)
+        learnt = self._fan_out_learnt
+        now = time.monotonic()
+        # Fetches too short to compare widths (most pseudo-gradients) follow the last answer
+        # only while it is fresh: conditions change, and only a long fetch would notice.
+        if learnt is None or now - learnt[2] > FanOutSettings().retry_max_s:
+            return FanOut(start=WIDE)
+        verdict, measured_on, _ = learnt
+        if measured_on == providers and now < verdict.until:
+            # The same providers, their answer not yet due for a check (a head's weights, then
+            # its momentum): a comparison now would only cost the losing width's windows again.
+            return FanOut(verdict=verdict)
+        return FanOut(start=verdict.width)
 
     def _prune_finished(self, keep: int = 64) -> None:
         """Forget the oldest finished fetches beyond ``keep``: a long-running peer fetches every head."""

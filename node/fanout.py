@@ -11,7 +11,8 @@ that drift out). Wide must deliver clearly more to be kept: every extra stream c
 providers CPU per byte (three seeds serving a third each spent about 1.7 times the CPU per byte
 of one serving it all, BENCHMARKS.md), and a gain within the windows' noise is not worth that.
 Where wide pays, over links that limit each provider, it delivers several times what one does.
-It compares again later, less often while the answer stays the same.
+It compares again later, less often while the answer stays the same; a later fetch from the
+same providers keeps the answer until then (``Verdict``).
 
 Pure: the fetch feeds it the bytes it receives and the clock; nothing here waits or sleeps.
 """
@@ -63,13 +64,27 @@ class _Window:
         return self.bytes / elapsed if elapsed > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """A comparison's answer, which a later fetch from the same providers keeps until ``until``
+    (the time to compare again) instead of measuring afresh; ``retry_s`` set ``until``."""
+
+    width: Width
+    until: float
+    retry_s: float
+
+
 @dataclass
 class FanOut:
-    """The width a fetch draws with, chosen by measuring both (``adaptive``) or fixed."""
+    """The width a fetch draws with, chosen by measuring both (``adaptive``) or fixed.
+
+    ``verdict``: an earlier fetch's answer, still standing: the fetch draws with its width and
+    compares only once it is due, as one long fetch would."""
 
     start: Width = WIDE
     adaptive: bool = True
     settings: FanOutSettings = field(default_factory=FanOutSettings)
+    verdict: Verdict | None = None
     width: Width = field(init=False)
     chosen: Width | None = field(init=False, default=None)  # the last comparison's winner
     rates: dict[str, float] = field(init=False, default_factory=dict)  # bytes/s, last window of each
@@ -84,6 +99,20 @@ class FanOut:
     def __post_init__(self) -> None:
         self.width = self.start
         self._retry_s = self.settings.retry_s
+        if self.adaptive and self.verdict is not None:
+            self.width = self.chosen = self.verdict.width
+            self._phase = "hold"
+            self._hold_until = self.verdict.until
+            self._retry_s = self.verdict.retry_s
+
+    def standing(self) -> Verdict | None:
+        """The answer a later fetch may keep: the last comparison's (or the one carried in)."""
+        if not self.adaptive or self.chosen is None:
+            return None
+        if self._phase != "hold":
+            # Comparing again: until it ends, the last answer stands, due for a check at once.
+            return Verdict(self.chosen, 0.0, self._retry_s)
+        return Verdict(self.chosen, self._hold_until, self._retry_s)
 
     def received(self, now: float, size: int, in_flight: int) -> bool:
         """Count a chunk of ``size`` bytes received at ``now``; ``in_flight`` bytes were asked for

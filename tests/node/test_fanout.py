@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from node.fanout import NARROW, WIDE, FanOut, FanOutSettings
+from node.fanout import NARROW, WIDE, FanOut, FanOutSettings, Verdict
 
 MIB = 1 << 20
 SETTINGS = FanOutSettings(window_s=0.15, window_chunks=4, retry_s=10.0, retry_max_s=60.0, wide_margin=0.10)
@@ -124,3 +124,36 @@ def test_a_fixed_width_never_changes() -> None:
         feed.run(30.0)
         assert set(feed.widths) == {width}
         assert feed.fan_out.comparisons == 0
+
+
+def test_a_standing_verdict_is_kept_until_it_is_due_then_checked() -> None:
+    rates = {NARROW: 300.0, WIDE: 250.0}
+    first = Feed(FanOut(start=WIDE, settings=SETTINGS), rates.__getitem__)
+    first.run(2.0)
+    verdict = first.fan_out.standing()
+    assert verdict == Verdict(NARROW, verdict.until, 10.0) and verdict.until > first.now
+    # The next fetch from the same providers draws narrow from its first byte, with no windows.
+    feed = Feed(FanOut(verdict=verdict, settings=SETTINGS), rates.__getitem__)
+    feed.now = first.now
+    feed.run(verdict.until - first.now - 0.1)
+    assert set(feed.widths) == {NARROW}
+    assert feed.fan_out.comparisons == 0
+    assert feed.fan_out.standing() == verdict  # a third fetch would keep it too
+    # Once due, it compares as one long fetch would, and follows a change.
+    rates.update({NARROW: 10.0, WIDE: 30.0})
+    feed.run(10.0)
+    assert feed.fan_out.comparisons == 1
+    assert feed.fan_out.chosen == WIDE
+
+
+def test_only_a_comparison_makes_a_verdict() -> None:
+    assert FanOut(start=NARROW, adaptive=False, verdict=Verdict(WIDE, 1e9, 10.0)).standing() is None
+    assert FanOut(start=WIDE).standing() is None  # nothing compared yet
+    # Mid-comparison, the last answer stands, due for a check at once.
+    feed = Feed(FanOut(start=WIDE, settings=SETTINGS), {NARROW: 300.0, WIDE: 250.0}.__getitem__)
+    feed.run(2.0)
+    held = feed.fan_out.standing()
+    assert held is not None and held.until > feed.now
+    feed.run(held.until - feed.now + 0.05)  # past the hold, inside the first window again
+    assert feed.fan_out.comparisons == 1
+    assert feed.fan_out.standing() == Verdict(NARROW, 0.0, 10.0)

@@ -13,7 +13,7 @@ import torch
 
 from node.artifacts import store_artifact
 from node.exchange import Exchange, ExchangeSettings, FetchProgress, _FetchRun
-from node.fanout import NARROW, WIDE, FanOut
+from node.fanout import NARROW, WIDE, FanOut, Verdict
 from node.libp2p_bridge import Libp2pBridge
 from node.store import ContentStore
 
@@ -114,9 +114,33 @@ def test_a_wide_fetch_draws_on_every_provider(tmp_path: Path) -> None:
 def test_an_adaptive_fetch_starts_with_the_last_answer_while_it_is_fresh(tmp_path: Path) -> None:
     run = fetch_run(tmp_path, 4, 4 * MIB, ["a"], streams=1)
     exchange = run.exchange
-    assert exchange._fan_out().width == WIDE  # nothing learnt yet: every provider at once
-    exchange._fan_out_learnt = (NARROW, time.monotonic())
-    assert exchange._fan_out().width == NARROW
+    seeds = frozenset({"a", "b", "c"})
+    assert exchange._fan_out(seeds).width == WIDE  # nothing learnt yet: every provider at once
+    due = Verdict(NARROW, 0.0, 10.0)  # its check is due: the next fetch compares again
+    exchange._fan_out_learnt = (due, seeds, time.monotonic())
+    fan_out = exchange._fan_out(seeds)
+    assert fan_out.width == NARROW and fan_out.chosen is None
     # A minute on, with no fetch long enough to compare again, it starts wide again.
-    exchange._fan_out_learnt = (NARROW, time.monotonic() - 61.0)
-    assert exchange._fan_out().width == WIDE
+    exchange._fan_out_learnt = (due, seeds, time.monotonic() - 61.0)
+    assert exchange._fan_out(seeds).width == WIDE
+
+
+def test_a_fetch_from_the_same_providers_keeps_a_standing_answer(tmp_path: Path) -> None:
+    run = fetch_run(tmp_path, 4, 4 * MIB, ["a"], streams=1)
+    exchange = run.exchange
+    seeds = frozenset({"a", "b", "c"})
+    standing = Verdict(NARROW, time.monotonic() + 20.0, 20.0)
+    exchange._fan_out_learnt = (standing, seeds, time.monotonic())
+    kept = exchange._fan_out(seeds)
+    assert kept.width == NARROW and kept.chosen == NARROW
+    # It draws narrow with no comparison windows while the answer stands.
+    now = time.monotonic()
+    for i in range(64):
+        assert not kept.received(now + i * 0.01, MIB, in_flight=8 * MIB)
+    assert kept.comparisons == 0 and kept.standing() == standing
+    # Other providers (a new seed among them) were never measured: the fetch compares.
+    other = exchange._fan_out(seeds | {"d"})
+    assert other.width == NARROW and other.chosen is None
+    # An answer measured as due for a check is not kept either.
+    exchange._fan_out_learnt = (Verdict(NARROW, 0.0, 10.0), seeds, time.monotonic())
+    assert exchange._fan_out(seeds).chosen is None
