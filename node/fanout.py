@@ -8,8 +8,8 @@ apart, so the fetch measures: it draws with one width for a short window, with t
 as long, then with the first again, and compares the second window with the mean of the two
 around it (a fetch speeds up or slows down as it goes, and the first and last windows cancel
 that drift out). Wide must deliver clearly more to be kept: every extra stream costs the
-providers CPU per byte (three seeds serving a third each spent about 1.7 times the CPU per byte
-of one serving it all, BENCHMARKS.md), and a gain within the windows' noise is not worth that.
+providers CPU per byte (three seeds serving a third each spent 1.3 to 1.7 times the CPU per
+byte of one serving it all, BENCHMARKS.md), and a gain within the windows' noise is not worth that.
 Where wide pays, over links that limit each provider, it delivers several times what one does.
 It compares again later, less often while the answer stays the same; a later fetch from the
 same providers keeps the answer until then (``Verdict``).
