@@ -289,8 +289,9 @@ class ExchangeSection:
     )
     fan_out: Literal["adaptive", "wide", "narrow"] = setting(
         "adaptive",
-        "How many providers a fetch draws from at once. adaptive: measures one against all of them and keeps"
-        " whichever delivers more (again after 10 s, then less often); wide: all; narrow: one at a time.",
+        "How many providers a fetch draws from at once. adaptive: starts on one, stays there while one keeps"
+        " this peer busy, else measures one against all of them and keeps whichever delivers more (again"
+        " after 10 s, then less often); wide: all; narrow: one at a time.",
     )
 
 

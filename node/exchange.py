@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from node.availability import Availability
-from node.fanout import NARROW, WIDE, FanOut, FanOutSettings, Verdict
+from node.fanout import NARROW, WIDE, FanOut, FanOutSettings, Verdict, process_demand_s
 from node.fetch_journal import FetchJournal
 from node.libp2p_bridge import BridgeError, FramedStream, FrameWriter, Libp2pBridge, frame_prefix, mark_retrieved
 from node.logs import get_logger
@@ -532,13 +532,13 @@ class Exchange:
         # Fetches too short to compare widths (most pseudo-gradients) follow the last answer
         # only while it is fresh: conditions change, and only a long fetch would notice.
         if learnt is None or now - learnt[2] > FanOutSettings().retry_max_s:
-            return FanOut(start=WIDE)
+            return FanOut(demand=process_demand_s)
         verdict, measured_on, _ = learnt
         if measured_on == providers and now < verdict.until:
             # The same providers, their answer not yet due for a check (a head's weights, then
             # its momentum): a comparison now would only cost the losing width's windows again.
-            return FanOut(verdict=verdict)
-        return FanOut(start=verdict.width)
+            return FanOut(verdict=verdict, demand=process_demand_s)
+        return FanOut(start=verdict.width, demand=process_demand_s)
 
     def _prune_finished(self, keep: int = 64) -> None:
         """Forget the oldest finished fetches beyond ``keep``: a long-running peer fetches every head."""

@@ -2,24 +2,40 @@
 
 Spreading a fetch over every provider pays where each provider's path is the limit (a link,
 a busy seed): three seeds on 100 Mbit/s links deliver three times what one does. It costs
-where the fetcher's own CPU is the limit, or the providers share its machine: every extra
-stream then only adds work per byte, and the fetch slows down. No static rule tells the two
-apart, so the fetch measures: it draws with one width for a short window, with the other for
-as long, then with the first again, and compares the second window with the mean of the two
-around it (a fetch speeds up or slows down as it goes, and the first and last windows cancel
-that drift out). Wide must deliver clearly more to be kept: every extra stream costs the
-providers CPU per byte (three seeds serving a third each spent 1.3 to 1.7 times the CPU per
-byte of one serving it all, BENCHMARKS.md), and a gain within the windows' noise is not worth that.
-Where wide pays, over links that limit each provider, it delivers several times what one does.
-It compares again later, less often while the answer stays the same; a later fetch from the
-same providers keeps the answer until then (``Verdict``).
+where the fetcher itself is the limit, or the providers share its machine: every extra stream
+then only adds work per byte, and the fetch slows down. The fetch tells the two apart as it goes:
 
-Pure: the fetch feeds it the bytes it receives and the clock; nothing here waits or sleeps.
+- It starts on one provider (narrow). Extra providers must first show that they pay.
+- If one provider already keeps the fetcher busy, it stays narrow and tries nothing else: the
+  fetcher's process wanted a core (ran on one, or waited in the run queue for one) nearly all of
+  a window. A Python process runs one thread at a time, so more providers could deliver at most
+  the little time left (1.1 times, the margin below), and on a machine whose cores are full they
+  would only take cores from it. A rate measured while the receiver is the limit says nothing
+  of the paths (TCP's BBR calls such a sample "app-limited"). Three seeds sharing the fetcher's
+  two cores are the case in point: one seed keeps the fetcher's process wanting 1.5 to 2 cores.
+- Otherwise it measures: one window with each width, then the first width again, and compares
+  the second window with the mean of the two around it (a fetch speeds up or slows down as it
+  goes, and the first and last windows cancel that drift out). A width twice as fast as the
+  other in the first two windows wins at once: no drift comes near that, and over links that
+  limit each provider wide delivers two to three times one.
+- Wide must deliver clearly more to be kept: every extra stream costs the providers CPU per
+  byte (three seeds serving a third each spent 1.3 to 1.7 times the CPU per byte of one serving
+  it all, BENCHMARKS.md), and a gain within the windows' noise is not worth that.
+
+It checks again later, less often while the answer stays the same; a later fetch from the same
+providers keeps the answer until then (``Verdict``).
+
+Pure: the fetch feeds it the bytes it receives and the clock, and it reads a second clock of
+the cores the process wanted (``process_demand_s``) as a window opens and closes; nothing here
+waits or sleeps.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 Width = Literal["narrow", "wide"]
@@ -38,6 +54,13 @@ class FanOutSettings:
     retry_s: float = 10.0  # after a choice, compare again this much later ...
     retry_max_s: float = 60.0  # ... doubling up to this while the choice stays the same
     wide_margin: float = 0.10  # wide is kept only if it delivers more than this fraction above narrow
+    # A width that delivers this many times the other in the window after it wins at once: no
+    # drift within a fetch (a path warming up) comes near that, and the third window costs the
+    # losing width's pace for as long again.
+    decisive: float = 2.0
+    # A narrow window in which the fetcher's process wanted at least this many cores: the receiver
+    # is the limit. Wide could then deliver at most 1 / this as much, within the margin.
+    saturated: float = 1 / (1 + 0.10)
 
 
 @dataclass
@@ -48,10 +71,12 @@ class _Window:
     last: float = 0.0
     bytes: int = 0
     chunks: int = 0
+    demand_opened: float = 0.0  # the demand clock (seconds) when the window opened
 
-    def add(self, now: float, size: int) -> None:
+    def add(self, now: float, size: int, demand: Callable[[], float] | None) -> None:
         if self.opened is None:
             self.opened = self.last = now  # this chunk marks the start; its bytes came before it
+            self.demand_opened = demand() if demand is not None else 0.0
             return
         self.last = now
         self.bytes += size
@@ -62,6 +87,12 @@ class _Window:
             return 0.0
         elapsed = self.last - self.opened
         return self.bytes / elapsed if elapsed > 0 else 0.0
+
+    def load(self, demand: Callable[[], float] | None) -> float | None:
+        """How many cores the fetcher's process wanted over the window; None: not measured."""
+        if self.opened is None or demand is None or self.last <= self.opened:
+            return None
+        return (demand() - self.demand_opened) / (self.last - self.opened)
 
 
 @dataclass(frozen=True)
@@ -79,16 +110,21 @@ class FanOut:
     """The width a fetch draws with, chosen by measuring both (``adaptive``) or fixed.
 
     ``verdict``: an earlier fetch's answer, still standing: the fetch draws with its width and
-    compares only once it is due, as one long fetch would."""
+    compares only once it is due, as one long fetch would. ``demand``: a clock of the seconds the
+    fetcher's process ran or waited for a core (``process_demand_s``); None: the receiver's load
+    is not measured, and every choice is a comparison."""
 
-    start: Width = WIDE
+    start: Width = NARROW
     adaptive: bool = True
     settings: FanOutSettings = field(default_factory=FanOutSettings)
     verdict: Verdict | None = None
+    demand: Callable[[], float] | None = None
     width: Width = field(init=False)
     chosen: Width | None = field(init=False, default=None)  # the last comparison's winner
     rates: dict[str, float] = field(init=False, default_factory=dict)  # bytes/s, last window of each
+    loads: dict[str, float] = field(init=False, default_factory=dict)  # cores wanted, last window of each
     comparisons: int = field(init=False, default=0)
+    receiver_bound: int = field(init=False, default=0)  # choices of narrow made because the receiver was full
     _phase: Literal["first", "trial", "again", "hold"] = field(init=False, default="first")
     _first_rate: float = field(init=False, default=0.0)
     _window: _Window = field(init=False, default_factory=_Window)
@@ -132,18 +168,30 @@ class FanOut:
             # Chunks asked for before the last switch still arrive at the old width's pace.
             self._skip -= size
             return False
-        self._window.add(now, size)
+        self._window.add(now, size, self.demand)
         window = self._window
         if window.opened is None or now - window.opened < self.settings.window_s:
             return False
         if window.chunks < self.settings.window_chunks:
             return False
         rate = window.rate()
+        load = window.load(self.demand)
+        if load is not None:
+            self.loads[self.width] = load
+        if self.width == NARROW and load is not None and load >= self.settings.saturated:
+            # One provider already keeps the receiver busy: more could not deliver more.
+            self.rates[NARROW] = rate
+            self.receiver_bound += 1
+            return self._settle(NARROW, now, in_flight)
         if self._phase == "first":
             self._first_rate = rate
             self._phase = "trial"
         elif self._phase == "trial":
             self.rates[self.width] = rate
+            first = self._first_rate
+            if rate >= self.settings.decisive * first or first >= self.settings.decisive * rate:
+                self.rates[_other(self.width)] = first
+                return self._choose(now, in_flight)
             self._phase = "again"
         else:
             self.rates[self.width] = (self._first_rate + rate) / 2
@@ -154,6 +202,9 @@ class FanOut:
     def _choose(self, now: float, in_flight: int) -> bool:
         best = WIDE if self.rates[WIDE] > self.rates[NARROW] * (1 + self.settings.wide_margin) else NARROW
         self.comparisons += 1
+        return self._settle(best, now, in_flight)
+
+    def _settle(self, best: Width, now: float, in_flight: int) -> bool:
         # The same answer again: ask less often. A new one: conditions moved, ask soon again.
         same = best == self.chosen
         self._retry_s = min(self._retry_s * 2, self.settings.retry_max_s) if same else self.settings.retry_s
@@ -176,5 +227,29 @@ class FanOut:
             "adaptive": self.adaptive,
             "chosen": self.chosen,
             "comparisons": self.comparisons,
+            "receiver_bound": self.receiver_bound,
             "rate_bytes_per_s": {width: round(rate) for width, rate in sorted(self.rates.items())},
+            "receiver_cores": {width: round(load, 3) for width, load in sorted(self.loads.items())},
         }
+
+
+_TASKS = Path("/proc/self/task")
+
+
+def process_demand_s() -> float:
+    """Seconds this process has run on a core, plus the seconds its threads have waited in the
+    run queue for one (Linux schedstat, summed over live threads): over a window, how many cores
+    the process wanted. Elsewhere, its CPU time alone (a process starved of cores then looks
+    idle, and the fetch compares instead)."""
+    waiting_ns = 0
+    try:
+        tasks = list(_TASKS.iterdir())
+    except OSError:
+        tasks = []
+    for task in tasks:
+        try:
+            waiting_ns += int((task / "schedstat").read_text().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that just ended, or no schedstat in this kernel
+    # Run time from the process clock, which keeps the time of threads that have ended.
+    return time.process_time() + waiting_ns / 1e9

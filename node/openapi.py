@@ -150,7 +150,9 @@ SCHEMAS: dict[str, Schema] = {
         "adaptive": BOOLEAN,
         "chosen": nullable({"enum": ["narrow", "wide"]}),
         "comparisons": COUNT,
+        "receiver_bound": COUNT,
         "rate_bytes_per_s": counts(NUMBER),
+        "receiver_cores": counts(NUMBER),
     }),
     "Fetches": obj({"fetches": {"type": "array", "items": ref("Fetch")}}),
     "ExchangeCounters": obj({

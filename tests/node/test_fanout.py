@@ -2,28 +2,46 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 
-from node.fanout import NARROW, WIDE, FanOut, FanOutSettings, Verdict
+import pytest
+
+from node.fanout import NARROW, WIDE, FanOut, FanOutSettings, Verdict, process_demand_s
 
 MIB = 1 << 20
 SETTINGS = FanOutSettings(window_s=0.15, window_chunks=4, retry_s=10.0, retry_max_s=60.0, wide_margin=0.10)
 
 
 class Feed:
-    """Chunks of 1 MiB stored at the rate ``rates[width]`` (MiB/s), with ``in_flight`` asked for."""
+    """Chunks of 1 MiB stored at the rate ``rates[width]`` (MiB/s), with ``in_flight`` asked for;
+    with ``loads``, the receiver wants ``loads[width]`` cores meanwhile (the fan-out's demand clock)."""
 
-    def __init__(self, fan_out: FanOut, rates: Callable[[str], float], in_flight: int = 8 * MIB) -> None:
+    def __init__(
+        self,
+        fan_out: FanOut,
+        rates: Callable[[str], float],
+        in_flight: int = 8 * MIB,
+        loads: Callable[[str], float] | None = None,
+    ) -> None:
         self.fan_out = fan_out
         self.rates = rates
         self.in_flight = in_flight
+        self.loads = loads
         self.now = 0.0
+        self.demand = 0.0
         self.widths: list[str] = []
+        if loads is not None:
+            fan_out.demand = lambda: self.demand
 
     def run(self, seconds: float) -> None:
         end = self.now + seconds
         while self.now < end:
-            self.now += 1.0 / self.rates(self.fan_out.width)
+            step = 1.0 / self.rates(self.fan_out.width)
+            self.now += step
+            if self.loads is not None:
+                self.demand += step * self.loads(self.fan_out.width)
             self.fan_out.received(self.now, MIB, self.in_flight)
             self.widths.append(self.fan_out.width)
 
@@ -48,6 +66,67 @@ def test_link_limited_providers_are_all_used() -> None:
     assert feed.fan_out.chosen == WIDE
     assert feed.fan_out.rates[WIDE] > 2.5 * feed.fan_out.rates[NARROW]
     assert feed.time_at(WIDE) > 0.85
+
+
+def test_a_fetch_whose_receiver_is_busy_with_one_provider_never_tries_all() -> None:
+    # The fetcher's process wants more than a core with one provider (its interpreter, or the
+    # cores it shares with co-located seeds): more providers could not deliver more.
+    for load in (0.95, 2.0):
+        feed = Feed(FanOut(settings=SETTINGS), {NARROW: 160.0, WIDE: 150.0}.__getitem__, loads=lambda w: load)
+        feed.run(2.0)
+        assert set(feed.widths) == {NARROW}, load
+        assert feed.fan_out.chosen == NARROW and feed.fan_out.receiver_bound == 1, load
+        assert feed.fan_out.comparisons == 0 and WIDE not in feed.fan_out.rates, load
+        assert feed.fan_out.loads[NARROW] == pytest.approx(load)
+
+
+def test_a_receiver_with_room_compares() -> None:
+    # Link-limited seeds: one provider keeps the receiver a tenth busy, so it tries them all.
+    feed = Feed(FanOut(settings=SETTINGS), {NARROW: 11.3, WIDE: 33.5}.__getitem__, loads=lambda w: 0.1)
+    feed.run(20.0)
+    assert feed.fan_out.chosen == WIDE and feed.fan_out.receiver_bound == 0
+    # A busy receiver seen while drawing on all providers proves nothing about one: only a
+    # narrow window can show that one provider already fills it.
+    feed = Feed(FanOut(start=WIDE, settings=SETTINGS), {NARROW: 100.0, WIDE: 150.0}.__getitem__,
+                loads={NARROW: 0.6, WIDE: 1.0}.__getitem__)
+    feed.run(2.0)
+    assert feed.fan_out.chosen == WIDE and feed.fan_out.comparisons == 1
+
+
+def test_a_decisive_trial_ends_the_comparison_at_once() -> None:
+    # All providers deliver three times one: no drift explains that, so no third window.
+    feed = Feed(FanOut(settings=SETTINGS), {NARROW: 11.3, WIDE: 33.5}.__getitem__)
+    feed.run(3.0)
+    assert feed.fan_out.chosen == WIDE and feed.fan_out.comparisons == 1
+    narrow_then = feed.widths.count(NARROW)
+    assert feed.widths[-1] == WIDE and NARROW not in feed.widths[narrow_then:]
+    # 1.5 times is within what a warming path could show: the third window measures again.
+    feed = Feed(FanOut(settings=SETTINGS), {NARROW: 100.0, WIDE: 150.0}.__getitem__)
+    feed.run(1.0)
+    assert feed.fan_out.chosen == WIDE
+    switches = sum(1 for a, b in zip(feed.widths, feed.widths[1:]) if a != b)
+    assert switches == 3  # narrow, wide, narrow again, then wide
+
+
+def test_the_process_demand_clock_counts_every_thread() -> None:
+    # A busy thread other than the caller's (the libp2p thread is one) counts, and so does its
+    # CPU time once it has ended (a thread pool's worker may end mid-window).
+    stop = time.monotonic() + 0.3
+    spun = threading.Event()
+
+    def spin() -> None:
+        while time.monotonic() < stop:
+            pass
+        spun.set()
+
+    before = process_demand_s()
+    worker = threading.Thread(target=spin)
+    worker.start()
+    assert spun.wait(5)
+    alive = process_demand_s()
+    worker.join()
+    assert alive - before >= 0.25
+    assert process_demand_s() >= alive - 0.05  # the ended thread's run time stays counted
 
 
 def test_a_drift_during_the_comparison_does_not_decide_it() -> None:
@@ -101,7 +180,7 @@ def test_bytes_asked_for_before_a_switch_do_not_count_for_the_new_width() -> Non
             break
     # 1 MiB a millisecond, as the wide window saw it, not the 100 MiB/s of the bytes before it.
     assert fan_out.rates[WIDE] > 900 * MIB
-    assert fan_out.width == NARROW  # back to the first width, to measure it again
+    assert fan_out.chosen == WIDE  # ten times the narrow window: decided without a third
 
 
 def test_it_compares_again_less_often_while_the_answer_holds_and_follows_a_change() -> None:

@@ -115,14 +115,15 @@ def test_an_adaptive_fetch_starts_with_the_last_answer_while_it_is_fresh(tmp_pat
     run = fetch_run(tmp_path, 4, 4 * MIB, ["a"], streams=1)
     exchange = run.exchange
     seeds = frozenset({"a", "b", "c"})
-    assert exchange._fan_out(seeds).width == WIDE  # nothing learnt yet: every provider at once
-    due = Verdict(NARROW, 0.0, 10.0)  # its check is due: the next fetch compares again
+    assert exchange._fan_out(seeds).width == NARROW  # nothing learnt yet: one provider first
+    due = Verdict(WIDE, 0.0, 10.0)  # its check is due: the next fetch compares again
     exchange._fan_out_learnt = (due, seeds, time.monotonic())
     fan_out = exchange._fan_out(seeds)
-    assert fan_out.width == NARROW and fan_out.chosen is None
-    # A minute on, with no fetch long enough to compare again, it starts wide again.
+    assert fan_out.width == WIDE and fan_out.chosen is None
+    # A minute on, with no fetch long enough to compare again, it starts on one provider again.
     exchange._fan_out_learnt = (due, seeds, time.monotonic() - 61.0)
-    assert exchange._fan_out(seeds).width == WIDE
+    assert exchange._fan_out(seeds).width == NARROW
+    assert exchange._fan_out(seeds).demand is not None  # the receiver's load is measured
 
 
 def test_a_fetch_from_the_same_providers_keeps_a_standing_answer(tmp_path: Path) -> None:
