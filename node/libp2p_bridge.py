@@ -197,6 +197,21 @@ def guard_frame_writes() -> None:
 TCP_READ_AHEAD_BYTES = 256 * 1024
 
 
+@dataclass
+class TcpReadFill:
+    """What this process's TCP reads found waiting for them, since it started: ``bytes`` read,
+    and ``waiting_bytes`` of them by a ``recv`` that filled the whole read-ahead buffer, so that
+    more data was already there than it could take. A reader that keeps up with its peers finds
+    a little each time; one that is the limit finds a full buffer every time (a fetch reads this
+    to tell whether more providers could deliver more, ``node/fanout.py``)."""
+
+    bytes: int = 0
+    waiting_bytes: int = 0
+
+
+TCP_READS = TcpReadFill()
+
+
 async def _buffered_read(self: TrioTCPStream, n: int | None = None) -> bytes:
     async with self.read_lock:
         if n == 0:
@@ -204,12 +219,16 @@ async def _buffered_read(self: TrioTCPStream, n: int | None = None) -> bytes:
         ahead: bytes = getattr(self, "_read_ahead", b"")
         start: int = getattr(self, "_read_start", 0)
         if start >= len(ahead):
+            wanted = max(n or 0, TCP_READ_AHEAD_BYTES)
             try:
-                ahead = await self.stream.receive_some(max(n or 0, TCP_READ_AHEAD_BYTES))
+                ahead = await self.stream.receive_some(wanted)
             except trio.BrokenResourceError as exc:
                 raise ConnectionClosedError(f"TCP connection reset by remote peer: {exc}", transport="tcp") from exc
             except trio.ClosedResourceError:
                 return b""  # closed locally: end of stream, as py-libp2p reports it
+            TCP_READS.bytes += len(ahead)
+            if len(ahead) >= wanted:
+                TCP_READS.waiting_bytes += len(ahead)
             start = 0
         end = len(ahead) if n is None else min(len(ahead), start + n)
         if start == 0 and end == len(ahead):

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from node.fanout import NARROW, WIDE, FanOut, FanOutSettings, Verdict, process_demand_s
+from node.fanout import NARROW, WIDE, FanOut, FanOutSettings, ReceiverLoad, Verdict, process_demand_s
 
 MIB = 1 << 20
 SETTINGS = FanOutSettings(window_s=0.15, window_chunks=4, retry_s=10.0, retry_max_s=60.0, wide_margin=0.10)
@@ -16,7 +16,8 @@ SETTINGS = FanOutSettings(window_s=0.15, window_chunks=4, retry_s=10.0, retry_ma
 
 class Feed:
     """Chunks of 1 MiB stored at the rate ``rates[width]`` (MiB/s), with ``in_flight`` asked for;
-    with ``loads``, the receiver wants ``loads[width]`` cores meanwhile (the fan-out's demand clock)."""
+    with ``loads``, the receiver meanwhile wants ``loads[width]`` cores and finds that fraction
+    of what it reads waiting for it ``waiting[width]`` (the fan-out's load counters)."""
 
     def __init__(
         self,
@@ -24,26 +25,34 @@ class Feed:
         rates: Callable[[str], float],
         in_flight: int = 8 * MIB,
         loads: Callable[[str], float] | None = None,
+        waiting: Callable[[str], float] = lambda width: 1.0,
     ) -> None:
         self.fan_out = fan_out
         self.rates = rates
         self.in_flight = in_flight
         self.loads = loads
+        self.waiting = waiting
         self.now = 0.0
-        self.demand = 0.0
+        self.counters = ReceiverLoad(0.0, 0, 0)
         self.widths: list[str] = []
         if loads is not None:
-            fan_out.demand = lambda: self.demand
+            fan_out.load = lambda: self.counters
 
     def run(self, seconds: float) -> None:
         end = self.now + seconds
         while self.now < end:
-            step = 1.0 / self.rates(self.fan_out.width)
+            width = self.fan_out.width
+            step = 1.0 / self.rates(width)
             self.now += step
             if self.loads is not None:
-                self.demand += step * self.loads(self.fan_out.width)
+                c = self.counters
+                self.counters = ReceiverLoad(
+                    c.demand_s + step * self.loads(width),
+                    c.read_bytes + MIB,
+                    c.waiting_bytes + round(MIB * self.waiting(width)),
+                )
             self.fan_out.received(self.now, MIB, self.in_flight)
-            self.widths.append(self.fan_out.width)
+            self.widths.append(width)
 
     def time_at(self, width: str) -> float:
         return self.widths.count(width) / len(self.widths)
@@ -77,7 +86,22 @@ def test_a_fetch_whose_receiver_is_busy_with_one_provider_never_tries_all() -> N
         assert set(feed.widths) == {NARROW}, load
         assert feed.fan_out.chosen == NARROW and feed.fan_out.receiver_bound == 1, load
         assert feed.fan_out.comparisons == 0 and WIDE not in feed.fan_out.rates, load
-        assert feed.fan_out.loads[NARROW] == pytest.approx(load)
+        assert feed.fan_out.cores[NARROW] == pytest.approx(load)
+        assert feed.fan_out.waiting[NARROW] == pytest.approx(1.0)
+
+
+def test_a_busy_process_that_keeps_up_with_its_providers_compares() -> None:
+    # A trainer's torch threads keep its process wanting every core, but what its reads find
+    # is what trickled in since the last one: the providers' links are the limit, not the reader.
+    feed = Feed(FanOut(settings=SETTINGS), {NARROW: 11.3, WIDE: 33.5}.__getitem__,
+                loads=lambda w: 2.0, waiting=lambda w: 0.2)
+    feed.run(20.0)
+    assert feed.fan_out.receiver_bound == 0 and feed.fan_out.chosen == WIDE
+    # Data waiting for a reader whose process has room (a pause, a slow write) is not enough either.
+    feed = Feed(FanOut(settings=SETTINGS), {NARROW: 11.3, WIDE: 33.5}.__getitem__,
+                loads=lambda w: 0.3, waiting=lambda w: 1.0)
+    feed.run(20.0)
+    assert feed.fan_out.receiver_bound == 0 and feed.fan_out.chosen == WIDE
 
 
 def test_a_receiver_with_room_compares() -> None:

@@ -123,7 +123,7 @@ def test_an_adaptive_fetch_starts_with_the_last_answer_while_it_is_fresh(tmp_pat
     # A minute on, with no fetch long enough to compare again, it starts on one provider again.
     exchange._fan_out_learnt = (due, seeds, time.monotonic() - 61.0)
     assert exchange._fan_out(seeds).width == NARROW
-    assert exchange._fan_out(seeds).demand is not None  # the receiver's load is measured
+    assert exchange._fan_out(seeds).load is not None  # the receiver's load is measured
 
 
 def test_a_fetch_from_the_same_providers_keeps_a_standing_answer(tmp_path: Path) -> None:
