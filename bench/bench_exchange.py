@@ -28,6 +28,9 @@ attempt (their median), which the machine's drift between attempts disturbs less
 ``--frame-sweep 65536,131072,...`` instead runs only the tuned bare stream at each yamux frame size.
 ``--pace-sweep 0,300,100`` instead runs only the bridge stream, its reader held to each rate in
 MiB/s (0: as fast as it can), to show how the cost per byte of each end grows as the rate falls.
+``--paired 12`` instead runs twelve pairs of daemon fetches in one swarm of three seeds, a
+fresh fetcher for each fetch: one of an artifact only one seed holds, one of an artifact all
+three hold (``paired_fetches``), and prints their ratio's median with a 95% interval for it.
 It starts its own processes on 127.0.0.1 and stops them before it exits. Linux only (the CPU
 times come from /proc).
 """
@@ -38,6 +41,7 @@ import argparse
 import asyncio
 import functools
 import json
+import math
 import os
 import shutil
 import statistics
@@ -358,52 +362,137 @@ def daemon_fetch(
     fetcher's ``exchange.fan_out``. Two artifacts, one fetch after the other: the first fetch
     of fresh daemons, then the next one, as a running daemon fetches (a head's weights, then
     its momentum)."""
-    from tests.swarm_harness import Swarm, wait_until
+    from tests.swarm_harness import Swarm
 
-    # Every other setting at its default, as a swarm would run: announcements every 5 s among them.
-    quiet = f'[training]\nrole = "consumer"\nevaluate = false\n\n[exchange]\nfan_out = "{fan_out}"\n'
     swarm = Swarm(root / f"swarm{providers}-{others}-{fan_out}")
-    seeds = [swarm.add(quiet) for _ in range(providers + others)]
-    fetcher = swarm.add(quiet, token="bench")
+    seeds = [swarm.add(_quiet(fan_out)) for _ in range(providers + others)]
+    fetcher = swarm.add(_quiet(fan_out), token="bench")
     manifest_ids = [seed_artifact([seed.data_dir for seed in seeds[:providers]], mib, n) for n in range(2)]
-    peers = [*seeds, fetcher]
     try:
-        for peer in peers:
+        for peer in [*seeds, fetcher]:
             peer.start()
-        for peer in peers:
+        for peer in seeds:
             peer.wait_healthy(90)
-        wanted = {seed.peer_id for seed in seeds}
-        wait_until(lambda: wanted <= fetcher.live_peers(), 60, what="the fetcher to see every seed")
-        wait_until(
-            lambda: ((fetcher.get("/status") or {}).get("peers") or {}).get("connected", 0) >= len(seeds),
-            60,
-            what="the fetcher to connect to every seed",
-        )
-        # One round of announcements after the mesh formed: the fetcher knows every seed.
-        time.sleep(ANNOUNCE_INTERVAL_S + 1.0)
-        transfers = []
-        for manifest_id in manifest_ids:
-            cpu = {peer.peer_id: cpu_seconds(peer.process.pid) for peer in peers}
-            status, body = fetcher.post("/fetches", {"manifest": manifest_id})
-            assert status == 202, body
-
-            def done(manifest_id: str = manifest_id) -> dict | None:
-                rows = (fetcher.get("/fetches") or {}).get("fetches", [])
-                ended = ("done", "failed")
-                return next((r for r in rows if r["manifest_id"] == manifest_id and r["state"] in ended), None)
-
-            # The fetch's own clock (POST to done, inside the fetcher) times it, so the status
-            # polls can be sparse: at 50 Hz they took a noticeable part of the fetcher's event loop.
-            view = wait_until(done, 300, interval=0.1, what="the fetch")
-            spent = {peer.peer_id: cpu_seconds(peer.process.pid) - cpu[peer.peer_id] for peer in peers}
-            assert view["state"] == "done", view
-            if providers > 1:
-                print(f"    providers: {len(view['providers'])}, fan-out: {view['fan_out']}", flush=True)
-            seeds_cpu = sum(spent[seed.peer_id] for seed in seeds)
-            transfers.append(Transfer(view["elapsed_s"], spent[fetcher.peer_id], seeds_cpu))
-        return transfers[0], transfers[1]
+        return _fetch_twice(fetcher, seeds, manifest_ids)
     finally:
         swarm.stop_all()
+
+
+def _quiet(fan_out: str = "adaptive") -> str:
+    # Every other setting at its default, as a swarm would run: announcements every 5 s among them.
+    return f'[training]\nrole = "consumer"\nevaluate = false\n\n[exchange]\nfan_out = "{fan_out}"\n'
+
+
+def _fetch_twice(fetcher, seeds: list, manifest_ids: list[str]) -> tuple[Transfer, Transfer]:
+    """Start-to-done times of ``fetcher`` (started) fetching each of two artifacts in turn, once
+    it sees and knows every seed, with the CPU each process spent meanwhile."""
+    from tests.swarm_harness import wait_until
+
+    peers = [*seeds, fetcher]
+    fetcher.wait_healthy(90)
+    wanted = {seed.peer_id for seed in seeds}
+    wait_until(lambda: wanted <= fetcher.live_peers(), 60, what="the fetcher to see every seed")
+    wait_until(
+        lambda: ((fetcher.get("/status") or {}).get("peers") or {}).get("connected", 0) >= len(seeds),
+        60,
+        what="the fetcher to connect to every seed",
+    )
+    # One round of announcements after the mesh formed: the fetcher knows every seed.
+    time.sleep(ANNOUNCE_INTERVAL_S + 1.0)
+    transfers = []
+    for manifest_id in manifest_ids:
+        cpu = {peer.peer_id: cpu_seconds(peer.process.pid) for peer in peers}
+        status, body = fetcher.post("/fetches", {"manifest": manifest_id})
+        assert status == 202, body
+
+        def done(manifest_id: str = manifest_id) -> dict | None:
+            rows = (fetcher.get("/fetches") or {}).get("fetches", [])
+            ended = ("done", "failed")
+            return next((r for r in rows if r["manifest_id"] == manifest_id and r["state"] in ended), None)
+
+        # The fetch's own clock (POST to done, inside the fetcher) times it, so the status
+        # polls can be sparse: at 50 Hz they took a noticeable part of the fetcher's event loop.
+        view = wait_until(done, 300, interval=0.1, what="the fetch")
+        spent = {peer.peer_id: cpu_seconds(peer.process.pid) - cpu[peer.peer_id] for peer in peers}
+        assert view["state"] == "done", view
+        if len(view["providers"]) > 1:
+            print(f"    providers: {len(view['providers'])}, fan-out: {view['fan_out']}", flush=True)
+        seeds_cpu = sum(spent[seed.peer_id] for seed in seeds)
+        transfers.append(Transfer(view["elapsed_s"], spent[fetcher.peer_id], seeds_cpu))
+    return transfers[0], transfers[1]
+
+
+def paired_fetches(root: Path, mib: int, pairs: int) -> list[dict[str, Transfer]]:
+    """Fetch from one seed against fetch from three, in one swarm of three seeds that runs for
+    the whole bench: of its four artifacts, two are held by the first seed alone and two by all
+    three. Each fetch is made by a fresh fetcher daemon (nothing learnt, nothing held), which
+    fetches both artifacts of one kind (first and next) and leaves. The two fetchers of a pair
+    take turns going first. Only what a fetch is offered differs between the two: the same
+    daemons share the cores, seconds apart, where separate swarms a minute apart differ by this
+    VM's drift."""
+    from tests.swarm_harness import Swarm
+
+    swarm = Swarm(root / "paired")
+    seeds = [swarm.add(_quiet()) for _ in range(3)]
+    one = [seed_artifact([seeds[0].data_dir], mib, n) for n in (10, 11)]
+    three = [seed_artifact([seed.data_dir for seed in seeds], mib, n) for n in (20, 21)]
+    results: list[dict[str, Transfer]] = []
+    try:
+        for seed in seeds:
+            seed.start()
+        for seed in seeds:
+            seed.wait_healthy(90)
+        for pair in range(pairs):
+            print(f"pair {pair + 1}/{pairs}: {mib} MiB", flush=True)
+            results.append({})
+            for kind, manifest_ids in [("1", one), ("3", three)][:: 1 if pair % 2 == 0 else -1]:
+                fetcher = swarm.add(_quiet(), token="bench")
+                fetcher.start()
+                try:
+                    first, then = _fetch_twice(fetcher, seeds, manifest_ids)
+                finally:
+                    fetcher.terminate(30)
+                    shutil.rmtree(fetcher.data_dir, ignore_errors=True)
+                for name, transfer in ((f"fetch, {kind} of 3 seeds", first), (f"fetch, {kind} of 3 seeds, next", then)):
+                    results[-1][name] = transfer
+                    print(f"  {name:<30} {transfer.seconds:6.2f} s  {mib / transfer.seconds:7.1f} MiB/s"
+                          f"   CPU s: receiver {transfer.receiver_cpu_s:5.2f}, seeds {transfer.sender_cpu_s:5.2f}",
+                          flush=True)
+    finally:
+        swarm.stop_all()
+    return results
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median of ``values``: the order statistics between
+    which the median lies with at least ``confidence`` (the sign test's binomial). With fewer
+    than six values no such pair exists, and it spans them all."""
+    ordered, n = sorted(values), len(values)
+    k, below = 0, 0.0  # below: P(Binomial(n, 1/2) <= k - 1)
+    while k < n // 2:
+        nxt = below + math.comb(n, k) / 2**n
+        if 2 * nxt > 1 - confidence:
+            break
+        below, k = nxt, k + 1
+    if k == 0:
+        return ordered[0], ordered[-1]
+    return ordered[k - 1], ordered[n - k]
+
+
+def print_pairs(results: list[dict[str, Transfer]], mib: int) -> None:
+    print("\nfetch(3 of 3 seeds) / fetch(1 of 3 seeds), the same swarm, pair by pair "
+          "(median, 95% interval for the median, then each pair in order):")
+    for label, suffix in (("first fetch", ""), ("next fetch", ", next")):
+        ratios = [r[f"fetch, 1 of 3 seeds{suffix}"].seconds / r[f"fetch, 3 of 3 seeds{suffix}"].seconds for r in results]
+        low, high = median_interval(ratios)
+        each = ", ".join(f"{ratio:.2f}" for ratio in ratios)
+        print(f"  {label:<12}: {statistics.median(ratios):5.2f}  [{low:.2f}, {high:.2f}]  ({each})  (target >= 1.00)")
+    for suffix in ("", ", next"):
+        for kind in ("1", "3"):
+            name = f"fetch, {kind} of 3 seeds{suffix}"
+            rates = [mib / r[name].seconds for r in results]
+            cpu = statistics.median(r[name].receiver_cpu_s for r in results) * 1024 / mib
+            print(f"  {name:<30} median {statistics.median(rates):6.1f} MiB/s, receiver {cpu:4.2f} CPU s/GiB")
 
 
 def main() -> None:
@@ -414,6 +503,8 @@ def main() -> None:
                         help="instead: the tuned bare stream at each of these yamux frame sizes")
     parser.add_argument("--pace-sweep", metavar="MIB/S,MIB/S,...",
                         help="instead: the bridge stream with its reader limited to each rate (0: no limit)")
+    parser.add_argument("--paired", type=int, metavar="N",
+                        help="instead: N pairs of fetches, from one seed and from three, in one swarm")
     parser.add_argument("--fetches-only", action="store_true",
                         help="only the daemon fetches (the second target's rows), not the bare transports")
     parser.add_argument("--serve", choices=sorted(SERVERS), help=argparse.SUPPRESS)
@@ -435,6 +526,13 @@ def main() -> None:
         return
     if args.pace_sweep:
         pace_sweep(total, [float(rate) for rate in args.pace_sweep.split(",")], args.repeats)
+        return
+    if args.paired:
+        root = Path(tempfile.mkdtemp(prefix="bench-exchange-"))
+        try:
+            print_pairs(paired_fetches(root, args.mib, args.paired), args.mib)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
         return
     best: dict[str, Transfer] = {}
     runs: list[dict[str, Transfer]] = []  # each attempt's transfers, for ratios within one attempt

@@ -290,3 +290,44 @@ def test_tcp_read_ahead_returns_the_bytes_in_order_and_never_more_than_asked():
             assert await reader.read(None) == b""
 
     trio.run(scenario)
+
+
+def test_tcp_reads_count_the_bytes_that_were_waiting_for_them():
+    """``TCP_READS`` over a real TCP connection on 127.0.0.1: a reader that lags behind its
+    writer finds full buffers (the bytes were waiting); one that keeps up with a trickle finds
+    what just came."""
+    import trio
+    from libp2p.io.trio import TrioTCPStream
+
+    from node.libp2p_bridge import TCP_READ_AHEAD_BYTES, TCP_READS, buffer_tcp_reads
+
+    buffer_tcp_reads()
+
+    async def transfer(pieces: int, piece: int, pause_s: float, lag_s: float) -> tuple[int, int]:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        writer = await trio.open_tcp_stream("127.0.0.1", port)
+        reader = TrioTCPStream(await listeners[0].accept())
+        before = (TCP_READS.bytes, TCP_READS.waiting_bytes)
+        async with trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                for _ in range(pieces):
+                    await writer.send_all(os.urandom(piece))
+                    await trio.sleep(pause_s)
+                await writer.aclose()
+
+            nursery.start_soon(send)
+            await trio.sleep(lag_s)
+            got = 0
+            while part := await reader.read(TCP_READ_AHEAD_BYTES):
+                got += len(part)
+                await trio.sleep(lag_s / 100)  # a slow reader stays slow
+            assert got == pieces * piece
+        await listeners[0].aclose()
+        return TCP_READS.bytes - before[0], TCP_READS.waiting_bytes - before[1]
+
+    read, waiting = trio.run(transfer, 8, TCP_READ_AHEAD_BYTES, 0.0, 0.3)
+    assert read == 8 * TCP_READ_AHEAD_BYTES and waiting >= read / 2, (read, waiting)
+    read, waiting = trio.run(transfer, 20, 1024, 0.01, 0.0)
+    assert read == 20 * 1024 and waiting == 0, (read, waiting)
