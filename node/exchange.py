@@ -298,9 +298,10 @@ class _FetchRun:
         self.last_progress = time.monotonic()
         me = exchange.self_peer
         self.my_weight = {cid: rendezvous_weight(cid, me) for cid in self.sizes}
-        # Which provider a narrow fetch prefers: seeds first, then the one that has sent us the
-        # most in this fetch (the one it measured, when a comparison chose narrow), then by a
-        # weight of our own, so fetchers of one artifact that know nothing yet pick different seeds.
+        # Which provider a narrow fetch prefers: seeds first, then ones we are connected to, then
+        # the one that has sent us the most in this fetch (the one it measured, when a comparison
+        # chose narrow), then by a weight of our own, so fetchers of one artifact that know
+        # nothing yet pick different seeds.
         self.provider_key = f"{manifest.artifact_id}:{me}"
         # Our own preference order, computed once: picking a batch walks it instead of sorting.
         self.order = sorted(self.sizes, key=lambda cid: -self.my_weight[cid])
@@ -346,8 +347,17 @@ class _FetchRun:
         ready = [p for p in self.has if p not in self.dropped and self._has_work(p)]
         if not ready:
             return False
+        # A provider we hold a connection to first: one learnt from the DHT may have left, and a
+        # narrow fetch that picked it would wait out a dial before moving on.
+        connected = set(self.exchange.bridge.connected_peers())
         self.focus = max(
-            ready, key=lambda p: (self.has[p] is None, self.delivered[p], rendezvous_weight(self.provider_key, p))
+            ready,
+            key=lambda p: (
+                self.has[p] is None,
+                p in connected,
+                self.delivered[p],
+                rendezvous_weight(self.provider_key, p),
+            ),
         )
         return peer == self.focus
 

@@ -6,13 +6,15 @@ where the fetcher itself is the limit, or the providers share its machine: every
 then only adds work per byte, and the fetch slows down. The fetch tells the two apart as it goes:
 
 - It starts on one provider (narrow). Extra providers must first show that they pay.
-- If one provider already keeps the fetcher busy, it stays narrow and tries nothing else: the
-  fetcher's process wanted a core (ran on one, or waited in the run queue for one) nearly all of
-  a window. A Python process runs one thread at a time, so more providers could deliver at most
-  the little time left (1.1 times, the margin below), and on a machine whose cores are full they
-  would only take cores from it. A rate measured while the receiver is the limit says nothing
-  of the paths (TCP's BBR calls such a sample "app-limited"). Three seeds sharing the fetcher's
-  two cores are the case in point: one seed keeps the fetcher's process wanting 1.5 to 2 cores.
+- If one provider already fills the fetcher, it stays narrow and tries nothing else. Filled
+  means two things over a window: the fetcher's process wanted a core nearly all of it (ran on
+  one, or waited in the run queue for one), and most of the bytes its TCP reads took had been
+  waiting for them (``ReceiverLoad``). A Python process runs one thread at a time, so more
+  providers could deliver at most the little time left (1.1 times, the margin below), and on a
+  machine whose cores are full they would only take cores from it. A rate measured while the
+  receiver is the limit says nothing of the paths (TCP's BBR calls such a sample
+  "app-limited"). Three seeds sharing the fetcher's two cores are the case in point: one seed
+  keeps the fetcher's process wanting 1.5 to 2 cores, with its reads finding data waiting.
 - Otherwise it measures: one window with each width, then the first width again, and compares
   the second window with the mean of the two around it (a fetch speeds up or slows down as it
   goes, and the first and last windows cancel that drift out). A width twice as fast as the
@@ -25,9 +27,8 @@ then only adds work per byte, and the fetch slows down. The fetch tells the two 
 It checks again later, less often while the answer stays the same; a later fetch from the same
 providers keeps the answer until then (``Verdict``).
 
-Pure: the fetch feeds it the bytes it receives and the clock, and it reads a second clock of
-the cores the process wanted (``process_demand_s``) as a window opens and closes; nothing here
-waits or sleeps.
+Pure: the fetch feeds it the bytes it receives and the clock, and it reads the receiver's
+counters (``ReceiverLoad``) as a window opens and closes; nothing here waits or sleeps.
 """
 
 from __future__ import annotations

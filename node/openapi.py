@@ -153,6 +153,7 @@ SCHEMAS: dict[str, Schema] = {
         "receiver_bound": COUNT,
         "rate_bytes_per_s": counts(NUMBER),
         "receiver_cores": counts(NUMBER),
+        "receiver_waiting": counts(NUMBER),
     }),
     "Fetches": obj({"fetches": {"type": "array", "items": ref("Fetch")}}),
     "ExchangeCounters": obj({

@@ -105,6 +105,18 @@ def test_a_narrow_fetch_prefers_a_seed_to_a_partial_holder(tmp_path: Path) -> No
     assert run.available("seed") and not run.available("partial")
 
 
+def test_a_narrow_fetch_prefers_a_seed_it_is_connected_to(tmp_path: Path, monkeypatch) -> None:
+    seeds = ["a", "b", "c"]
+    # Of three seeds, one is connected (the others were learnt from the DHT, and may be gone):
+    # whichever it is, the fetch draws on it.
+    for connected in seeds:
+        run = fetch_run(tmp_path / connected, 16, 4 * MIB, seeds, streams=1, width=NARROW)
+        monkeypatch.setattr(run.exchange.bridge, "connected_peers", lambda c=connected: [c])
+        assert [seed for seed in seeds if run.available(seed)] == [connected]
+        run.dropped.add(connected)  # it leaves: the fetch moves on to one of the others
+        assert sum(1 for seed in seeds if run.available(seed)) == 1 and not run.available(connected)
+
+
 def test_a_wide_fetch_draws_on_every_provider(tmp_path: Path) -> None:
     seeds = ["a", "b", "c"]
     run = fetch_run(tmp_path, 32, 4 * MIB, seeds, streams=2, width=WIDE)
