@@ -58,7 +58,7 @@ def node_view(table: PeerTable, peer: str) -> dict[str, Any] | None:
         "device": beat.device,
         "fetch": {
             "manifest": caps.get(FETCH),
-            "progress": caps[FETCH_PROGRESS] / 1000 if isinstance(caps.get(FETCH_PROGRESS), int) else None,
+            "progress": progress / 1000 if isinstance(progress := caps.get(FETCH_PROGRESS), int) else None,
             "rate_bytes_per_s": caps.get(FETCH_RATE),
             "bytes_left": caps.get(FETCH_LEFT),
             "error": caps.get(FETCH_ERROR),

@@ -62,7 +62,7 @@ class Dashboard:
         if not 1 <= limit <= CHAIN_LIMIT:
             raise HttpError(400, f"limit must be between 1 and {CHAIN_LIMIT}")
         heads = self.api._heads()
-        rows = []
+        rows: list[dict[str, Any]] = []
         for head in heads.index.ancestors(heads.adopted):
             if len(rows) == limit:
                 break

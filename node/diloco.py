@@ -36,7 +36,7 @@ from node.store import ContentStore
 from node.trainer import Trainer
 from protocol import canonical
 from protocol.chunking import FixedChunking
-from protocol.codecs import BF16, FP32, INT8
+from protocol.codecs import BF16, FP32, INT8, Codec
 from protocol.coverage import EpochLedger, replay, select_updates
 from protocol.errors import Invalid
 from protocol.evals import EVAL_KIND, EVAL_VERSION, EvalRecord
@@ -49,7 +49,7 @@ from protocol.updates import InnerMetrics, UpdateRecord
 log = get_logger("diloco")
 
 UPDATE_VERSION = 1
-CODECS = {"fp32": FP32, "bf16": BF16, "int8": INT8}
+CODECS: dict[str, Codec] = {"fp32": FP32, "bf16": BF16, "int8": INT8}
 MAX_BUFFERED_ROUNDS = 4
 SYNC_MAX_S = 120.0
 UNAVAILABLE = "unavailable"  # an exclusion reason that records what the merger could fetch, not the inputs

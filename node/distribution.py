@@ -19,14 +19,14 @@ from node.gossip import Gossip
 from node.logs import get_logger
 from node.store import ContentStore, write_atomic
 from protocol.chunking import Chunking, FixedChunking
-from protocol.codecs import BF16, FP32, INT8
+from protocol.codecs import BF16, FP32, INT8, Codec
 from protocol.heads import HeadRecord
 from protocol.records import Record
 from protocol.variants import VARIANT_KIND, VARIANT_VERSION, VariantRecord
 
 log = get_logger("distribution")
 
-VARIANT_CODECS = {"fp32": FP32, "bf16": BF16, "int8": INT8}
+VARIANT_CODECS: dict[str, Codec] = {"fp32": FP32, "bf16": BF16, "int8": INT8}
 PINNED_VARIANTS = 16  # this peer's newest variant manifests that store GC keeps (it announces them as held)
 
 

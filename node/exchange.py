@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import time
 from collections import Counter
@@ -390,7 +391,8 @@ class _FetchRun:
         if streams > 1:
             left = sum(self.sizes[c] for c in unclaimed)
             limit = min(limit, -(-left // streams))
-        batch, size = [], 0
+        batch: list[str] = []
+        size = 0
         for cid in free:
             if batch and size + self.sizes[cid] > limit:
                 break
@@ -464,7 +466,7 @@ class Exchange:
             self._cancelled.discard(manifest_id)
             task = asyncio.create_task(self._fetch(manifest_id, hints), name=f"fetch-{manifest_id[:12]}")
             self._tasks[manifest_id] = task
-            task.add_done_callback(lambda t, m=manifest_id: self._forget_task(m, t))
+            task.add_done_callback(functools.partial(self._forget_task, manifest_id))
         return task
 
     def resume(self) -> list[str]:

@@ -141,7 +141,7 @@ class Leasing:
         the rendezvous rule and never finish them: the epoch would stall.
         """
         self.release_own()
-        delay_s = min(BACK_OFF_BASE_S * 2**self._failures_in_a_row, max(self._lease_ms / 1000, BACK_OFF_BASE_S))
+        delay_s = min(BACK_OFF_BASE_S * 2.0**self._failures_in_a_row, max(self._lease_ms / 1000, BACK_OFF_BASE_S))
         self._failures_in_a_row += 1
         self._benched_until_ms = now_ms() + int(delay_s * 1000)
         log.warning("leases_backed_off", seconds=delay_s, failures_in_a_row=self._failures_in_a_row)

@@ -18,7 +18,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -251,8 +251,9 @@ def buffer_tcp_reads() -> None:
 # sent that passed it, for at most SEEN_RECORD_REUSE_S (py-libp2p keeps a record for two hours).
 SENT_RECORD_REUSE_S = 5.0
 SEEN_RECORD_REUSE_S = 600.0
-_record_to_send = pubsub_module.env_to_send_in_RPC
-_consume_record = pubsub_module.maybe_consume_signed_record
+# py-libp2p's pubsub module imports both without re-exporting them (no ``__all__``).
+_record_to_send = pubsub_module.env_to_send_in_RPC  # type: ignore[attr-defined]
+_consume_record = pubsub_module.maybe_consume_signed_record  # type: ignore[attr-defined]
 
 
 def _cached_record_to_send(host: Any) -> tuple[bytes, bool]:
@@ -402,7 +403,7 @@ class FramedStream:
     async def read_frame(self, max_size: int, timeout: float) -> bytes:
         return await self._bridge.call(_read_frame, self._stream, max_size, timeout=timeout)
 
-    async def read_frames(self, count: int, max_size: int, timeout: float) -> AsyncIterator[bytes]:
+    async def read_frames(self, count: int, max_size: int, timeout: float) -> AsyncGenerator[bytes, None]:
         """The next ``count`` frames, read by one task on the trio side as fast as they arrive.
 
         One hop into trio for the whole run instead of one per frame: the stream keeps

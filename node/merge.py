@@ -91,7 +91,7 @@ def _screen(
 def _square_sum(tensor: torch.Tensor) -> float:
     """The float64 sum of squares, a slice at a time: no full-size float64 temporaries."""
     flat = tensor.reshape(-1)
-    return math.fsum(float(part.double().square().sum()) for part in flat.split(_SLICE))
+    return math.fsum(float(part.double().square().sum()) for part in torch.split(flat, _SLICE))
 
 
 def _weighted_mean(updates: Sequence[UpdateInput], name: str) -> torch.Tensor:

@@ -227,7 +227,7 @@ class NodeMetrics:
         if len(adopted) < 2:
             return 0.0
         first, last = adopted[0], adopted[-1]
-        gained = last.data.get("samples_total", 0) - first.data.get("samples_total", 0)
+        gained = float(last.data.get("samples_total", 0)) - float(first.data.get("samples_total", 0))
         return round(max(gained, 0) / max(now - first.at, 1e-3), 3)
 
     def _peers(self, out: Exposition) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from node.artifacts import MissingContent
@@ -17,6 +18,7 @@ from node.http import (
     Param,
     Request,
     Response,
+    StreamResponse,
     file_response,
     json_response,
     start_http,
@@ -220,7 +222,7 @@ class StatusApi:
             "eval": heads.eval.get(head.id, {}),
         })
 
-    async def head_weights(self, request: Request) -> Response:
+    async def head_weights(self, request: Request) -> Response | StreamResponse:
         head = self._find_head(request.params["id"])
         node = self.node
         assert node.store is not None and node.distribution is not None and node.exchange is not None
@@ -274,7 +276,7 @@ class StatusApi:
         if not 0 <= replay <= 256:
             raise HttpError(400, "replay must be between 0 and 256")
 
-        async def stream():  # type: ignore[no-untyped-def]
+        async def stream() -> AsyncIterator[Event]:
             async for event in self.node.events.subscribe(replay):
                 yield Event(data=json.dumps(event.view()), event=event.kind, id=str(event.seq))
 

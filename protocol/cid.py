@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import blake3
 
 PREFIX = "b3:"
@@ -24,7 +26,7 @@ def content_id_of(hasher: blake3.blake3) -> str:
     return PREFIX + hasher.hexdigest()
 
 
-def is_content_id(value: object) -> bool:
+def is_content_id(value: object) -> TypeGuard[str]:
     """Whether ``value`` is a well-formed content id string (lower-case hex)."""
     return (
         isinstance(value, str)
