@@ -60,18 +60,21 @@ def _report(status_ports: list[int]) -> str:
     lines = []
     for index, port in enumerate(status_ports, start=1):
         status = _get(f"http://127.0.0.1:{port}/status")
-        if status is None:
-            lines.append(f"  peer{index}: not answering on :{port}")
-            continue
-        live = status.get("peers", {}).get("live", 0)
-        parts = [f"peer{index} {status.get('peer_id', '?')[-8:]}", f"live peers {live}"]
-        training = status.get("training") or {}
-        if training:
-            parts.append(f"round {training.get('round')}")
-            if training.get("val_loss") is not None:
-                parts.append(f"val loss {training['val_loss']:.4f}")
-        lines.append("  " + ", ".join(parts))
+        lines.append(_peer_line(index, status) if status is not None else f"  peer{index}: not answering on :{port}")
     return "\n".join(lines)
+
+
+def _peer_line(index: int, status: Mapping[str, Any]) -> str:
+    """One peer's line: its round (the one it works on) and its canonical head's validation loss,
+    named by the head's round, which is the round before while the peer trains the next."""
+    live = status.get("peers", {}).get("live", 0)
+    parts = [f"peer{index} {status.get('peer_id', '?')[-8:]}", f"live peers {live}"]
+    training = status.get("training") or {}
+    if training:
+        parts.append(f"round {training.get('round')}")
+        if training.get("val_loss") is not None:
+            parts.append(f"val loss {training['val_loss']:.4f} (head of round {training.get('head_round')})")
+    return "  " + ", ".join(parts)
 
 
 def run_local_swarm(

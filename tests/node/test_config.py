@@ -240,3 +240,15 @@ def test_free_form_tables_take_any_toml_and_set_overrides(tmp_path: Path) -> Non
         load_schema(WorkloadConfig, None, environ={"P2P_NODE_WORKLOAD_OPTIONS": "x"})
     with pytest.raises(ConfigError, match=r"workload\.options: expected a table, got 3"):
         load_schema(WorkloadConfig, _write(tmp_path, "[workload]\noptions = 3\n"), environ={})
+
+
+def test_the_swarm_report_names_the_round_of_the_head_whose_loss_it_shows() -> None:
+    from node.local_swarm import _peer_line
+
+    status = {"peer_id": "12D3KooWxyzabcdefgh", "peers": {"live": 2},
+              "training": {"round": 3, "head_round": 2, "val_loss": 2.5}}
+    assert _peer_line(2, status) == "  peer2 abcdefgh, live peers 2, round 3, val loss 2.5000 (head of round 2)"
+    # A consumer before its first head, and a peer that reports no training at all.
+    status["training"] = {"round": 0, "head_round": 0, "val_loss": None}
+    assert _peer_line(1, status) == "  peer1 abcdefgh, live peers 2, round 0"
+    assert _peer_line(1, {"peer_id": "p", "peers": {}}) == "  peer1 p, live peers 0"
