@@ -1,32 +1,5 @@
 """How many providers a fetch draws from at once: one, or all of them, whichever delivers more.
 
-Spreading a fetch over every provider pays where each provider's path is the limit (a link,
-a busy seed): three seeds on 100 Mbit/s links deliver three times what one does. It costs
-where the fetcher itself is the limit, or the providers share its machine: every extra stream
-then only adds work per byte, and the fetch slows down. The fetch tells the two apart as it goes:
-
-- It starts on one provider (narrow). Extra providers must first show that they pay.
-- If one provider already fills the fetcher, it stays narrow and tries nothing else. Filled
-  means two things over a window: the fetcher's process wanted a core nearly all of it (ran on
-  one, or waited in the run queue for one), and most of the bytes its TCP reads took had been
-  waiting for them (``ReceiverLoad``). A Python process runs one thread at a time, so more
-  providers could deliver at most the little time left (1.1 times, the margin below), and on a
-  machine whose cores are full they would only take cores from it. A rate measured while the
-  receiver is the limit says nothing of the paths (TCP's BBR calls such a sample
-  "app-limited"). Three seeds sharing the fetcher's two cores are the case in point: one seed
-  keeps the fetcher's process wanting 1.5 to 2 cores, with its reads finding data waiting.
-- Otherwise it measures: one window with each width, then the first width again, and compares
-  the second window with the mean of the two around it (a fetch speeds up or slows down as it
-  goes, and the first and last windows cancel that drift out). A width twice as fast as the
-  other in the first two windows wins at once: no drift comes near that, and over links that
-  limit each provider wide delivers two to three times one.
-- Wide must deliver clearly more to be kept: every extra stream costs the providers CPU per
-  byte (three seeds serving a third each spent 1.3 to 1.7 times the CPU per byte of one serving
-  it all, BENCHMARKS.md), and a gain within the windows' noise is not worth that.
-
-It checks again later, less often while the answer stays the same; a later fetch from the same
-providers keeps the answer until then (``Verdict``).
-
 Pure: the fetch feeds it the bytes it receives and the clock, and it reads the receiver's
 counters (``ReceiverLoad``) as a window opens and closes; nothing here waits or sleeps.
 """
@@ -118,6 +91,33 @@ class Verdict:
 @dataclass
 class FanOut:
     """The width a fetch draws with, chosen by measuring both (``adaptive``) or fixed.
+
+    Spreading a fetch over every provider pays where each provider's path is the limit (a link,
+    a busy seed): three seeds on 100 Mbit/s links deliver three times what one does. It costs
+    where the fetcher itself is the limit, or the providers share its machine: every extra stream
+    then only adds work per byte, and the fetch slows down. The fetch tells the two apart as it goes:
+
+    - It starts on one provider (narrow). Extra providers must first show that they pay.
+    - If one provider already fills the fetcher, it stays narrow and tries nothing else. Filled
+      means two things over a window: the fetcher's process wanted a core nearly all of it (ran on
+      one, or waited in the run queue for one), and most of the bytes its TCP reads took had been
+      waiting for them (``ReceiverLoad``). A Python process runs Python in one thread at a time, so more
+      providers could deliver at most the little time left (1.1 times, the margin below), and on a
+      machine whose cores are full they would only take cores from it. A rate measured while the
+      receiver is the limit says nothing of the paths (TCP's BBR calls such a sample
+      "app-limited"). Three seeds sharing the fetcher's two cores are the case in point: one seed
+      keeps the fetcher's process wanting 1.5 to 2 cores, with its reads finding data waiting.
+    - Otherwise it measures: one window with each width, then the first width again, and compares
+      the second window with the mean of the two around it (a fetch speeds up or slows down as it
+      goes, and the first and last windows cancel that drift out). A width twice as fast as the
+      other in the first two windows wins at once: no drift comes near that, and over links that
+      limit each provider wide delivers two to three times one.
+    - Wide must deliver clearly more to be kept: every extra stream costs the providers CPU per
+      byte (three seeds serving a third each spent 1.3 to 1.7 times the CPU per byte of one serving
+      it all, BENCHMARKS.md), and a gain within the windows' noise is not worth that.
+
+    It checks again later, less often while the answer stays the same; a later fetch from the same
+    providers keeps the answer until then (``Verdict``).
 
     ``verdict``: an earlier fetch's answer, still standing: the fetch draws with its width and
     compares only once it is due, as one long fetch would. ``load``: the receiver's counters
