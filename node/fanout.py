@@ -37,7 +37,7 @@ class FanOutSettings:
     saturated: float = 1 / (1 + 0.10)
     # ... and the bytes it read in that window had been waiting for it: at least this fraction
     # came from reads that filled the whole read-ahead buffer (``TcpReadFill``). Measured here:
-    # 0.67 to 1.0 from one seed on loopback, 0.0 from seeds behind 100 Mbit/s links.
+    # 0.55 to 1.0 from one seed on loopback, 0.0 from seeds behind 100 Mbit/s links.
     backlogged: float = 0.5
 
 
@@ -106,7 +106,7 @@ class FanOut:
       machine whose cores are full they would only take cores from it. A rate measured while the
       receiver is the limit says nothing of the paths (TCP's BBR calls such a sample
       "app-limited"). Three seeds sharing the fetcher's two cores are the case in point: one seed
-      keeps the fetcher's process wanting 1.5 to 2 cores, with its reads finding data waiting.
+      keeps the fetcher's process wanting 1.5 to 2.6 cores, with its reads finding data waiting.
     - Otherwise it measures: one window with each width, then the first width again, and compares
       the second window with the mean of the two around it (a fetch speeds up or slows down as it
       goes, and the first and last windows cancel that drift out). A width twice as fast as the
