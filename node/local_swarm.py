@@ -17,6 +17,8 @@ from typing import Any
 from node.keys import load_or_create_key
 
 REPORT_EVERY_S = 5.0
+# A peer stops within 5 s of SIGTERM (``p2p-node start``); twice that before SIGKILL.
+PEER_STOP_GRACE_S = 10.0
 
 
 def _toml_list(values: list[str]) -> str:
@@ -77,16 +79,31 @@ def _peer_line(index: int, status: Mapping[str, Any]) -> str:
     return "  " + ", ".join(parts)
 
 
+class _StopSignal(Exception):
+    """A stop signal (SIGTERM, SIGHUP) arrived: the swarm stops as on Ctrl-C."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _StopSignal(signal.Signals(signum).name)
+
+
 def run_local_swarm(
     peers: int, base_dir: Path, base_port: int, status_port: int, overrides: Mapping[str, str]
 ) -> int:
-    """Run the swarm in the foreground until Ctrl-C; children get SIGTERM and are waited for."""
+    """Run the swarm in the foreground until Ctrl-C, SIGTERM or SIGHUP (exit 0) or until a peer exits
+    (exit 1); either way every peer is stopped (``stop_peers``) before this returns."""
     configs = write_peer_configs(peers, base_dir, base_port, status_port)
     status_ports = [status_port + i for i in range(peers)]
     children: list[subprocess.Popen[bytes]] = []
     extra = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
     # N peers share this machine's cores: one torch thread each avoids oversubscription.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # A launcher in the background, under ``timeout``, a supervisor or ``docker stop`` is told to
+    # stop with SIGTERM (or SIGHUP when its terminal goes): dying of it would orphan the peers.
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in STOP_SIGNALS}
     try:
         for index, config in enumerate(configs, start=1):
             log_path = base_dir / f"peer{index}.log"
@@ -109,15 +126,35 @@ def run_local_swarm(
                     return 1
             print(time.strftime("%H:%M:%S"))
             print(_report(status_ports), flush=True)
-    except KeyboardInterrupt:
-        print("stopping the swarm")
+    except (KeyboardInterrupt, _StopSignal) as stop:
+        print(f"stopping the swarm ({stop or 'SIGINT'})", flush=True)
         return 0
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        # The stop is bounded (``stop_peers``); a second signal meanwhile must not cut it short.
+        for sig in (signal.SIGINT, *STOP_SIGNALS):
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            stop_peers(children)
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def stop_peers(children: list[subprocess.Popen[bytes]], grace_s: float = PEER_STOP_GRACE_S) -> list[int]:
+    """SIGTERM every running child, wait up to ``grace_s`` for all of them together, then SIGKILL
+    the rest; return the pids that had to be killed."""
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    killed = []
+    for child in children:
+        try:
+            child.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            killed.append(child.pid)
+            print(f"peer (pid {child.pid}) did not stop within {grace_s:.0f} s; killed", flush=True)
+    return killed
