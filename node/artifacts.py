@@ -63,10 +63,13 @@ def tensor_sources(tensors: Mapping[str, torch.Tensor], codec: Codec = FP32) -> 
 
 
 def encode_state_dict(
-    tensors: Mapping[str, torch.Tensor], codec: Codec = FP32, chunking: Chunking = FixedChunking()
+    tensors: Mapping[str, torch.Tensor],
+    codec: Codec = FP32,
+    chunking: Chunking = FixedChunking(),
+    binding: str | None = None,
 ) -> Artifact:
     """Encode, chunk and hash a state dict in memory, keeping its order."""
-    return build_artifact(tensor_sources(tensors, codec), chunking)
+    return build_artifact(tensor_sources(tensors, codec), chunking, binding)
 
 
 def decode_state_dict(manifest: Manifest, stream: np.ndarray) -> dict[str, torch.Tensor]:
@@ -90,10 +93,11 @@ def store_artifact(
     tensors: Mapping[str, torch.Tensor],
     codec: Codec = FP32,
     chunking: Chunking = FixedChunking(),
+    binding: str | None = None,
 ) -> str:
     """Encode a state dict into ``store``; return its manifest id. The manifest is written
     last, so a stored manifest always has its chunks (until GC removes unpinned ones)."""
-    artifact = encode_state_dict(tensors, codec, chunking)
+    artifact = encode_state_dict(tensors, codec, chunking, binding)
     distinct = chunks_by_id(artifact)
     store.put_many(distinct.values(), distinct.keys())
     return store.put_manifest(artifact.manifest.encoded, artifact.manifest.artifact_id)

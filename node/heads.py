@@ -26,6 +26,8 @@ log = get_logger("heads")
 HEAD_VERSION = 1
 STATE_FILE = "heads.json"
 MAX_BACKFILL = 10_000
+MAX_PENALISED = 4096  # authors whose rejected heads are counted; the oldest is forgotten first
+MAX_EVAL_REPORTS = 1024  # peers' evaluations kept per head; a head's evaluators are its swarm's peers
 
 Verifier = Callable[[HeadRecord], Awaitable[str | None]]  # None: valid; else the reason it is not
 
@@ -42,6 +44,7 @@ class Heads:
         data_dir: Path,
         reannounce_s: float,
         retention: int,
+        verify_ancestors: bool = True,
     ) -> None:
         self.index = HeadIndex(genesis)
         self._gossip = gossip
@@ -50,6 +53,7 @@ class Heads:
         self._state_path = data_dir / STATE_FILE
         self._reannounce_s = reannounce_s
         self._retention = retention
+        self._verify_ancestors = verify_ancestors
         self.verifier: Verifier | None = None
         self.emit: Callable[..., None] = lambda kind, **data: None  # the daemon's event bus
         self.adopted: str = genesis.id
@@ -57,7 +61,7 @@ class Heads:
         self.rejected: Counter[str] = Counter()
         self._verify_faults = Repeats()  # the same local fault, logged once a minute
         self.penalties: Counter[str] = Counter()
-        self.eval: dict[str, dict[str, Any]] = {}
+        self.eval: dict[str, dict[str, Any]] = {}  # validation loss by head, then by peer: heads in the index only
         self.rollbacks: dict[str, RollbackRecord] = {}
         self._verifying: set[str] = set()
         self._candidates: asyncio.Queue[tuple[HeadRecord, str]] = asyncio.Queue(256)
@@ -178,45 +182,81 @@ class Heads:
         self._verifying.add(head.id)
 
     async def _accept(self, head: HeadRecord, author: str) -> None:
-        missing = await self._backfill(head)
+        ancestors, missing = await self._unknown_ancestors(head)
         if missing is not None:
             self.rejected["unknown_parent"] += 1
             log.info("head_parent_unavailable", head=head.id, missing=missing)
             return
-        reason = await self.verifier(head) if self.verifier is not None else None
+        # Oldest first, each verified against its parent before the next: a head is only as good
+        # as its history, and an ancestor that was never announced (so never checked) could
+        # otherwise carry any weights into the chain under a tip that recomputes correctly.
+        for ancestor in ancestors if self._verify_ancestors else ():
+            reason = await self._verify(ancestor)
+            if reason is not None:
+                log.warning("ancestor_rejected", head=head.id, ancestor=ancestor.id, round=ancestor.round, reason=reason)
+                self._reject(head, author, f"ancestor_{reason}")
+                return
+            if not await self._add_verified(ancestor, head, author):
+                return
+        if not self._verify_ancestors:
+            for ancestor in ancestors:
+                if not await self._add_verified(ancestor, head, author):
+                    return
+        reason = await self._verify(head)
         if reason is not None:
             self._reject(head, author, reason)
             return
+        if await self._add_verified(head, head, author):
+            await self._reconsider()
+
+    async def _verify(self, head: HeadRecord) -> str | None:
+        return await self.verifier(head) if self.verifier is not None else None
+
+    async def _add_verified(self, head: HeadRecord, tip: HeadRecord, author: str) -> bool:
+        """Link a verified head into the index and store its body; False (rejected) on a bad link."""
         async with self._lock:
             try:
                 self.index.add(head)
             except Invalid as exc:
-                self._reject(head, author, exc.reason)
-                return
+                self._reject(tip, author, exc.reason)
+                return False
         await asyncio.to_thread(self._put_body, head)
-        await self._reconsider()
+        return True
 
     def _reject(self, head: HeadRecord, author: str, reason: str) -> None:
         """Count, penalise and report a head this peer will not adopt."""
         self.rejected[reason] += 1
         self.penalties[author] += 1
+        while len(self.penalties) > MAX_PENALISED:
+            del self.penalties[next(iter(self.penalties))]
         log.warning("head_rejected", head=head.id, author=author, reason=reason)
         self.emit("head_rejected", head=head.id, author=author, reason=reason)
 
-    async def _backfill(self, head: HeadRecord) -> str | None:
-        """Fetch unknown ancestors' records (by id, from the swarm) into the index; the id we could not get."""
+    async def _unknown_ancestors(self, head: HeadRecord) -> tuple[list[HeadRecord], str | None]:
+        """The head's ancestors missing from the index, oldest first, and the id of the first one
+        that could not be had (None when the chain reaches a known head)."""
         pending: list[HeadRecord] = []
         parent_id = head.parent
         while parent_id is not None and parent_id not in self.index and len(pending) < MAX_BACKFILL:
             parent = await asyncio.to_thread(self._load_body, parent_id) or await self._fetch_body(parent_id)
             if parent is None:
-                return parent_id
+                return [], parent_id
             pending.append(parent)
             parent_id = parent.parent
         if parent_id is not None and parent_id not in self.index:
-            return parent_id
+            return [], parent_id
+        if parent_id is None and pending and pending[-1].id != self.index.root.id:
+            return [], pending[-1].id  # a chain from another genesis
+        return pending[::-1], None
+
+    async def _link_trusted(self, head: HeadRecord) -> str | None:
+        """Link ``head`` and its unknown ancestors without recomputing them (an operator vouched
+        for ``head``); the id that could not be had or linked, else None."""
+        ancestors, missing = await self._unknown_ancestors(head)
+        if missing is not None:
+            return missing
         async with self._lock:
-            for ancestor in reversed(pending):
+            for ancestor in [*ancestors, head]:
                 try:
                     self.index.add(ancestor)
                 except Invalid as exc:
@@ -239,16 +279,11 @@ class Heads:
         """Pin the canonical chain to ``rollback.target`` (fetching its record if we lack it)."""
         if rollback.target not in self.index:
             target = await asyncio.to_thread(self._load_body, rollback.target) or await self._fetch_body(rollback.target)
-            if target is None or await self._backfill(target) is not None:
+            failed = "unknown" if target is None else await self._link_trusted(target)
+            if failed is not None:
                 self.rejected["rollback_target_unknown"] += 1
-                log.warning("rollback_target_unknown", target=rollback.target)
+                log.warning("rollback_target_unknown", target=rollback.target, missing=failed)
                 return
-            async with self._lock:
-                try:
-                    self.index.add(target)
-                except Invalid as exc:
-                    self.rejected[exc.reason] += 1
-                    return
         async with self._lock:
             self.index.pin(rollback)
         self.rollbacks[rollback.id] = rollback
@@ -278,8 +313,20 @@ class Heads:
                   updates=len(head.updates), excluded=len(head.excluded))
         await asyncio.to_thread(self._save)
         if self._retention > 0:
-            self.index.prune(self._retention)
+            for dropped in self.index.prune(self._retention):
+                self.eval.pop(dropped, None)
         self.changed.set()
+
+    def record_eval(self, head_id: str, peer: str, loss: float) -> bool:
+        """Keep a peer's validation loss of a known head; False (ignored) for a head not in the
+        index, so evaluations of made-up heads cannot grow the map."""
+        if head_id not in self.index:
+            return False
+        reports = self.eval.setdefault(head_id, {})
+        if peer not in reports and len(reports) >= MAX_EVAL_REPORTS:
+            return False
+        reports[peer] = loss
+        return True
 
     @property
     def verifying(self) -> bool:

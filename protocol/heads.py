@@ -6,6 +6,8 @@ the same inputs the same way name the same head without talking.
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -15,7 +17,7 @@ from protocol import canonical, fields
 from protocol.cid import content_id
 from protocol.control import RollbackRecord, latest_rollback
 from protocol.errors import Invalid
-from protocol.updates import UpdateRecord
+from protocol.updates import UpdateRecord, credit
 
 MAX_HEAD_UPDATES = 1024
 MAX_HEAD_MICROSHARDS = 8192
@@ -26,8 +28,9 @@ Param = bool | int | float
 _WIRE_KEYS = (
     "parent", "round", "epoch", "updates", "excluded", "rule", "weights", "momentum",
     "samples_total", "tokens_total", "samples", "tokens", "microshards", "eval",
-    "workload", "dataset", "rollback",
+    "workload", "dataset", "rollback", "update_norm",
 )
+NORM_WINDOW = 8  # recent heads whose update norms bound the next round's
 
 
 def _param_to_wire(value: Param) -> bool | int | str:
@@ -107,7 +110,9 @@ class HeadRecord:
     (None before any): the first head built on a rollback's target carries
     that rollback's id and its descendants inherit it, which is what lets the
     fork choice tell the new branch from heads built on the target before.
-    ``workload`` and ``dataset`` never change along a chain.
+    ``workload`` and ``dataset`` never change along a chain. ``update_norm`` is the median
+    L2 norm of the updates merged (None at genesis): what bounds update norms in later rounds
+    however few updates those have (``reference_norm``).
     """
 
     parent: str | None
@@ -127,6 +132,7 @@ class HeadRecord:
     workload: str
     dataset: str
     rollback: str | None = None
+    update_norm: float | None = None
 
     @cached_property
     def id(self) -> str:
@@ -151,6 +157,7 @@ class HeadRecord:
             "workload": self.workload,
             "dataset": self.dataset,
             "rollback": self.rollback,
+            "update_norm": None if self.update_norm is None else fields.encode_real(self.update_norm),
         }
 
     @classmethod
@@ -174,6 +181,7 @@ class HeadRecord:
             workload=fields.cid(wire["workload"], "workload"),
             dataset=fields.cid(wire["dataset"], "dataset"),
             rollback=fields.optional_cid(wire["rollback"], "rollback"),
+            update_norm=None if wire["update_norm"] is None else fields.decode_real(wire["update_norm"], "update_norm"),
         )
         _check_consistent(head)
         return head
@@ -189,8 +197,15 @@ def _check_consistent(head: HeadRecord) -> None:
     if head.parent is None and (
         head.epoch or head.updates or head.excluded or head.microshards or head.samples_total
         or head.tokens_total or head.momentum is not None or head.rollback is not None
+        or head.update_norm is not None
     ):
         raise Invalid("malformed", "a genesis head carries no inputs, totals, momentum or rollback")
+    if head.parent is not None and not head.updates:
+        # An honest merge of nothing makes no head; one that claims to would let its author
+        # set the weights at will.
+        raise Invalid("no_updates", "a head merges at least one update")
+    if head.update_norm is not None and not (head.update_norm >= 0 and math.isfinite(head.update_norm)):
+        raise Invalid("malformed", "update_norm must be finite and non-negative")
 
 
 def head_id(head: HeadRecord) -> str:
@@ -236,19 +251,42 @@ def check_child(parent: HeadRecord, child: HeadRecord, rollbacks: Mapping[str, R
             raise Invalid("bad_rollback", "a rollback marker starts only on the rollback's target")
 
 
-def check_inputs(head: HeadRecord, updates: Mapping[str, UpdateRecord]) -> None:
-    """Raise Invalid unless ``updates`` (by record id) are exactly the head's inputs and add up."""
+def check_inputs(
+    head: HeadRecord, updates: Mapping[str, UpdateRecord], sizes: Mapping[str, tuple[int, int]]
+) -> None:
+    """Raise Invalid unless ``updates`` (by record id) are exactly the head's inputs and add up.
+
+    ``sizes`` is the dataset plan's (examples, tokens) per microshard: each update counts for
+    its claim capped by the plan (``credit``), never more.
+    """
     if tuple(sorted(updates)) != head.updates:
         raise Invalid("inputs_mismatch", "update ids differ from the head's list")
     for update_id, update in updates.items():
         if (update.base, update.round, update.epoch) != (head.parent, head.round, head.epoch):
             raise Invalid("inputs_mismatch", f"{update_id} is for another base, round or epoch")
-    if head.samples != sum(u.samples for u in updates.values()):
+    credited = [credit(u, sizes) for u in updates.values()]
+    if head.samples != sum(samples for samples, _ in credited):
         raise Invalid("inputs_mismatch", "samples")
-    if head.tokens != sum(u.tokens for u in updates.values()):
+    if head.tokens != sum(tokens for _, tokens in credited):
         raise Invalid("inputs_mismatch", "tokens")
     if head.microshards != tuple(sorted({s for u in updates.values() for s in u.microshards})):
         raise Invalid("inputs_mismatch", "microshards")
+
+
+def reference_norm(chain: Iterable[HeadRecord], window: int = NORM_WINDOW) -> float | None:
+    """The norm that bounds the next round's updates: the median ``update_norm`` of the last
+    ``window`` heads of ``chain`` (newest first) that have one; None before any has.
+
+    A pure function of the chain, so every peer bounds a round alike even when the round
+    itself has too few updates for a median of its own.
+    """
+    norms = []
+    for head in chain:
+        if head.update_norm is not None:
+            norms.append(head.update_norm)
+            if len(norms) == window:
+                break
+    return statistics.median(norms) if norms else None
 
 
 def fork_rank(head: HeadRecord) -> tuple[int, int, str]:

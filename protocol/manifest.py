@@ -38,6 +38,9 @@ LIMITS = canonical.Limits(
     max_map_len=16,
 )
 _FIELDS = {"kind", "version", "size", "chunking", "chunks", "tensors"}
+# An update's artifact also names what it was made for (``binding``), so the same bytes cannot
+# stand for another peer's update or for a later round; weights and momentum carry none.
+_BOUND_FIELDS = _FIELDS | {"binding"}
 _TENSOR_FIELDS = {"name", "shape", "dtype", "codec", "params", "offset", "length"}
 
 
@@ -95,9 +98,10 @@ class Manifest:
     chunking: Chunking
     chunks: tuple[ChunkRef, ...]
     size: int
+    binding: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "kind": KIND,
             "version": VERSION,
             "size": self.size,
@@ -105,6 +109,9 @@ class Manifest:
             "chunks": [[chunk.cid, chunk.size] for chunk in self.chunks],
             "tensors": [tensor.to_wire() for tensor in self.tensors],
         }
+        if self.binding is not None:
+            wire["binding"] = self.binding
+        return wire
 
     @cached_property
     def encoded(self) -> bytes:
@@ -128,8 +135,8 @@ class Manifest:
 def parse_manifest(data: bytes | bytearray | memoryview) -> Manifest:
     """Decode and validate manifest bytes; raise Invalid (reason label) on anything malformed."""
     value = canonical.decode(data, LIMITS)
-    if not isinstance(value, dict) or set(value) != _FIELDS:
-        raise Invalid("malformed", "manifest needs exactly " + ", ".join(sorted(_FIELDS)))
+    if not isinstance(value, dict) or set(value) not in (_FIELDS, _BOUND_FIELDS):
+        raise Invalid("malformed", "manifest needs exactly " + ", ".join(sorted(_FIELDS)) + " (and binding)")
     if value["kind"] != KIND:
         raise Invalid("wrong_kind", f"kind {value['kind']!r:.40}")
     if type(value["version"]) is not int or value["version"] != VERSION:
@@ -141,7 +148,10 @@ def parse_manifest(data: bytes | bytearray | memoryview) -> Manifest:
     chunks = _parse_chunks(value["chunks"])
     chunking.check_sizes([chunk.size for chunk in chunks], size)
     tensors = _parse_tensors(value["tensors"], size)
-    manifest = Manifest(tensors, chunking, chunks, size)
+    binding = value.get("binding")
+    if binding is not None and not is_content_id(binding):
+        raise Invalid("malformed", "binding must be a content id")
+    manifest = Manifest(tensors, chunking, chunks, size, binding)
     # The artifact id is the hash of these bytes, so they must be exactly what the parsed
     # manifest encodes to (no value that merely compares equal, like true for 1).
     if manifest.encoded != bytes(data):
@@ -225,9 +235,10 @@ class Artifact:
     chunks: tuple[memoryview, ...]
 
 
-def build_artifact(tensors: Sequence[TensorSource], chunking: Chunking) -> Artifact:
-    """Encode ``tensors`` in order into one stream, chunk and hash it. Raises Invalid for a
-    codec that cannot hold a tensor's dtype, repeated names, or values a codec rejects."""
+def build_artifact(tensors: Sequence[TensorSource], chunking: Chunking, binding: str | None = None) -> Artifact:
+    """Encode ``tensors`` in order into one stream, chunk and hash it, bound to ``binding`` if
+    given. Raises Invalid for a codec that cannot hold a tensor's dtype, repeated names, or
+    values a codec rejects."""
     entries = _layout(tensors)
     size = entries[-1].offset + entries[-1].length if entries else 0
     stream = np.empty(size, dtype=np.uint8)
@@ -238,7 +249,7 @@ def build_artifact(tensors: Sequence[TensorSource], chunking: Chunking) -> Artif
         source.codec.encode_into(source.array, entry.dtype, stream[entry.offset : gap_start])
     chunks = tuple(split(chunking, stream))
     refs = tuple(ChunkRef(content_id(chunk), len(chunk)) for chunk in chunks)
-    manifest = Manifest(tuple(entries), chunking, refs, size)
+    manifest = Manifest(tuple(entries), chunking, refs, size, binding)
     # What peers will accept is defined by the parser alone; a build it would reject (too
     # many chunks, an overlong name, too many dimensions) fails here, not on every receiver.
     parse_manifest(manifest.encoded)

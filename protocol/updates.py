@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from protocol import fields
+from protocol import canonical, fields
+from protocol.cid import content_id
 from protocol.errors import Invalid
 
 MAX_UPDATE_MICROSHARDS = 1024
@@ -15,6 +17,7 @@ _WIRE_KEYS = (
     "microshards", "epoch", "metrics", "peer",
 )
 _METRIC_KEYS = ("loss", "steps", "inner_ms")
+_BINDING_DOMAIN = "p2p-node/update-artifact/v1"
 
 
 @dataclass(frozen=True)
@@ -94,3 +97,24 @@ class UpdateRecord:
         if update.samples == 0:
             raise Invalid("malformed", "an update trained on no samples")
         return update
+
+
+def update_binding(peer: str, base: str, round: int) -> str:
+    """What an update's artifact manifest must name: its author, base head and round.
+
+    An artifact bound this way serves one update only: republished in a later round (a
+    replay) or under another peer's record (a copy), its binding no longer matches.
+    """
+    return content_id(canonical.encode([_BINDING_DOMAIN, peer, base, round]))
+
+
+def credit(update: UpdateRecord, sizes: Mapping[str, tuple[int, int]]) -> tuple[int, int]:
+    """The samples and tokens an update counts for: its claim, capped by the plan.
+
+    ``sizes`` maps planned microshard ids to (examples, tokens). What weighs an update in a
+    merge and what the fork choice ranks by is then checkable by every peer: no author can
+    count for more than the data it leased. Unplanned shards count nothing.
+    """
+    examples = sum(sizes[s][0] for s in update.microshards if s in sizes)
+    tokens = sum(sizes[s][1] for s in update.microshards if s in sizes)
+    return min(update.samples, examples), min(update.tokens, tokens)

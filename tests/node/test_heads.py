@@ -17,6 +17,7 @@ from node.heads import STATE_FILE, Heads
 from node.libp2p_bridge import Libp2pBridge
 from node.merge import outer_rule
 from node.store import ContentStore
+from protocol import canonical
 from protocol.cid import content_id
 from protocol.heads import HeadRecord, genesis_head
 from protocol.identity import SigningKey
@@ -132,5 +133,63 @@ def test_heads_heard_are_verified_best_first_and_rejections_counted(tmp_path):
                 runner.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await runner
+
+    asyncio.run(run())
+
+
+def test_unknown_ancestors_are_verified_oldest_first_before_a_tip_is_adopted(tmp_path):
+    """A tip whose parent was never announced: the parent is recomputed too. A forged parent
+    (weights no merge gives, never announced itself) under a tip that recomputes correctly from
+    it would otherwise replace the model."""
+    forged_parent = child(GENESIS, 100, "forged parent")
+    forged_tip = child(forged_parent, 100, "forged tip")
+    honest_parent = child(GENESIS, 50, "honest parent")
+    honest_tip = child(honest_parent, 50, "honest tip")
+    verified: list[str] = []
+
+    async def verifier(head: HeadRecord) -> str | None:
+        verified.append(head.id)
+        return "recompute_mismatch" if head.id == forged_parent.id else None
+
+    async def run() -> None:
+        async with components(tmp_path) as (_key, gossip, store, exchange):
+            heads = Heads(GENESIS, gossip, store, exchange, tmp_path, 60.0, 200)
+            heads.verifier = verifier
+            for body in (forged_parent, honest_parent):  # bodies this peer can read, never announced
+                store.put_record(canonical.encode(body.to_wire()), body.id)
+            author = SigningKey.generate()
+
+            async def hear(head: HeadRecord) -> None:
+                raw = sign_record(author, HEAD, 1, SWARM, head.to_wire(), int(time.time() * 1000))
+                await gossip.handle_message(raw, author.peer_id)
+                while heads.verifying:
+                    await asyncio.sleep(0.01)
+
+            runner = asyncio.create_task(heads.run())
+            try:
+                await asyncio.wait_for(hear(forged_tip), 10)
+                assert heads.adopted == GENESIS.id
+                assert forged_parent.id not in heads.index and forged_tip.id not in heads.index
+                assert heads.rejected == {"ancestor_recompute_mismatch": 1}
+                assert verified == [forged_parent.id]  # the tip is not worth a recompute after that
+                await asyncio.wait_for(hear(honest_tip), 10)
+                assert verified[1:] == [honest_parent.id, honest_tip.id]
+                assert heads.adopted == honest_tip.id
+            finally:
+                runner.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await runner
+
+    asyncio.run(run())
+
+
+def test_evaluations_of_heads_nobody_knows_are_not_kept(tmp_path):
+    async def run() -> None:
+        async with components(tmp_path) as (_key, gossip, store, exchange):
+            heads = Heads(GENESIS, gossip, store, exchange, tmp_path, 60.0, 200)
+            assert heads.record_eval(GENESIS.id, "peer", 1.5)
+            for i in range(1000):
+                assert not heads.record_eval(content_id(b"made up %d" % i), "peer", 1.0)
+            assert list(heads.eval) == [GENESIS.id]
 
     asyncio.run(run())

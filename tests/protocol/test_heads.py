@@ -25,6 +25,7 @@ from protocol.heads import (
     choose_head,
     genesis_head,
     head_id,
+    reference_norm,
 )
 from protocol.identity import SigningKey
 from protocol.updates import InnerMetrics, UpdateRecord
@@ -58,7 +59,7 @@ def child(
 def heads(draw: st.DrawFn) -> HeadRecord:
     if draw(st.booleans()):
         return genesis_head(draw(cids), draw(cids), draw(cids), RULE)
-    updates = sorted(draw(st.sets(cids, max_size=4)))
+    updates = sorted(draw(st.sets(cids, min_size=1, max_size=4)))
     excluded = sorted(draw(st.sets(cids, max_size=3)) - set(updates))
     samples, tokens = draw(st.integers(0, 10**6)), draw(st.integers(0, 10**9))
     return HeadRecord(
@@ -78,6 +79,7 @@ def heads(draw: st.DrawFn) -> HeadRecord:
             st.sampled_from(["loss", "ppl", "acc"]), st.floats(-1e9, 1e9, allow_nan=False)
         ).map(lambda d: tuple(sorted(d.items())))),
         workload=draw(cids), dataset=draw(cids), rollback=draw(st.none() | cids),
+        update_norm=draw(st.none() | st.floats(0.0, 1e12)),
     )
 
 
@@ -117,6 +119,7 @@ ALTERNATES: dict[str, Any] = {
     "workload": content_id(b"other workload"),
     "dataset": content_id(b"other dataset"),
     "rollback": content_id(b"some rollback"),
+    "update_norm": 0.25,
 }
 
 
@@ -200,11 +203,37 @@ def test_check_inputs_ties_a_head_to_its_updates() -> None:
         child(base, samples=12), updates=tuple(sorted(ups)), tokens=120,
         tokens_total=base.tokens_total + 120, microshards=tuple(sorted(PLAN[:3])),
     )
-    check_inputs(head, ups)
+    sizes = {shard: (5, 50) for shard in PLAN}
+    check_inputs(head, ups, sizes)
     with pytest.raises(Invalid, match="inputs_mismatch"):
-        check_inputs(head, dict(list(ups.items())[:2]))
+        check_inputs(head, dict(list(ups.items())[:2]), sizes)
     with pytest.raises(Invalid, match="inputs_mismatch"):
-        check_inputs(dataclasses.replace(head, samples=11), ups)
+        check_inputs(dataclasses.replace(head, samples=11), ups, sizes)
+    # Claims above the plan's sizes count for the plan's sizes only: 3 x min(4, 3) samples.
+    small = {shard: (3, 30) for shard in PLAN}
+    with pytest.raises(Invalid, match="inputs_mismatch"):
+        check_inputs(head, ups, small)
+    check_inputs(dataclasses.replace(head, samples=9, samples_total=base.samples_total + 9, tokens=90,
+                                     tokens_total=base.tokens_total + 90), ups, small)
+
+
+def test_a_head_that_merges_nothing_is_invalid() -> None:
+    """Honest peers never make one; believing one would let its author set the weights at will."""
+    empty = dataclasses.replace(child(GENESIS), updates=(), samples=0, samples_total=0, tokens=0, tokens_total=0)
+    with pytest.raises(Invalid, match="no_updates"):
+        HeadRecord.from_wire(canonical.decode(canonical.encode(empty.to_wire())))
+
+
+def test_the_reference_norm_is_the_median_of_recent_heads_update_norms() -> None:
+    chain = [GENESIS]
+    for norm in (None, 1.0, 2.0, 100.0, 3.0):
+        chain.append(dataclasses.replace(child(chain[-1]), update_norm=norm))
+    newest_first = chain[::-1]
+    assert reference_norm(newest_first) == 2.5  # median of 3, 100, 2, 1
+    assert reference_norm(newest_first, window=3) == 3.0
+    assert reference_norm([GENESIS]) is None
+    with pytest.raises(Invalid):
+        HeadRecord.from_wire({**chain[-1].to_wire(), "update_norm": "nan"})
 
 
 def fork_tree() -> list[HeadRecord]:

@@ -160,6 +160,8 @@ BAD_EDITS = [
     (("kind",), "head", "wrong_kind"),
     (("version",), 2, "unknown_version"),
     (("extra",), 1, "malformed"),
+    (("binding",), "not a content id", "malformed"),
+    (("binding",), 7, "malformed"),
     (("chunking",), {"mode": "fixed", "size": 2048}, "chunk_layout"),
     (("chunking",), {"mode": "zstd"}, "bad_chunking"),
     (("chunks", 0, 0), "b3:" + "A" * 64, "bad_cid"),
@@ -184,6 +186,17 @@ BAD_EDITS = [
     (("tensors", 0, "extra"), 1, "malformed"),
     (("tensors", 6), DELETE, "size_mismatch"),
 ]
+
+
+def test_a_bound_manifest_names_its_binding_and_an_unbound_one_is_unchanged() -> None:
+    """An update's artifact names what it was made for; every other artifact keeps its id."""
+    plain = sample_artifact().manifest
+    assert "binding" not in plain.to_wire()
+    binding = content_id(b"peer, base, round")
+    bound = build_artifact(sample_sources(), FixedChunking(1024), binding).manifest
+    assert parse_manifest(bound.encoded).binding == binding
+    assert bound.artifact_id != plain.artifact_id
+    assert bound.chunks == plain.chunks  # the same bytes: only the manifest differs
 
 
 @pytest.mark.parametrize(("path", "value", "reason"), BAD_EDITS)

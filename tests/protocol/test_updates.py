@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,7 @@ from protocol import canonical
 from protocol.cid import content_id
 from protocol.errors import Invalid
 from protocol.identity import SigningKey
-from protocol.updates import MAX_UPDATE_MICROSHARDS, InnerMetrics, UpdateRecord
+from protocol.updates import MAX_UPDATE_MICROSHARDS, InnerMetrics, UpdateRecord, credit, update_binding
 
 PEER = SigningKey(b"\x07" * 32).peer_id
 cids = st.binary(max_size=8).map(content_id)
@@ -87,3 +88,25 @@ def test_malformed_updates_are_invalid(mutate: Callable[[dict[str, Any]], object
 def test_arbitrary_values_never_escape_as_other_errors(value: object) -> None:
     with pytest.raises(Invalid):
         UpdateRecord.from_wire(value)
+
+
+def test_an_update_counts_for_its_claim_capped_by_the_plan() -> None:
+    update = UpdateRecord(
+        round=2, base=content_id(b"b"), artifact=content_id(b"a"), codec="int8", samples=10**9, tokens=10**12,
+        microshards=tuple(sorted(content_id(b"s%d" % i) for i in range(3))), epoch=0,
+        metrics=InnerMetrics(1.0, 10, 100), peer=PEER,
+    )
+    sizes = {shard: (7, 70) for shard in update.microshards}
+    assert credit(update, sizes) == (7 * len(update.microshards), 70 * len(update.microshards))
+    honest = dataclasses.replace(update, samples=3, tokens=30)
+    assert credit(honest, sizes) == (3, 30)
+    assert credit(update, {}) == (0, 0)  # unplanned shards count nothing
+
+
+def test_an_update_binding_names_author_base_and_round() -> None:
+    peer, other = SigningKey(b"\x01" * 32).peer_id, SigningKey(b"\x02" * 32).peer_id
+    base = content_id(b"base")
+    bound = update_binding(peer, base, 3)
+    assert bound == update_binding(peer, base, 3)
+    assert len({bound, update_binding(other, base, 3), update_binding(peer, content_id(b"x"), 3),
+                update_binding(peer, base, 4)}) == 4
