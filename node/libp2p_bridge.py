@@ -48,6 +48,8 @@ from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.stream_muxer.yamux import yamux as yamux_module
 from libp2p.tools.anyio_service import background_trio_service
 
+from node.libp2p_guards import attach_fault_counter, guard_inbound_streams, warn_if_libp2p_unpinned
+
 T = TypeVar("T")
 log = logging.getLogger("p2p_node.libp2p")
 
@@ -322,13 +324,17 @@ def skip_small_idontwant() -> None:
 def tune_transport() -> None:
     """Everything this module changes in py-libp2p, for this process: yamux credit batching
     and frame size, writers woken by credit, whole frame writes, TCP read-ahead, cached pubsub
-    peer records, IDONTWANT only for large messages. Idempotent."""
+    peer records, IDONTWANT only for large messages, and inbound streams whose failure ends
+    only themselves (``node/libp2p_guards.py``). Idempotent; warns when the installed
+    py-libp2p is not the release all this is written for."""
+    warn_if_libp2p_unpinned()
     apply_yamux_tuning()
     wake_writers_on_credit()
     guard_frame_writes()
     buffer_tcp_reads()
     cache_peer_records()
     skip_small_idontwant()
+    guard_inbound_streams()
 
 
 GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.2.0"), TProtocol("/meshsub/1.1.0")]
@@ -379,11 +385,16 @@ class GossipMessage:
 
 @dataclass
 class BridgeStats:
+    """``stream_faults``: inbound streams and gossip messages from remote peers that made
+    py-libp2p raise, dropped instead of stopping the host, by "<protocol family>:<error type>"
+    (``pubsub:DecodeError``, ``pubsub-message:ValueError``, ``identify-push:...``)."""
+
     gossip_dropped_full_queue: int = 0
     handler_errors: int = 0
     dials_failed: int = 0
     callback_errors: int = 0
     extra: dict[str, int] = field(default_factory=dict)
+    stream_faults: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 StreamHandler = Callable[["FramedStream"], Awaitable[None]]
@@ -721,6 +732,7 @@ class Libp2pBridge:
             announce_addrs=self._announce or None,
             enable_mDNS=self._mdns,
         )
+        attach_fault_counter(host, self.stats.stream_faults)
         gossipsub = GossipSub(
             protocols=GOSSIP_PROTOCOLS,
             degree=settings.degree,
