@@ -123,12 +123,12 @@ def _cmd_start(args: argparse.Namespace) -> int:
     import uvloop
 
     # Import libp2p (through the daemon) before configuring logging, so its loggers are routed too.
-    from node.daemon import Node
+    from node.daemon import Node, run_process
     from node.logs import configure_logging
 
     configure_logging(config.node.log_level, config.node.log_format)
 
-    return uvloop.run(Node(config).run())
+    return run_process(Node(config), uvloop.run)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

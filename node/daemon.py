@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import signal
 import threading
 import time
@@ -48,6 +50,10 @@ log = get_logger("daemon")
 
 LEAVE_BUDGET_S = 1.0  # for the goodbye heartbeat, within SHUTDOWN_BUDGET_S
 SHUTDOWN_BUDGET_S = 4.0
+# From a stop (SIGTERM) to the process's exit, whatever still runs: a training step that does not
+# stop, a write stuck on a full disk. The process exits at STOP_BOUND_S - STOP_MARGIN_S at the latest.
+STOP_BOUND_S = 5.0
+STOP_MARGIN_S = 0.5
 T = TypeVar("T")
 HEARTBEAT_RECORD = RecordKind(HEARTBEAT_KIND, frozenset({HEARTBEAT_VERSION}), Heartbeat.from_wire)
 ANNOUNCE_RECORD = RecordKind(ANNOUNCE_KIND, frozenset({ANNOUNCE_VERSION}), Announce.from_wire)
@@ -87,9 +93,20 @@ class Node:
         self.events = EventBus()
         self.operations: Operations | None = None
         self.distribution: Distribution | None = None
+        # Set when the stop begins (a signal, or a fault that ends the run); read by the stop
+        # deadline's thread, which is why it is a threading.Event.
+        self.stopping = threading.Event()
+        self.stop_began = 0.0
+        self.exit_code = 0
 
     def request_stop(self) -> None:
+        self._begin_stop()
         self._stop.set()
+
+    def _begin_stop(self) -> None:
+        if not self.stopping.is_set():
+            self.stop_began = time.monotonic()
+            self.stopping.set()
 
     def _load_key(self) -> SigningKey:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -219,6 +236,7 @@ class Node:
                 # A local fault (a full or read-only disk, a port in use): one clear line, exit 1.
                 error = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
                 log.error("node_start_failed", during=self.starting, error=error)
+                self.exit_code = 1
                 return 1
             if not started:
                 log.info("node_stopping", reason="signal", during="start")
@@ -229,9 +247,10 @@ class Node:
                 log.info("node_stopping", reason="signal")
             except* BridgeError as group:
                 log.error("libp2p_died", error=str(group.exceptions[0]))
-                exit_code = 1
+                exit_code = self.exit_code = 1
             return exit_code
         finally:
+            self._begin_stop()
             await self._shutdown()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
@@ -337,6 +356,33 @@ class Node:
         except TimeoutError:
             log.warning("shutdown_slow", budget_s=SHUTDOWN_BUDGET_S)
         log.info("node_stopped")
+
+
+def run_process(node: Node, run: Callable[[Any], int]) -> int:
+    """Run ``node`` with ``run`` (``uvloop.run``) in this process, which exits within STOP_BOUND_S of
+    a stop even when a thread does not end: the event loop's runner and the interpreter wait for
+    every worker thread at exit, and a training step stuck on a full disk would hold them."""
+    threading.Thread(target=_exit_when_overdue, args=(node,), name="stop-deadline", daemon=True).start()
+    return run(node.run())
+
+
+def _exit_when_overdue(node: Node) -> None:
+    node.stopping.wait()
+    time.sleep(max(0.0, node.stop_began + STOP_BOUND_S - STOP_MARGIN_S - time.monotonic()))
+    # Still here: something the stop does not reach holds the process. Say what, briefly (a
+    # logger stuck on a broken stream must not hold it either), and leave: every store write is
+    # atomic, so what was half done is lost as in a crash, never corrupted.
+    busy = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon)
+    said = threading.Thread(target=_say_forced, args=(busy,), name="stop-deadline-log", daemon=True)
+    said.start()
+    said.join(STOP_MARGIN_S / 2)
+    os._exit(node.exit_code)
+
+
+def _say_forced(busy: list[str]) -> None:
+    log.warning("shutdown_forced", bound_s=STOP_BOUND_S, threads=busy)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from node.libp2p_bridge import BridgeError, Libp2pBridge
-from node.logs import get_logger
+from node.logs import Repeats, get_logger
 from protocol.errors import Invalid
 from protocol.identity import SigningKey
 from protocol.records import MAX_CLOCK_SKEW_MS, Record, RecordKind, sign_record, validate_record
@@ -54,6 +54,7 @@ class Gossip:
         self.published: Counter[str] = Counter()
         self.publish_failures = 0
         self.handler_errors = 0
+        self._handler_faults = Repeats()  # the same fault (a full disk), logged once a minute
         self._rate = rate_limit_per_s
         # Kinds re-announced long after they were signed (operator orders): their age is no fault.
         self._timeless = timeless
@@ -155,10 +156,12 @@ class Gossip:
             except Invalid as exc:
                 self.rejected[exc.reason] += 1
                 log.debug("record_rejected", reason=exc.reason, detail=exc.detail[:120], source=source)
-            except Exception:
-                # A bug in a handler must be visible, but one bad record must not stop gossip.
+            except Exception as exc:
+                # A bug in a handler must be visible, but one bad record must not stop gossip; a
+                # local fault that fails every record (a full disk) must not flood the log either.
                 self.handler_errors += 1
-                log.exception("record_handler_failed", kind=record.kind, author=record.author)
+                if (held := self._handler_faults.due(f"{record.kind}: {_fault(exc)}")) is not None:
+                    log.exception("record_handler_failed", kind=record.kind, author=record.author, repeated=held)
         return record
 
     def stats(self) -> dict[str, Any]:
@@ -171,3 +174,11 @@ class Gossip:
             "handler_errors": self.handler_errors,
             "dropped_queue_full": self._bridge.stats.gossip_dropped_full_queue,
         }
+
+
+def _fault(exc: Exception) -> str:
+    """What makes two failures the same fault: an OSError's error, not the file it names (every
+    record's write fails on its own temp file when the disk is full)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return f"{type(exc).__name__}: {exc}"
