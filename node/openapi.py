@@ -77,6 +77,7 @@ SCHEMAS: dict[str, Schema] = {
         "inner_seconds": NUMBER,
         "last_error": nullable(STRING),
         "round_failures": COUNT,
+        "microshards_repaired": COUNT,
         "update_rejections": counts(),
         "head_rejections": counts(),
     }),

@@ -176,6 +176,7 @@ class StatusApi:
             "inner_seconds": round(outer.trainer.inner_seconds, 2),
             "last_error": outer.trainer.last_error,
             "round_failures": outer.round_failures,
+            "microshards_repaired": outer.source.repaired if outer.source else 0,
             "update_rejections": dict(outer.update_rejections),
             "head_rejections": dict(outer.heads.rejected),
         }
