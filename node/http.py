@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import hmac
+import ipaddress
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import urllib.parse
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, BinaryIO
 
 from node.logs import get_logger
 
@@ -183,30 +184,91 @@ async def file_response(
     content_type: str = "application/octet-stream",
     download_name: str = "",
 ) -> StreamResponse:
-    """Stream a file from disk, reading in a worker thread; 404 when it does not exist."""
+    """Stream a file from disk, reading in a worker thread; 404 when it does not exist.
+
+    The file is opened here, so it streams whole even if it is replaced or deleted meanwhile."""
     try:
-        size = (await asyncio.to_thread(os.stat, path)).st_size
+        file = await asyncio.to_thread(open, path, "rb")
     except FileNotFoundError:
         raise HttpError(404, "not found") from None
+    size = os.fstat(file.fileno()).st_size
+    return stream_file(file, size, content_type=content_type, download_name=download_name)
+
+
+def stream_file(
+    file: BinaryIO, size: int, *, content_type: str = "application/octet-stream", download_name: str = ""
+) -> StreamResponse:
+    """A reply that sends ``size`` bytes of the open ``file`` and then closes it."""
     headers: tuple[tuple[str, str], ...] = ()
     if download_name:
         safe = re.sub(r'["\\\r\n]', "_", download_name)
         headers = (("Content-Disposition", f'attachment; filename="{safe}"'),)
-    return StreamResponse(_read_chunks(path, size), size, content_type, headers=headers)
+    return StreamResponse(FileChunks(file, size), size, content_type, headers=headers)
 
 
-async def _read_chunks(path: str | os.PathLike[str], size: int) -> AsyncIterator[bytes]:
-    file = await asyncio.to_thread(open, path, "rb")
+class FileChunks:
+    """An open file's first ``size`` bytes, CHUNK_BYTES at a time, read in a worker thread. The
+    file is closed at the end or by ``aclose`` (a HEAD request never reads it)."""
+
+    def __init__(self, file: BinaryIO, size: int) -> None:
+        self._file = file
+        self._remaining = size
+
+    def __aiter__(self) -> FileChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = b""
+        if self._remaining > 0 and not self._file.closed:
+            chunk = await asyncio.to_thread(self._file.read, min(CHUNK_BYTES, self._remaining))
+        if not chunk:
+            await self.aclose()
+            raise StopAsyncIteration
+        self._remaining -= len(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        if not self._file.closed:
+            await asyncio.to_thread(self._file.close)
+
+
+# ---------------------------------------------------------------- the Host a request names
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def allowed_host_names(bound: str) -> frozenset[str] | None:
+    """The names a request's ``Host`` may give to a server bound to ``bound``; None: any name.
+
+    A page in a browser can point a name it controls at 127.0.0.1 (DNS rebinding) and so read
+    the port as same-origin, but its requests still name that host: a Host check stops it. A
+    loopback bind answers to localhost, 127.0.0.1 and [::1] as well as its own address; a
+    wildcard bind (0.0.0.0, ::) answers to any name, since it cannot know the names it has.
+    Ports are not compared: an SSH tunnel or a container's port mapping changes the port, and
+    a rebinding page cannot choose the name.
+    """
+    name = bound.strip().strip("[]").lower().rstrip(".")
+    if name in ("", "0.0.0.0", "::"):
+        return None
+    return frozenset({name} | (LOOPBACK_NAMES if _is_loopback(name) else set()))
+
+
+def host_name(header: str) -> str:
+    """The name a Host header gives: without the port and brackets, in lower case."""
+    value = header.strip().lower()
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    return value.partition(":")[0].rstrip(".")
+
+
+def _is_loopback(name: str) -> bool:
+    if name == "localhost":
+        return True
     try:
-        remaining = size
-        while remaining > 0:
-            chunk = await asyncio.to_thread(file.read, min(CHUNK_BYTES, remaining))
-            if not chunk:
-                return
-            remaining -= len(chunk)
-            yield chunk
-    finally:
-        await asyncio.to_thread(file.close)
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 # ---------------------------------------------------------------- routing
@@ -359,6 +421,7 @@ class HttpServer:
         self._app = app
         self._limits = limits
         self._server: asyncio.Server | None = None
+        self._hosts: frozenset[str] | None = None
         # Connection tasks are owned here so that close() ends open event streams too.
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -388,6 +451,7 @@ class HttpServer:
     async def _start(self, host: str, port: int) -> None:
         # The reader's limit bounds readuntil(), so it caps the request head.
         limit = self._limits.max_header_bytes
+        self._hosts = allowed_host_names(host)
         self._server = await asyncio.start_server(self._serve, host, port, limit=limit)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -429,6 +493,7 @@ class HttpServer:
         started = time.monotonic()
         try:
             request, keep_alive, length = _parse_head(head, client, self._limits.max_body_bytes)
+            self._check_host(request)
             if length and request.headers.get("expect", "").lower() == "100-continue":
                 # curl asks before sending a body over 1 KiB and would otherwise pause a second.
                 writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -451,6 +516,15 @@ class HttpServer:
         status = 200 if isinstance(reply, EventStream) else reply.status
         log.debug("http request", method=request.method, path=request.path, status=status, ms=elapsed_ms)
         return keep_alive
+
+
+    def _check_host(self, request: Request) -> None:
+        """421 for a request that names another server (a DNS-rebinding page); no Host is no browser."""
+        host = request.headers.get("host")
+        if self._hosts is None or host is None or host_name(host) in self._hosts:
+            return
+        names = ", ".join(f"[{n}]" if ":" in n else n for n in sorted(self._hosts))
+        raise HttpError(421, f"Host {_one_line(host)[:100]!r} is not this status port; it answers to {names}")
 
 
 async def start_http(app: HttpApp, host: str, port: int, *, limits: HttpLimits = HttpLimits()) -> HttpServer:

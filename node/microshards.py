@@ -96,7 +96,9 @@ class MicroshardSource:
         holders = list(self._availability.providers(self.dataset_id).full)
         still = await self._exchange.fetch_blobs(cids, holders)
         if still:
-            raise MicroshardUnavailable(f"{len(still)} of {len(cids)} microshards unavailable from {len(holders)} holders")
+            raise MicroshardUnavailable(
+                f"{len(still)} of {len(cids)} microshards unavailable from {len(holders)} holders"
+            )
         log.info("microshards_fetched", count=len(cids), holders=len(holders))
 
     def _regenerate(self, cids: Iterable[str]) -> list[str]:

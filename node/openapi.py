@@ -230,7 +230,8 @@ def describe(app: HttpApp) -> dict[str, Any]:
             "description": (
                 "The local HTTP status port of a p2p-node peer: JSON for status, peers, heads, leases and the "
                 "chunk exchange; server-sent events; Prometheus metrics; a dashboard page. Every error answers "
-                "with {\"error\": message}. Mutating routes need the node's bearer token."
+                "with {\"error\": message}. Mutating routes need the node's bearer token. A request whose Host "
+                "header names another server is refused with 421 (DNS rebinding)."
             ),
         },
         "paths": paths,
@@ -254,6 +255,7 @@ def _operation(route: Route) -> dict[str, Any]:
     if route.mutating:
         responses["401"] = _json("Error", "Missing or wrong bearer token")
         responses["403"] = _json("Error", "Disabled: this node has no status token configured")
+    responses["421"] = _json("Error", "The Host header names another server than this port (DNS rebinding)")
     responses["default"] = {"description": "Any other error", "content": {JSON: {"schema": error}}}
     operation: dict[str, Any] = {
         "operationId": f"{route.method.lower()}_{re.sub(r'[^a-z0-9]+', '_', route.pattern.lower()).strip('_') or 'root'}",

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from node.artifacts import MissingContent
@@ -19,13 +20,14 @@ from node.http import (
     Request,
     Response,
     StreamResponse,
-    file_response,
     json_response,
     start_http,
+    stream_file,
 )
 from node.convergence import convergence, node_view
 from node.distribution import write_variant_safetensors
 from node.exchange import FetchFailed
+from node.exports import ExportCache
 from node.operator import Operations, PublishFailed, classify
 from node.metrics import NodeMetrics
 from node.openapi import OpenApi
@@ -48,6 +50,8 @@ class StatusApi:
         self.app = HttpApp(token=node.config.status.token)
         self.url: str | None = None
         self._server: Any = None
+        # Weight downloads need no token: their files are bounded (node/exports.py), not kept.
+        self.exports = ExportCache(node.data_dir / "exports")
         self.app.route("GET", "/healthz", self.healthz, summary="Liveness: 200 while libp2p runs")
         self.app.route("GET", "/status", self.status, summary="This peer, its swarm and its counters")
         self.app.route("GET", "/peers", self.peers, summary="The peer table with liveness")
@@ -86,6 +90,7 @@ class StatusApi:
         self.app.route("GET", "/openapi.json", OpenApi(self.app).handle, summary="This API's OpenAPI 3.1 description")
 
     async def start(self, host: str, port: int) -> None:
+        await asyncio.to_thread(self.exports.trim)  # exports beyond the bounds, from an earlier run
         self._server = await start_http(self.app, host, port)
         self.url = f"http://{host}:{self._server.port}"
 
@@ -233,9 +238,9 @@ class StatusApi:
         manifest = node.distribution.manifest_for(head, variant)
         if manifest is None:
             raise HttpError(404, f"no {variant} variant of this head is known")
-        path = node.data_dir / "exports" / f"{manifest[3:19]}-{variant}.safetensors"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+
+        async def export(path: Path) -> None:
+            assert node.store is not None and node.exchange is not None and manifest is not None
             try:
                 await asyncio.to_thread(write_variant_safetensors, node.store, manifest, variant, path)
             except MissingContent:
@@ -245,8 +250,10 @@ class StatusApi:
                     await asyncio.to_thread(write_variant_safetensors, node.store, manifest, variant, path)
                 except (FetchFailed, MissingContent, TimeoutError):
                     raise HttpError(404, f"no peer could serve the head's {variant} weights") from None
+
+        file, size = await self.exports.open(f"{manifest[3:19]}-{variant}", export)
         name = f"head-{head.round}-{head.id[3:15]}-{variant}.safetensors"
-        return await file_response(path, download_name=name)
+        return stream_file(file, size, download_name=name)
 
     async def head_variants(self, request: Request) -> Response:
         head = self._find_head(request.params["id"])

@@ -71,7 +71,8 @@ async def _request(
 ) -> tuple[int, dict[str, str], bytes]:
     """One request on a fresh connection; reads until the server closes it."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    lines = [f"{method} {target} HTTP/1.1", "Host: test", "Connection: close", f"Content-Length: {len(body)}"]
+    lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
+    lines.append(f"Content-Length: {len(body)}")
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
     await writer.drain()
@@ -190,7 +191,7 @@ def test_slow_client_is_dropped() -> None:
         limits = HttpLimits(header_timeout_s=0.2)
         async with await start_http(HttpApp(), "127.0.0.1", 0, limits=limits) as server:
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            writer.write(b"GET /status HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+            writer.write(b"GET /status HTTP/1.1\r\nHost: localhost\r\n")  # and never the blank line
             assert await asyncio.wait_for(reader.read(), 5) == b""
             writer.close()
 
@@ -201,7 +202,7 @@ def test_keep_alive_serves_several_requests_on_one_connection(tmp_path: Path) ->
     async def check(server: HttpServer) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         for _ in range(3):
-            writer.write(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+            writer.write(b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n")
             head = await reader.readuntil(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: keep-alive" in head
             length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
@@ -255,7 +256,7 @@ def test_close_ends_open_event_streams() -> None:
         app.route("GET", "/events", endless)
         server = await start_http(app, "127.0.0.1", 0)
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
         await asyncio.wait_for(server.close(), 5)
         assert await asyncio.wait_for(reader.read(), 5) == b""
