@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -71,4 +70,3 @@ def test_a_daemon_on_a_full_disk_stops_within_the_bound(swarm: Swarm) -> None:
     finally:
         swarm.stop_all()
         subprocess.run(["umount", str(peer.data_dir)], capture_output=True)
-    assert os.path.isdir(peer.data_dir)
