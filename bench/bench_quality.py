@@ -4,6 +4,7 @@ Run from the repository root:
 
     python -m bench.bench_quality [--quick] [--codec int8] [--H 50] [--rounds 20] \
         [--outer-lr 0.7] [--outer-momentum 0.9] [--seeds 0,1,2,3 --jobs 2] [--out FILE.json]
+    python -m bench.bench_quality --byzantine --quick --H 10 --rounds 12 --jobs 2 --threads 1
 
 Both methods start from the same initial weights and see the same examples in the same order,
 for the same number of samples. With ``--seeds`` both run at each seed (another init, another
@@ -16,8 +17,9 @@ with the order of the last minibatches, as much as the gap being measured. ``--j
   across rounds, as the daemon's Trainer keeps it), and computes the pseudo-gradient
   ``base - local``. That pseudo-gradient goes through the wire format the daemon uses
   (``encode_state_dict`` with the chosen codec, the chunks joined back, ``decode_state_dict``),
-  and the decoded pseudo-gradients are merged with ``node.merge.merge`` under the mean rule and
-  the outer SGD (Nesterov) step, the outer momentum carried across rounds.
+  and the decoded pseudo-gradients are merged with ``node.merge.merge`` under the mean rule (its
+  norm bound against the chain's reference norm, as in the daemon; an honest update it excludes
+  stops the run) and the outer SGD (Nesterov) step, the outer momentum carried across rounds.
 * Data-parallel (DP): one model and one AdamW (same lr, betas, weight decay, clipping), taking
   ``rounds * H`` steps. Step ``t`` of round ``r`` uses exactly the union of the minibatches the
   DiLoCo workers use at their inner step ``t`` of round ``r`` (the same sampler and seeds as
@@ -28,6 +30,14 @@ with the order of the last minibatches, as much as the gap being measured. ``--j
 Each round every worker gets its own disjoint slice of microshards (drawn without replacement
 from a seeded permutation of the training split, a fresh permutation per epoch); DP sees the
 union of the slices, so both see the same examples.
+
+With ``--byzantine`` it runs DiLoCo only, under each aggregation rule (mean, trimmed_mean,
+median, centered_clip), once clean and once with worker 0's update replaced by 100 times itself
+or by its sign flip. Every ``--tail-every``-th round is an epoch tail in which only workers 0
+and 1 deliver, so the attacker is 1 of 4 updates in most rounds and 1 of 2 in the tails, where
+no in-round median exists. Each merge gets the chain's reference norm (the median of the last
+eight merges' median update norms), as the daemon passes it; the hundredfold attack also runs
+without it, bounded by the in-round median alone.
 
 Bytes are counted per worker. DP: a full fp32 gradient (4 bytes per trainable parameter) is
 all-reduced every step with a ring all-reduce, in which each worker sends and receives
@@ -68,6 +78,9 @@ from workloads.registry import load_workload
 from workloads.supervised import _batches, _concat, _set_lr
 
 CODECS: dict[str, Codec] = {"fp32": FP32, "bf16": BF16, "int8": INT8}
+ROBUST_RULES = ("mean", "trimmed_mean", "median", "centered_clip")
+ATTACKS: dict[str, float | None] = {"clean": None, "x100": 100.0, "flip": -1.0}
+NORM_WINDOW = 8  # merges whose median update norms make the reference norm, as in the daemon
 
 # A smaller charlm than the workload's default (4 layers, 128 wide, 128-character windows,
 # batch 32) so that both methods fit in a few minutes on two CPU cores.
@@ -94,6 +107,8 @@ class Run:
     bytes_sent: int = 0  # per worker
     bytes_received: int = 0  # per worker
     train_loss_last: float = float("nan")
+    attacks_merged: int = 0  # rounds whose merge included the attacker's update
+    honest_excluded: int = 0  # honest updates the merge excluded
 
     @property
     def final_loss(self) -> float:
@@ -135,6 +150,20 @@ def round_slices(workload: Any, workers: int, rounds: int, need: int, seed: int)
     return slices
 
 
+@dataclass(frozen=True)
+class Scenario:
+    """The rule a DiLoCo run merges with and, for ``--byzantine``, its attacker and epoch tails."""
+
+    rule: str = "mean"
+    attack: str = "clean"  # a key of ATTACKS: what worker 0's update is replaced by
+    tail_every: int = 0  # every this many rounds only workers 0 and 1 deliver; 0: never
+    chain_bound: bool = True  # pass the merge the chain's reference norm
+
+    @property
+    def label(self) -> str:
+        return f"{self.rule}, {self.attack}{'' if self.chain_bound else ', no chain bound'}"
+
+
 def train_seed(seed: int, round_index: int, worker: int) -> int:
     """The seed a worker's Workload.train gets in a round (it fixes that worker's example order)."""
     return seed * 1_000_003 + round_index * 1_009 + worker
@@ -156,12 +185,16 @@ def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def run_diloco(
-    workload: Any, args: argparse.Namespace, slices: list[list[list[int]]], shard_bytes: Sequence[bytes]
+    workload: Any, args: argparse.Namespace, slices: list[list[list[int]]], shard_bytes: Sequence[bytes],
+    scenario: Scenario = Scenario(),
 ) -> Run:
     run = Run(f"DiLoCo ({args.codec}, outer lr {args.outer_lr:g}, mom {args.outer_momentum:g}"
-              f"{', nesterov' if args.outer_momentum > 0 else ''})")
+              f"{', nesterov' if args.outer_momentum > 0 else ''}"
+              f"{'' if scenario == Scenario() else '; ' + scenario.label})")
     codec = CODECS[args.codec]
-    rule = outer_rule("mean", args.outer_lr, args.outer_momentum, args.outer_momentum > 0, 0.2, 10.0)
+    rule = outer_rule(scenario.rule, args.outer_lr, args.outer_momentum, args.outer_momentum > 0, 0.2, 10.0)
+    factor = ATTACKS[scenario.attack]
+    median_norms: list[float] = []
     global_weights = weights_of(workload.init_model(args.seed))
     momentum: dict[str, torch.Tensor] | None = None
     models = [workload.init_model(args.seed) for _ in range(args.workers)]
@@ -173,7 +206,10 @@ def run_diloco(
         updates = []
         wires = []
         losses = []
+        tail = scenario.tail_every > 0 and r % scenario.tail_every == scenario.tail_every - 1
         for k, (model, state) in enumerate(zip(models, states)):
+            if tail and k >= 2:
+                continue
             with torch.no_grad():
                 model.load_state_dict(global_weights)
             metrics = workload.train(
@@ -184,13 +220,22 @@ def run_diloco(
             with torch.no_grad():
                 local = model.state_dict()
                 delta = {n: torch.sub(global_weights[n], local[n].detach().float()).contiguous() for n in global_weights}
+            if k == 0 and factor is not None:
+                delta = {n: torch.mul(t, factor) for n, t in delta.items()}
             decoded, wire = wire_roundtrip(delta, codec)
             wires.append(wire)
             updates.append(UpdateInput(f"worker-{k:03d}", metrics.examples, decoded))
-        result = merge(global_weights, momentum, updates, rule)
-        if result is None or result.excluded:
+        reference = statistics.median(median_norms[-NORM_WINDOW:]) if median_norms and scenario.chain_bound else None
+        result = merge(global_weights, momentum, updates, rule, reference_norm=reference)
+        excluded = {update_id for update_id, _ in result.excluded} if result else {u.update_id for u in updates}
+        honest_excluded = excluded - ({"worker-000"} if factor is not None else set())
+        if honest_excluded and scenario == Scenario():
             raise SystemExit(f"round {r}: the merge excluded updates: {result.excluded if result else 'all'}")
-        global_weights, momentum = result.weights, result.momentum
+        run.honest_excluded += len(honest_excluded)
+        run.attacks_merged += int(factor is not None and "worker-000" not in excluded)
+        if result is not None:
+            global_weights, momentum = result.weights, result.momentum
+            median_norms.append(result.median_norm)  # type: ignore[arg-type]
         total_wire = sum(wires)
         run.bytes_sent += total_wire // len(wires)  # the workers' artifacts are (nearly) the same size
         run.bytes_received += total_wire - total_wire // len(wires)
@@ -200,7 +245,8 @@ def run_diloco(
                 evaluator.load_state_dict(global_weights)
             loss = workload.evaluate(evaluator, "val").loss
             run.curve.append((r + 1, run.samples, loss))
-            print(f"  seed {args.seed} diloco round {r + 1:3d}/{len(slices)}  samples {run.samples:7d}  val {loss:.4f}"
+            what = "diloco" if scenario == Scenario() else scenario.label
+            print(f"  seed {args.seed} {what} round {r + 1:3d}/{len(slices)}  samples {run.samples:7d}  val {loss:.4f}"
                   f"  ({time.perf_counter() - started:6.1f} s)", flush=True)
     run.seconds = time.perf_counter() - started
     return run
@@ -287,7 +333,9 @@ def setup(args: argparse.Namespace, options: dict[str, Any]) -> tuple[Any, list[
     return workload, round_slices(workload, args.workers, args.rounds, args.H * batch_size, args.seed)
 
 
-def run_task(args: argparse.Namespace, options: dict[str, Any], method: str, seed: int) -> Run:
+def run_task(
+    args: argparse.Namespace, options: dict[str, Any], method: str, seed: int, scenario: Scenario = Scenario()
+) -> Run:
     """One method at one seed, from scratch; a top-level function, so --jobs can run it in a
     process of its own."""
     torch.set_num_threads(args.threads)
@@ -296,7 +344,7 @@ def run_task(args: argparse.Namespace, options: dict[str, Any], method: str, see
     workload, slices = setup(args, options)
     shard_bytes = [workload.microshard_bytes(i) for i in range(len(workload.dataset().microshards))]
     if method == "diloco":
-        return run_diloco(workload, args, slices, shard_bytes)
+        return run_diloco(workload, args, slices, shard_bytes, scenario)
     gradient_bytes = 4 * sum(math.prod(p.shape) for p in workload.model_schema())
     return run_dp(workload, args, slices, shard_bytes, gradient_bytes)
 
@@ -313,6 +361,57 @@ def run_view(r: Run) -> dict[str, Any]:
         "seconds": r.seconds,
         "curve": [{"round": a, "samples": b, "val_loss": c} for a, b, c in r.curve],
     }
+
+
+def run_all(
+    args: argparse.Namespace, options: dict[str, Any], tasks: Sequence[tuple[str, int, Scenario]]
+) -> list[Run]:
+    """``run_task`` for each (method, seed, scenario), in ``--jobs`` processes."""
+    if args.jobs > 1:
+        spawn = multiprocessing.get_context("spawn")  # torch does not survive fork with threads running
+        with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn) as pool:
+            futures = [pool.submit(run_task, args, options, *task) for task in tasks]
+            return [f.result() for f in futures]
+    return [run_task(args, options, *task) for task in tasks]
+
+
+def byzantine(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    """Final loss of DiLoCo under each rule, clean and with one attacker, at one seed."""
+    if args.workers < 3:
+        raise SystemExit("--byzantine needs at least 3 workers (the attacker is one of them)")
+    settings = [("clean", True), ("x100", True), ("flip", True), ("x100", False)]
+    tasks = [("diloco", args.seed, Scenario(rule, attack, args.tail_every, bound))
+             for rule in ROBUST_RULES for attack, bound in settings]
+    tails = f"the last of every {args.tail_every} rounds a tail of 2 updates" if args.tail_every else "no tails"
+    print(f"charlm {options}: {args.workers} workers x {args.rounds} rounds x H={args.H}, {tails}; seed"
+          f" {args.seed}, {args.jobs} job(s)", flush=True)
+    wall = time.perf_counter()
+    runs = run_all(args, options, tasks)
+    wall = time.perf_counter() - wall
+    by_key = {(task[2].rule, task[2].attack, task[2].chain_bound): run for task, run in zip(tasks, runs, strict=True)}
+    print()
+    print(f"{'rule':<14} {'clean':>8} {'x100':>8} {'flip':>8} {'x100, no chain bound':>21}   attacker merged"
+          " (x100 / flip / x100 unbounded), honest excluded")
+    for rule in ROBUST_RULES:
+        row = [by_key[(rule, attack, bound)] for attack, bound in settings]
+        print(f"{rule:<14} {row[0].final_loss:8.4f} {row[1].final_loss:8.4f} {row[2].final_loss:8.4f}"
+              f" {row[3].final_loss:21.4f}   {row[1].attacks_merged} / {row[2].attacks_merged} /"
+              f" {row[3].attacks_merged} of {args.rounds}, {sum(r.honest_excluded for r in row)}")
+    print(f"wall time {wall:.1f} s")
+    if args.out is not None:
+        report = {
+            "bench": "quality-byzantine", "workload": "charlm", "options": options, "workers": args.workers,
+            "rounds": args.rounds, "H": args.H, "tail_every": args.tail_every, "codec": args.codec,
+            "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum, "seed": args.seed,
+            "torch": torch.__version__, "threads": args.threads, "wall_seconds": wall,
+            "runs": [{"rule": t[2].rule, "attack": t[2].attack, "chain_bound": t[2].chain_bound,
+                      "attacks_merged": r.attacks_merged, "honest_excluded": r.honest_excluded, **run_view(r)}
+                     for t, r in zip(tasks, runs, strict=True)],
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -335,6 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--skip-dp", action="store_true", help="run DiLoCo only (no baseline, no verdict)")
     parser.add_argument("--skip-diloco", action="store_true", help="run the data-parallel baseline only (no verdict)")
+    parser.add_argument("--byzantine", action="store_true",
+                        help="DiLoCo under each rule, clean and with one attacker (x100, sign flip); no DP")
+    parser.add_argument("--tail-every", type=int, default=3,
+                        help="with --byzantine: every Nth round only 2 of the workers deliver (0: never)")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
 
@@ -347,6 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.rounds = args.rounds if args.rounds is not None else (3 if args.quick else 20)
     args.eval_every = args.eval_every or max(1, args.rounds // 10)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    if args.byzantine:
+        return byzantine(args, options)
     methods = [m for m, skip in (("dp", args.skip_dp), ("diloco", args.skip_diloco)) if not skip]
 
     workload, slices = setup(args, options)
@@ -365,13 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     wall = time.perf_counter()
     tasks = [(method, seed) for seed in seeds for method in methods]
-    if args.jobs > 1:
-        spawn = multiprocessing.get_context("spawn")  # torch does not survive fork with threads running
-        with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn) as pool:
-            futures = [pool.submit(run_task, args, options, method, seed) for method, seed in tasks]
-            finished = [f.result() for f in futures]
-    else:
-        finished = [run_task(args, options, method, seed) for method, seed in tasks]
+    finished = run_all(args, options, [(method, seed, Scenario()) for method, seed in tasks])
     runs: dict[int, dict[str, Run]] = {seed: {} for seed in seeds}
     for (method, seed), run in zip(tasks, finished, strict=True):
         runs[seed][method] = run

@@ -50,6 +50,11 @@ def _non_negative(value: float) -> str | None:
     return None if value >= 0 else "must be 0 or greater"
 
 
+def _clip_iters(value: int) -> str | None:
+    # node.merge.MAX_CLIP_ITERS; node.merge imports torch, which loading a config should not.
+    return None if 1 <= value <= 32 else "must be 1 to 32"
+
+
 def _port(value: int) -> str | None:
     return None if 0 <= value <= 65535 else "must be a port number from 0 to 65535"
 
@@ -352,8 +357,10 @@ class TrainingSection:
 class DilocoSection:
     """The outer step: how pseudo-gradients are aggregated and applied."""
 
-    rule: Literal["mean", "trimmed_mean", "median"] = setting(
-        "mean", "Aggregation: sample-weighted mean, coordinate-wise trimmed mean, or coordinate-wise median."
+    rule: Literal["mean", "trimmed_mean", "median", "centered_clip"] = setting(
+        "mean",
+        "Aggregation: sample-weighted mean, coordinate-wise trimmed mean, coordinate-wise median, or centered"
+        " clipping (a mean of the updates' differences from a centre, each clipped to clip_tau).",
     )
     outer_lr: float = setting(0.7, "Outer learning rate (1.0 with momentum 0 is plain averaging).", check=_positive)
     outer_momentum: float = setting(0.9, "Outer momentum.", check=_non_negative)
@@ -363,6 +370,11 @@ class DilocoSection:
         10.0, "Exclude updates whose norm exceeds this many times the median (3+ updates); 0 disables.",
         check=_non_negative,
     )
+    clip_tau: float = setting(
+        0.0, "L2 radius centered_clip clips each update's difference from the centre to; 0: their median.",
+        check=_non_negative,
+    )
+    clip_iters: int = setting(3, "Iterations of centered_clip, 1 to 32.", check=_clip_iters)
 
 
 def _is_loopback(host: str) -> bool:

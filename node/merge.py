@@ -3,8 +3,8 @@
 Every operation here is element-wise fp32 on the CPU, one op at a time (a
 multiply and an add, never a fused multiply-add), with updates visited in
 sorted-id order, so two honest peers produce byte-identical weights and
-momentum from the same inputs. Reductions that decide exclusions accumulate
-in float64.
+momentum from the same inputs. Norms accumulate in float64 in an order fixed
+by the tensors' sizes alone, so they too are the same to the last bit.
 """
 
 from __future__ import annotations
@@ -15,12 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
-from protocol.heads import AggregationRule
+from protocol.heads import AggregationRule, Param
 
 Tensors = dict[str, torch.Tensor]
 
-RULES = ("mean", "trimmed_mean", "median")
-_SLICE = 1 << 20  # elements per slice of a screening reduction
+RULES = ("mean", "trimmed_mean", "median", "centered_clip")
+CLIP_ITERS = 3  # centered_clip's default iterations
+MAX_CLIP_ITERS = 32  # a head names its rule, so a verifier must not be made to iterate without end
+_SLICE = 1 << 20  # elements per slice of a norm
+_LEAF = 4096  # values a norm's halving stops at and sums exactly
 
 
 @dataclass(frozen=True)
@@ -34,30 +37,76 @@ class UpdateInput:
 
 @dataclass(frozen=True)
 class MergeResult:
+    """The merged weights and momentum, which updates went in, which did not and why, and their norms."""
+
     weights: Tensors
     momentum: Tensors
     included: tuple[str, ...]
     excluded: tuple[tuple[str, str], ...]
+    norms: tuple[tuple[str, float], ...] = ()  # (update id, L2 norm) of each included update, by id
+
+    @property
+    def median_norm(self) -> float | None:
+        """The median norm of the included updates: what later rounds' ``reference_norm`` is made of."""
+        return _median_of([norm for _, norm in self.norms]) if self.norms else None
 
 
 def outer_rule(
-    rule: str, outer_lr: float, momentum: float, nesterov: bool, trim_fraction: float, outlier_factor: float
+    rule: str,
+    outer_lr: float,
+    momentum: float,
+    nesterov: bool,
+    trim_fraction: float,
+    outlier_factor: float,
+    *,
+    clip_tau: float = 0.0,
+    clip_iters: int = CLIP_ITERS,
 ) -> AggregationRule:
-    """The head's rule record: the aggregation and outer-optimizer hyperparameters, typed as merged."""
-    return AggregationRule.of(
-        rule,
-        outer_lr=float(outer_lr),
-        momentum=float(momentum),
-        nesterov=bool(nesterov),
-        trim_fraction=float(trim_fraction),
-        outlier_factor=float(outlier_factor),
-    )
+    """The head's rule record: the aggregation and outer-optimizer hyperparameters, typed as merged.
+
+    The clip parameters are recorded for centered_clip only, so the other rules' records, and
+    the ids of heads merged under them, stay what they were.
+    """
+    params: dict[str, Param] = {
+        "outer_lr": float(outer_lr),
+        "momentum": float(momentum),
+        "nesterov": bool(nesterov),
+        "trim_fraction": float(trim_fraction),
+        "outlier_factor": float(outlier_factor),
+    }
+    if rule == "centered_clip":
+        params |= {"clip_tau": float(clip_tau), "clip_iters": int(clip_iters)}
+    return AggregationRule.of(rule, **params)
+
+
+def rule_problem(rule: AggregationRule) -> str | None:
+    """Why ``merge`` cannot compute under ``rule`` ("unknown_rule", "bad_rule_params"), or None."""
+    if rule.name not in RULES:
+        return "unknown_rule"
+    if rule.name == "centered_clip":
+        iters = rule.get("clip_iters", CLIP_ITERS)
+        tau = rule.get("clip_tau", 0.0)
+        if type(iters) is not int or not 1 <= iters <= MAX_CLIP_ITERS:
+            return "bad_rule_params"
+        if type(tau) is not float or not (math.isfinite(tau) and tau >= 0):
+            return "bad_rule_params"
+    return None
+
+
+def _median_of(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def _screen(
-    updates: Sequence[UpdateInput], reference: Tensors, outlier_factor: float
-) -> tuple[list[UpdateInput], list[tuple[str, str]]]:
-    """Drop updates that do not decode, have the wrong shapes, hold NaN/Inf or whose norm is wild."""
+    updates: Sequence[UpdateInput], reference: Tensors, outlier_factor: float, reference_norm: float | None
+) -> tuple[list[UpdateInput], list[tuple[str, str]], dict[str, float]]:
+    """Drop updates that do not decode, have the wrong shapes, hold NaN/Inf or whose norm is wild.
+
+    A norm is wild past ``outlier_factor`` times the round's median norm (3+ updates, where a
+    median means something) or times ``reference_norm`` (any number of updates).
+    """
     kept: list[UpdateInput] = []
     excluded: list[tuple[str, str]] = []
     norms: dict[str, float] = {}
@@ -69,29 +118,55 @@ def _screen(
         if list(delta) != list(reference) or any(delta[k].shape != reference[k].shape for k in reference):
             excluded.append((update.update_id, "wrong_shapes"))
             continue
-        squares = sum(_square_sum(t) for t in delta.values())
+        norm = _norm(delta)
         # A NaN or Inf anywhere makes the float64 sum of squares non-finite (float32 squares
         # cannot overflow it), so one pass both screens and measures.
-        if not math.isfinite(squares):
+        if not math.isfinite(norm):
             excluded.append((update.update_id, "non_finite"))
             continue
-        norms[update.update_id] = squares**0.5
+        norms[update.update_id] = norm
         kept.append(update)
-    if len(kept) >= 3 and outlier_factor > 0:
-        ordered = sorted(norms[u.update_id] for u in kept)
-        median = ordered[len(ordered) // 2] if len(ordered) % 2 else (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
-        bound = outlier_factor * max(median, 1e-12)
-        wild = [u for u in kept if norms[u.update_id] > bound]
-        for update in wild:
-            excluded.append((update.update_id, "norm_outlier"))
+    bounds = []
+    if outlier_factor > 0 and reference_norm is not None:
+        bounds.append(outlier_factor * max(reference_norm, 1e-12))
+    if outlier_factor > 0 and len(kept) >= 3:
+        bounds.append(outlier_factor * max(_median_of([norms[u.update_id] for u in kept]), 1e-12))
+    if bounds:
+        bound = min(bounds)
+        excluded += [(u.update_id, "norm_outlier") for u in kept if norms[u.update_id] > bound]
         kept = [u for u in kept if norms[u.update_id] <= bound]
-    return kept, sorted(excluded)
+    return kept, sorted(excluded), {u.update_id: norms[u.update_id] for u in kept}
 
 
-def _square_sum(tensor: torch.Tensor) -> float:
-    """The float64 sum of squares, a slice at a time: no full-size float64 temporaries."""
-    flat = tensor.reshape(-1)
-    return math.fsum(float(part.double().square().sum()) for part in torch.split(flat, _SLICE))
+def _norm(delta: Mapping[str, torch.Tensor], centre: Mapping[str, torch.Tensor] | None = None) -> float:
+    """The L2 norm of ``delta`` (less ``centre``) over all its tensors, in float64."""
+    return math.sqrt(math.fsum(_square_sum(t, None if centre is None else centre[n]) for n, t in delta.items()))
+
+
+def _square_sum(tensor: torch.Tensor, centre: torch.Tensor | None) -> float:
+    """The float64 sum of squares of ``tensor - centre``, a slice at a time: no full-size temporaries.
+
+    A float32 square is exact in float64; the squares are then added by halving, element-wise,
+    down to a few thousand that ``math.fsum`` adds exactly. torch's own ``sum`` splits its work
+    by thread count and vector width, so its last bit differs between machines, and a norm ends
+    up in the head record.
+    """
+    parts = torch.split(tensor.reshape(-1), _SLICE)
+    centres = torch.split(centre.reshape(-1), _SLICE) if centre is not None else [None] * len(parts)
+    sums = []
+    for part, middle in zip(parts, centres):
+        difference = part if middle is None else torch.sub(part, middle)
+        squares = difference.to(torch.float64, copy=True)
+        squares.mul_(squares)
+        while squares.numel() > _LEAF:
+            half = squares.numel() // 2
+            head = squares[:half]
+            head.add_(squares[half : 2 * half])
+            if squares.numel() % 2:
+                head[:1].add_(squares[-1:])
+            squares = head
+        sums.append(math.fsum(squares.tolist()))
+    return math.fsum(sums)
 
 
 def _weighted_mean(updates: Sequence[UpdateInput], name: str) -> torch.Tensor:
@@ -131,8 +206,49 @@ def _median(updates: Sequence[UpdateInput], name: str) -> torch.Tensor:
     return torch.div(pair, torch.tensor(2.0, dtype=torch.float32))
 
 
+def _centered_clip(updates: Sequence[UpdateInput], names: Sequence[str], tau: float, iters: int) -> Tensors:
+    """CenteredClip (Karimireddy, He & Jaggi 2021): ``v <- v + mean_i(clip(x_i - v, tau))``.
+
+    It starts at the coordinate-wise median, clips each update's whole difference (L2 over all
+    tensors) to ``tau`` and weights the mean by samples, so one update moves the result by at
+    most its weight times ``tau`` per iteration. ``tau`` 0 takes the median distance to the
+    start. Distances are measured slice by slice; the step needs one accumulator and one scratch
+    tensor besides the centre.
+    """
+    total = sum(u.samples for u in updates)
+    centre = {n: _median(updates, n) for n in names}
+    at_mean = False
+    for iteration in range(iters):
+        distances = [_norm(u.delta, centre) for u in updates]  # type: ignore[arg-type]
+        if iteration == 0 and tau <= 0:
+            tau = _median_of(distances)
+        scales = [1.0 if d <= tau else tau / d for d in distances]
+        if all(s == 1.0 for s in scales):
+            # Nothing clipped: v + mean_i(x_i - v) is the mean whatever v is, so take the mean rule's
+            # own bits; a second time in a row it is a fixed point.
+            if at_mean:
+                break
+            centre = {n: _weighted_mean(updates, n) for n in names}
+            at_mean = True
+            continue
+        at_mean = False
+        coefficients = [torch.tensor(u.samples / total * s, dtype=torch.float32) for u, s in zip(updates, scales)]
+        for name in names:
+            acc = torch.zeros_like(centre[name])
+            term = torch.empty_like(acc)
+            for update, coefficient in zip(updates, coefficients):
+                torch.sub(update.delta[name], centre[name], out=term)  # type: ignore[index]
+                term.mul_(coefficient)
+                acc.add_(term)
+            centre[name].add_(acc)
+    return centre
+
+
 def aggregate(updates: Sequence[UpdateInput], names: Sequence[str], rule: AggregationRule) -> Tensors:
     """The aggregated pseudo-gradient of screened updates under ``rule``."""
+    problem = rule_problem(rule)
+    if problem is not None:
+        raise ValueError(f"{problem}: {rule.name} {dict(rule.params)}")
     if rule.name == "mean":
         return {n: _weighted_mean(updates, n) for n in names}
     if rule.name == "trimmed_mean":
@@ -140,9 +256,8 @@ def aggregate(updates: Sequence[UpdateInput], names: Sequence[str], rule: Aggreg
         return {n: _trimmed_mean(updates, n, trim) for n in names}
     if rule.name == "median":
         return {n: _median(updates, n) for n in names}
-    raise ValueError(f"unknown aggregation rule {rule.name!r}")
-
-
+    tau = float(rule.get("clip_tau", 0.0) or 0.0)
+    return _centered_clip(updates, names, tau, int(rule.get("clip_iters", CLIP_ITERS)))  # type: ignore[arg-type]
 def outer_step(
     weights: Mapping[str, torch.Tensor],
     momentum: Mapping[str, torch.Tensor] | None,
@@ -180,11 +295,20 @@ def merge(
     momentum: Mapping[str, torch.Tensor] | None,
     updates: Sequence[UpdateInput],
     rule: AggregationRule,
+    *,
+    reference_norm: float | None = None,
 ) -> MergeResult | None:
-    """Screen, aggregate and step; None when no update survives screening (the round is empty)."""
+    """Screen, aggregate and step; None when no update survives screening (the round is empty).
+
+    ``reference_norm`` is a norm the caller derives from the chain alone (recent heads'
+    ``median_norm``), so that the rule's ``outlier_factor`` bounds updates in rounds too small
+    for a median of their own; None (genesis, or no history) leaves only the in-round bound.
+    """
+    if reference_norm is not None and not (math.isfinite(reference_norm) and reference_norm >= 0):
+        raise ValueError(f"reference_norm must be finite and non-negative, not {reference_norm}")
     reference = {k: v for k, v in weights.items()}
     outlier_factor = float(rule.get("outlier_factor", 0.0) or 0.0)
-    kept, excluded = _screen(updates, reference, outlier_factor)
+    kept, excluded, norms = _screen(updates, reference, outlier_factor, reference_norm)
     if not kept:
         return None
     with torch.no_grad():
@@ -195,4 +319,5 @@ def merge(
         momentum=new_momentum,
         included=tuple(sorted(u.update_id for u in kept)),
         excluded=tuple(excluded),
+        norms=tuple(sorted(norms.items())),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -14,18 +15,19 @@ import pytest
 import torch
 
 from node.artifacts import load_artifact, read_stream, store_artifact
-from node.merge import UpdateInput, merge, outer_rule
+from node.config import ConfigError, load_config
+from node.merge import MAX_CLIP_ITERS, UpdateInput, merge, outer_rule, rule_problem
 from node.store import ContentStore
 from protocol.cid import content_id
 from protocol.codecs import BF16, FP32, INT8
-from protocol.heads import HeadRecord
+from protocol.heads import AggregationRule, HeadRecord
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def rule(name: str = "mean", lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True,
-         trim: float = 0.2, outlier: float = 0.0):
-    return outer_rule(name, lr, momentum, nesterov, trim, outlier)
+         trim: float = 0.2, outlier: float = 0.0, tau: float = 0.0, iters: int = 3):
+    return outer_rule(name, lr, momentum, nesterov, trim, outlier, clip_tau=tau, clip_iters=iters)
 
 
 def tensors(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -44,6 +46,23 @@ def updates(*deltas: dict[str, torch.Tensor] | None, samples: list[int] | None =
 
 def constant(value: float, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: torch.full_like(v, value) for k, v in like.items()}
+
+
+def scaled(delta: dict[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:
+    return {k: v * factor for k, v in delta.items()}
+
+
+def honest_deltas(count: int) -> list[dict[str, torch.Tensor]]:
+    """Pseudo-gradients that share a direction, as peers training the same model do, plus their own noise."""
+    shared = tensors(100, 0.01)
+    return [{k: shared[k] + noise[k] for k in shared} for noise in (tensors(s, 0.003) for s in range(1, count + 1))]
+
+
+def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float((a[k].double() - b[k].double()).square().sum()) for k in a))
+
+
+ALL_RULES = ("mean", "trimmed_mean", "median", "centered_clip")
 
 
 # ---- the outer step ------------------------------------------------------------------
@@ -148,12 +167,132 @@ def test_a_round_whose_every_update_is_excluded_merges_to_nothing():
     assert merge(weights, None, updates(nan, None), rule()) is None
 
 
+@pytest.mark.parametrize("name", ALL_RULES)
+def test_a_hundredfold_update_in_a_round_of_one_or_two_is_excluded_against_the_chains_reference_norm(name):
+    weights = tensors(0)
+    honest, other = honest_deltas(2)
+    screened = rule(name, outlier=10.0)
+    history = merge(weights, None, updates(honest, other), screened)
+    assert history is not None and history.median_norm is not None
+    reference = history.median_norm  # what the last heads of the chain record
+    pair = updates(honest, scaled(other, 100.0))
+    # Two norms give no median to judge by: without the chain's reference the attack is merged.
+    unbounded = merge(weights, None, pair, screened)
+    assert unbounded is not None and unbounded.excluded == ()
+    bounded = merge(weights, None, pair, screened, reference_norm=reference)
+    assert bounded is not None
+    assert bounded.excluded == ((pair[1].update_id, "norm_outlier"),)
+    assert bounded.included == (pair[0].update_id,)
+    alone = merge(weights, None, pair[:1], screened, reference_norm=reference)
+    assert alone is not None and alone.included == (pair[0].update_id,)
+    for name_ in weights:
+        assert torch.equal(bounded.weights[name_], alone.weights[name_])
+    assert merge(weights, None, pair[1:], screened, reference_norm=reference) is None
+    # outlier_factor 0 turns every norm bound off, the chain's included.
+    assert merge(weights, None, pair, rule(name), reference_norm=reference).excluded == ()  # type: ignore[union-attr]
+
+
+def test_the_result_lists_each_included_updates_norm_and_their_median():
+    weights = tensors(0)
+    deltas = [tensors(1, 0.01), tensors(2, 0.03), tensors(3, 0.02)]
+    nan = constant(float("nan"), weights)
+    inputs = updates(*deltas, nan)
+    result = merge(weights, None, list(reversed(inputs)), rule())
+    assert result is not None
+    assert [update_id for update_id, _ in result.norms] == [u.update_id for u in inputs[:3]]
+    expected = [math.sqrt(sum(float(t.double().square().sum()) for t in d.values())) for d in deltas]
+    assert [norm for _, norm in result.norms] == pytest.approx(expected, rel=1e-12)
+    assert result.median_norm == result.norms[2][1]  # the 0.02-scale update's
+
+
+# ---- centered clip -------------------------------------------------------------------
+
+
+def test_only_centered_clip_records_clip_parameters_and_bad_ones_are_refused():
+    # The other rules' records are unchanged, so are the ids of heads merged under them.
+    assert rule("mean", outlier=10.0) == AggregationRule.of(
+        "mean", outer_lr=0.7, momentum=0.9, nesterov=True, trim_fraction=0.2, outlier_factor=10.0
+    )
+    clip = rule("centered_clip", tau=0.5, iters=4)
+    assert clip.get("clip_tau") == 0.5 and clip.get("clip_iters") == 4
+    assert rule_problem(clip) is None and rule_problem(rule("median")) is None
+    assert rule_problem(AggregationRule.of("krum")) == "unknown_rule"
+    weights = tensors(0)
+    for bad in (rule("centered_clip", iters=10**9), rule("centered_clip", iters=0), rule("centered_clip", tau=-1.0)):
+        assert rule_problem(bad) == "bad_rule_params"
+        with pytest.raises(ValueError):
+            merge(weights, None, updates(tensors(1, 0.01)), bad)
+    # The config refuses what the merge would (it cannot import the bound: no torch there).
+    assert load_config(None, {"diloco.rule": "centered_clip", "diloco.clip_iters": str(MAX_CLIP_ITERS)}, {})
+    with pytest.raises(ConfigError):
+        load_config(None, {"diloco.clip_iters": str(MAX_CLIP_ITERS + 1)}, {})
+
+
+def test_centered_clip_is_the_mean_when_every_update_is_within_tau():
+    weights = tensors(0)
+    inputs = updates(*honest_deltas(4), samples=[64, 128, 64, 32])
+    mean = merge(weights, tensors(9, 0.001), inputs, rule("mean"))
+    clipped = merge(weights, tensors(9, 0.001), inputs, rule("centered_clip", tau=1e6))
+    assert mean is not None and clipped is not None
+    for name in weights:
+        assert torch.equal(clipped.weights[name], mean.weights[name])
+        assert torch.equal(clipped.momentum[name], mean.momentum[name])
+
+
+@pytest.mark.parametrize("factor", [100.0, -1.0])
+def test_centered_clip_bounds_the_pull_of_one_hundredfold_or_sign_flipped_update(factor):
+    weights = tensors(0)
+    honest = honest_deltas(4)
+    attacked = updates(*honest, scaled(tensors(7, 0.01), factor) if factor > 0 else scaled(honest[0], factor))
+    plain = rule(lr=1.0, momentum=0.0)  # the new weights are the parent less the aggregate
+    target = merge(weights, None, updates(*honest), plain)
+    assert target is not None
+    honest_step = distance(weights, target.weights)
+    errors = {}
+    for name in ("mean", "centered_clip"):
+        result = merge(weights, None, attacked, rule(name, lr=1.0, momentum=0.0))  # no norm screening
+        assert result is not None and result.excluded == ()
+        errors[name] = distance(result.weights, target.weights)
+    assert errors["mean"] > 0.3 * honest_step
+    assert errors["centered_clip"] < 0.1 * honest_step
+
+
+def test_centered_clip_is_byte_identical_across_runs_and_input_orders():
+    weights = tensors(0)
+    momentum = tensors(9, 0.001)
+    inputs = updates(*honest_deltas(5), scaled(tensors(7, 0.01), 50.0), samples=[64, 96, 128, 64, 32, 64])
+    clip = rule("centered_clip", iters=5)
+    first = merge(weights, momentum, inputs, clip)
+    again = merge(weights, momentum, inputs, clip)
+    shuffled = list(inputs)
+    random.Random(5).shuffle(shuffled)
+    reordered = merge(weights, momentum, shuffled, clip)
+    assert first is not None and again is not None and reordered is not None
+    for other in (again, reordered):
+        assert other.included == first.included and other.norms == first.norms
+        for name in weights:
+            assert torch.equal(other.weights[name], first.weights[name])
+            assert torch.equal(other.momentum[name], first.momentum[name])
+
+
+def test_centered_clip_still_excludes_non_finite_updates():
+    weights = tensors(0)
+    nan = honest_deltas(1)[0]
+    nan["out.weight"][1, 2] = float("nan")
+    inputs = updates(*honest_deltas(3), nan)
+    result = merge(weights, None, inputs, rule("centered_clip", outlier=10.0))
+    assert result is not None
+    assert result.excluded == ((inputs[3].update_id, "non_finite"),)
+    assert all(bool(torch.isfinite(t).all()) for t in result.weights.values())
+
+
 # ---- determinism across processes ----------------------------------------------------
 
 RULES = {
     "mean": rule("mean", outlier=4.0),
     "trimmed_mean": rule("trimmed_mean", trim=0.2, outlier=4.0),
     "median": rule("median", outlier=4.0),
+    "centered_clip": rule("centered_clip", outlier=4.0),
 }
 
 
@@ -201,6 +340,8 @@ def merge_from_store(store_dir: str, inputs_json: str, out_json: str) -> None:
         results[name] = {
             "head": head.id, "weights": weights_id, "momentum": momentum_id,
             "weights_bytes": content_id(stream.tobytes()), "excluded": [list(e) for e in result.excluded],
+            # Floats written with repr round-trip exactly, so equal JSON is equal bits.
+            "norms": [list(n) for n in result.norms], "median_norm": result.median_norm,
         }
     Path(out_json).write_text(json.dumps(results, sort_keys=True))
 
@@ -221,7 +362,7 @@ def test_two_processes_merge_the_same_stored_inputs_into_byte_identical_heads(tm
         outputs.append(json.loads(out.read_text()))
     assert outputs[0] == outputs[1]
     heads = {row["head"] for row in outputs[0].values()}
-    assert len(heads) == 3, "the three rules gave the same head"
+    assert len(heads) == len(RULES), "two rules gave the same head"
     # Each process wrote its own copy: the same ids name the same bytes on disk in both stores.
     for name, row in outputs[0].items():
         streams = [read_stream(ContentStore(tmp_path / f"process{i}"), row["weights"])[1] for i in (0, 1)]
