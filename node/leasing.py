@@ -1,4 +1,4 @@
-"""Leases on gossip: claim microshards for a round, settle conflicts by rendezvous weight, renew, release."""
+"""Leases on gossip: claim microshards for a round, settle conflicts under the admission rule, strike no-shows."""
 
 from __future__ import annotations
 
@@ -11,13 +11,19 @@ from node.gossip import Gossip, now_ms
 from node.logs import get_logger
 from protocol.errors import Invalid
 from protocol.kinds import LEASE
-from protocol.leases import LeaseBook, LeaseClaim, budget_for, choose_claims
+from protocol.leases import Admission, LeaseBook, LeaseClaim, Standing, budget_for, choose_claims
 from protocol.records import Record
 
 log = get_logger("leases")
 
 LEASE_VERSION = 1
 BACK_OFF_BASE_S = 5.0
+# A claim for a later round than ours waits only this many rounds ahead (a peer a head or two ahead of us).
+MAX_ROUNDS_AHEAD = 2
+# Peers whose one claim for a later round waits; more are refused as pending_full.
+MAX_PENDING_FUTURE = 256
+# Peers whose strikes are remembered; past it the longest-known standing is dropped.
+MAX_STANDINGS = 1024
 
 
 class Leasing:
@@ -32,9 +38,17 @@ class Leasing:
         self.book = LeaseBook(0, planned)
         self.rejected: Counter[str] = Counter()
         self.own: LeaseClaim | None = None
-        self._pending_future: list[LeaseClaim] = []
+        # One claim per peer (its latest), for rounds at most MAX_ROUNDS_AHEAD ahead, at most MAX_PENDING_FUTURE peers.
+        self._pending_future: dict[str, LeaseClaim] = {}
         self._failures_in_a_row = 0
         self._benched_until_ms = 0
+        # Other peers' strikes, at most MAX_STANDINGS. Exclusions count in rounds this peer has run
+        # (retries included); ``_struck`` and ``_answered`` are the outcomes of the round now closing.
+        self._standing: dict[str, Standing] = {}
+        self._rounds_run = 0
+        self._closed = False
+        self._struck: set[str] = set()
+        self._answered: set[str] = set()
         gossip.on(LEASE, self._on_lease)
 
     async def _on_lease(self, record: Record) -> None:
@@ -43,30 +57,47 @@ class Leasing:
             raise Invalid("author_mismatch", "a lease speaks for its author only")
         if claim.peer == self._peer:
             return  # our own claims enter the book when we make them
-        if claim.epoch > self.book.epoch or (claim.epoch == self.book.epoch and claim.round > self.book.round):
-            # A peer a little ahead of us: its claim still counts once we get there.
-            self._pending_future.append(claim)
-            return
         try:
-            self.book.observe(claim, now_ms())
+            if (claim.epoch, claim.round) > (self.book.epoch, self.book.round):
+                self._hold_for_later(claim)
+            else:
+                self.book.observe(claim, now_ms())
         except Invalid as exc:
             self.rejected[exc.reason] += 1
             raise
 
+    def _hold_for_later(self, claim: LeaseClaim) -> None:
+        """Keep the claim of a peer a little ahead of us: it still counts once we get there."""
+        if claim.round - self.book.round > MAX_ROUNDS_AHEAD or claim.epoch - self.book.epoch > 1:
+            raise Invalid("too_far_ahead", f"round {claim.round}, ours {self.book.round}")
+        held = self._pending_future.get(claim.peer)
+        if held is not None:
+            if _pending_key(claim) <= _pending_key(held):
+                raise Invalid("superseded", claim.lease_id)
+        elif len(self._pending_future) >= MAX_PENDING_FUTURE:
+            raise Invalid("pending_full", f"{len(self._pending_future)} peers")
+        self._pending_future[claim.peer] = claim
+
     def start_round(self, epoch: int, round: int) -> None:
         """Move the book to ``(epoch, round)``: older rounds' leases no longer hold anything."""
+        self._rounds_run += 1
+        self._closed = False
+        for peer in self._answered:
+            self._standing.pop(peer, None)
+        self._answered.clear()
+        self._struck.clear()
         if epoch != self.book.epoch:
             self.book = LeaseBook(epoch, self._planned, round=round)
         else:
             self.book.advance_round(round)
         self.book.expire(now_ms())
-        early, self._pending_future = self._pending_future, []
-        for claim in early:
+        early, self._pending_future = self._pending_future, {}
+        for peer, claim in early.items():
             try:
                 if (claim.epoch, claim.round) == (epoch, round):
                     self.book.observe(claim, now_ms())
                 elif (claim.epoch, claim.round) > (epoch, round):
-                    self._pending_future.append(claim)
+                    self._pending_future[peer] = claim
             except Invalid as exc:
                 self.rejected[exc.reason] += 1
 
@@ -80,19 +111,22 @@ class Leasing:
         total_speed: float,
         live_peers: list[str],
     ) -> frozenset[str]:
-        """Claim up to ``wanted`` free microshards, wait for rivals' claims, keep what we win."""
+        """Claim up to ``wanted`` free microshards, wait for rivals' claims, keep what we win.
+
+        Only claims of ``live_peers`` not excluded for strikes count, each within
+        its cap (``Admission``): a dead peer's lease frees its shards at once (the
+        head chain counts each shard once), and a flood holds nothing past its cap.
+        """
         self.start_round(epoch, round)
-        # A peer that died holding a lease would keep its shards out of the pool for lease_s;
-        # taking them back is safe because the head chain counts each shard once.
-        for peer in {claim.peer for claim in self.book.owners().values()} - {*live_peers, self._peer}:
-            for lease in self.book.leases_of(peer):
-                self.book.release(lease.lease_id)
+        admitted = frozenset({self._peer, *(p for p in live_peers if not self.excluded(p))})
+        admission = Admission(admitted, frozenset(free))
+        self.book.admit(admission)
         available = free - self.book.leased()
         # Our share of the whole pool, not of what is still unclaimed: peers start a round a few
         # milliseconds apart, and shares of a shrinking remainder would leave the end of an
-        # epoch to trickle out over several short rounds.
-        budget = min(wanted, budget_for(speed, total_speed, len(free)))
-        chosen = choose_claims(self._peer, available, budget, frozenset(), live_peers)
+        # epoch to trickle out over several short rounds. Within the cap, or others would cut it.
+        budget = min(wanted, budget_for(speed, total_speed, len(free)), admission.cap)
+        chosen = choose_claims(self._peer, available, budget, frozenset(), admitted)
         if not chosen:
             return frozenset()
         issued = now_ms()
@@ -152,20 +186,61 @@ class Leasing:
         self._failures_in_a_row = 0
 
     def drop_unfinished(self, peers: Iterable[str]) -> None:
-        """Forget this round's leases of ``peers``, whose updates the round closed without.
+        """Forget this round's leases of ``peers``, whose updates the round closed without, and strike them.
 
         Without this a peer that claimed and then failed keeps its shards for
         the whole lease lifetime whenever the round is retried on the same base
-        (nothing else merged), and every retry waits for it again.
+        (nothing else merged), and every retry waits for it again. A peer that
+        held shards this round is struck once per round however often it is
+        named; after ``STRIKES_TO_EXCLUDE`` in a row its claims count for nothing
+        for a while (``excluded``). The other holders answered: their strikes
+        clear when the next round starts, unless they are named before then (an
+        update the merge could not use).
         """
-        for peer in set(peers) - {self._peer}:
+        named = set(peers) - {self._peer}
+        holders = self.participants()
+        self._closed = True
+        for peer in (named & holders) - self._struck:
+            self._strike(peer)
+        self._answered = (self._answered | holders) - self._struck
+        for peer in named:
             for claim in self.book.leases_of(peer):
                 if claim.round == self.book.round:
                     self.book.release(claim.lease_id)
 
+    def credit(self, peers: Iterable[str]) -> None:
+        """``peers``' updates were merged into an adopted head: their strikes are cleared."""
+        for peer in peers:
+            self._standing.pop(peer, None)
+
+    def excluded(self, peer: str) -> bool:
+        """Whether ``peer``'s claims count for nothing now, for its strikes; a round need not wait for it."""
+        standing = self._standing.get(peer)
+        return standing is not None and standing.excluded(self._round_now())
+
+    def _round_now(self) -> int:
+        # Once a round closed, questions are about the next one: the outer loop asks before it claims.
+        return self._rounds_run + 1 if self._closed else self._rounds_run
+
+    def _strike(self, peer: str) -> None:
+        self._struck.add(peer)
+        standing = self._standing.pop(peer, Standing()).struck(self._rounds_run)
+        self._standing[peer] = standing
+        while len(self._standing) > MAX_STANDINGS:
+            del self._standing[next(iter(self._standing))]
+        if standing.excluded(self._rounds_run + 1):
+            log.warning("lease_peer_excluded", peer=peer, strikes=standing.strikes,
+                        rounds=standing.excluded_until - self._rounds_run - 1)
+
     def participants(self) -> set[str]:
-        """Peers that hold microshards in the current round: whose updates a round waits for."""
-        return {claim.peer for claim in self.book.owners().values() if claim.round == self.book.round}
+        """Peers whose updates the current round waits for: those holding microshards, and claimants left
+        out of the live set this round's claim began with (they may be live by now: the outer loop checks
+        liveness itself); never a peer excluded for strikes."""
+        holders = {claim.peer for claim in self.book.owners().values() if claim.round == self.book.round}
+        admission = self.book.admission
+        if admission is not None:
+            holders |= self.book.claimants(self.book.round) - admission.peers
+        return {peer for peer in holders if not self.excluded(peer)}
 
     def view(self) -> dict[str, Any]:
         owners = self.book.owners()
@@ -186,4 +261,14 @@ class Leasing:
             ],
             "rejected": dict(self.rejected),
             "benched_s": round(max(self._benched_until_ms - now_ms(), 0) / 1000, 1),
+            "pending_future": len(self._pending_future),
+            "excluded": {
+                peer: {"strikes": standing.strikes, "rounds_left": standing.excluded_until - self._round_now()}
+                for peer, standing in sorted(self._standing.items()) if standing.excluded(self._round_now())
+            },
         }
+
+
+def _pending_key(claim: LeaseClaim) -> tuple[int, int, int, int, int]:
+    # A peer's later round first; within a lease, the newer version (later expiry, then the smaller set).
+    return (claim.epoch, claim.round, claim.issued_ms, claim.expires_ms, -len(claim.microshards))

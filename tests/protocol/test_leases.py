@@ -1,4 +1,4 @@
-"""Leases: the claim body, the rendezvous conflict rule, the lease book and shard choice."""
+"""Leases: the claim body, the conflict rule and its admission limits, strikes, the lease book and shard choice."""
 
 from __future__ import annotations
 
@@ -15,11 +15,17 @@ from protocol.cid import content_id
 from protocol.errors import Invalid
 from protocol.identity import SigningKey
 from protocol.leases import (
+    MAX_EXCLUDED_ROUNDS,
     MAX_LEASE_MICROSHARDS,
+    STRIKES_TO_EXCLUDE,
+    Admission,
     LeaseBook,
     LeaseClaim,
+    Standing,
     budget_for,
     choose_claims,
+    claim_cap,
+    exclusion_rounds,
     home_peer,
     lease_id_for,
     rendezvous_weight,
@@ -122,7 +128,13 @@ def test_resolve_gives_each_shard_to_the_heaviest_live_claim(cs: list[LeaseClaim
             held.expires_ms, -len(held.microshards), held.microshards
         ):
             newest[claim.lease_id] = claim
-    live = list(newest.values())
+    # Of a peer's leases for one round only the latest issued counts.
+    latest: dict[tuple[str, int], LeaseClaim] = {}
+    for claim in newest.values():
+        held = latest.get((claim.peer, claim.round))
+        if held is None or (claim.issued_ms, claim.lease_id) > (held.issued_ms, held.lease_id):
+            latest[(claim.peer, claim.round)] = claim
+    live = list(latest.values())
     assert set(winners) == {s for c in live for s in c.microshards}
     for shard, winner in winners.items():
         assert winner.expires_ms > now
@@ -281,3 +293,135 @@ def test_budget_for_is_proportional_and_bounded() -> None:
     assert budget_for(5.0, 1.0, 10) == 10
     assert budget_for(0.0, 0.0, 10, minimum=2) == 2
     assert budget_for(1.0, 2.0, 0) == 0
+
+
+# ---- admission: live claimants, each within its cap ------------------------------------
+
+
+@st.composite
+def admissions(draw: st.DrawFn) -> Admission:
+    return Admission(
+        frozenset(draw(st.sets(peers, min_size=1, max_size=6))), frozenset(draw(st.sets(st.sampled_from(SHARDS))))
+    )
+
+
+def test_claim_cap_is_twice_an_equal_share_within_the_pool() -> None:
+    assert claim_cap(48, 3) == 32
+    assert claim_cap(48, 2) == 48
+    assert claim_cap(10, 4) == 5
+    assert claim_cap(1, 8) == 1
+    assert claim_cap(0, 3) == 0
+    assert claim_cap(7, 0) == 7
+
+
+@settings(max_examples=60)
+@given(st.lists(claims(), max_size=10), admissions(), st.randoms(use_true_random=False))
+def test_claims_of_peers_not_admitted_never_win(cs: list[LeaseClaim], admission: Admission, rnd: random.Random) -> None:
+    winners = resolve(cs, NOW - 60_000, admission)
+    assert all(winner.peer in admission.peers for winner in winners.values())
+    assert set(winners) <= admission.pool
+    admitted_only = [c for c in cs if c.peer in admission.peers]
+    shuffled = rnd.sample(cs, len(cs))
+    assert winners == resolve(admitted_only, NOW - 60_000, admission) == resolve(shuffled, NOW - 60_000, admission)
+
+
+@settings(max_examples=60)
+@given(st.integers(2, 6), st.sets(st.sampled_from(SHARDS), min_size=1), st.booleans(), st.data())
+def test_a_flooder_claiming_everything_keeps_at_most_its_cap_and_never_an_honest_home(
+    n: int, pool: set[str], flooder_live: bool, data: st.DataObject
+) -> None:
+    honest = PEERS[:n]
+    flooder = PEERS[7]
+    admitted = frozenset(honest) | ({flooder} if flooder_live else set())
+    admission = Admission(admitted, frozenset(pool))
+    share = budget_for(1.0, float(len(admitted)), len(pool))
+    claims_ = [claim(p, list(c)) for p in honest if (c := choose_claims(p, pool, share, live_peers=admitted))]
+    flood = [claim(flooder, SHARDS, issued=NOW + i) for i in range(data.draw(st.integers(1, 3)))]
+    winners = resolve(data.draw(st.permutations(claims_ + flood)), NOW, admission)
+    taken = {s for s, c in winners.items() if c.peer == flooder}
+    assert len(taken) <= admission.cap
+    assert not flooder_live or taken <= {s for s in pool if home_peer(s, admitted) == flooder}
+    assert flooder_live or not taken
+    for c in claims_:
+        # Each honest peer keeps every shard it is home to that it claimed.
+        home = {s for s in c.microshards if home_peer(s, admitted) == c.peer}
+        assert home <= {s for s, w in winners.items() if w.peer == c.peer}
+
+
+def test_a_claim_within_the_cap_keeps_all_a_larger_one_only_its_home_shards() -> None:
+    admitted = frozenset(PEERS[:3])
+    admission = Admission(admitted, frozenset(SHARDS[:30]))
+    assert admission.cap == 20
+    within = claim(PEERS[0], SHARDS[:20] + SHARDS[35:])
+    assert admission.kept(within) == tuple(sorted(SHARDS[:20]))
+    greedy = claim(PEERS[0], SHARDS)
+    home = {s for s in SHARDS[:30] if home_peer(s, admitted) == PEERS[0]}
+    assert 0 < len(home) <= 20 and set(admission.kept(greedy)) == home
+    assert admission.kept(claim(PEERS[5], SHARDS[:2])) == ()
+
+
+@settings(max_examples=40)
+@given(st.lists(claims(), max_size=10), admissions(), st.randoms(use_true_random=False))
+def test_book_agrees_with_resolve_under_an_admission_whatever_the_order(
+    cs: list[LeaseClaim], admission: Admission, rnd: random.Random
+) -> None:
+    owners = []
+    for order in (cs, rnd.sample(cs, len(cs))):
+        b = LeaseBook(0, SHARDS, max_lease_ms=10**9)
+        b.admit(admission)
+        for c in order:
+            try:
+                b.observe(c, NOW - 60_000)
+            except Invalid:
+                pass
+        owners.append(b.owners())
+    if len({c.lease_id for c in cs}) == len(cs):
+        assert owners[0] == owners[1] == resolve(cs, NOW - 60_000, admission)
+
+
+def test_a_peer_holds_one_lease_per_round_its_latest() -> None:
+    first = claim(PEERS[0], SHARDS[:3])
+    retry = claim(PEERS[0], SHARDS[3:5], issued=NOW + 5)
+    for order in ([first, retry], [retry, first]):
+        b = book()
+        for c in order:
+            try:
+                b.observe(c, NOW)
+            except Invalid as exc:
+                assert exc.reason == "superseded"
+        assert len(b) == 1 and b.leases_of(PEERS[0]) == (retry,)
+        assert b.leased() == set(SHARDS[3:5])
+    assert set(resolve([first, retry], NOW)) == set(SHARDS[3:5])
+
+
+def test_book_is_capped_and_makes_room_from_peers_left_out() -> None:
+    b = LeaseBook(0, SHARDS, round=1, max_leases=3)
+    for i, peer in enumerate(PEERS[:3]):
+        b.observe(claim(peer, [SHARDS[i]]), NOW)
+    with pytest.raises(Invalid, match="book_full"):
+        b.observe(claim(PEERS[3], [SHARDS[3]]), NOW)
+    b.admit(Admission(frozenset({PEERS[0], PEERS[3]}), frozenset(SHARDS)))
+    assert b.leased() == {SHARDS[0]}
+    assert b.observe(claim(PEERS[3], [SHARDS[3]]), NOW)
+    assert len(b) == 2 and b.leased() == {SHARDS[0], SHARDS[3]}
+
+
+# ---- strikes -------------------------------------------------------------------------
+
+
+def test_strikes_in_a_row_exclude_for_doubling_bounded_rounds() -> None:
+    assert [exclusion_rounds(s) for s in range(STRIKES_TO_EXCLUDE)] == [0] * STRIKES_TO_EXCLUDE
+    assert [exclusion_rounds(STRIKES_TO_EXCLUDE + i) for i in range(4)] == [1, 2, 4, 8]
+    assert exclusion_rounds(10_000) == MAX_EXCLUDED_ROUNDS
+    standing, round = Standing(), 10
+    for _ in range(STRIKES_TO_EXCLUDE - 1):
+        standing = standing.struck(round)
+        round += 1
+        assert not standing.excluded(round)
+    standing = standing.struck(round)
+    assert [standing.excluded(round + i) for i in (1, 2)] == [True, False]
+    standing = standing.struck(round + 2)
+    assert [standing.excluded(round + 2 + i) for i in (1, 2, 3)] == [True, True, False]
+    for _ in range(200):
+        standing = standing.struck(round)
+    assert standing.excluded(round + MAX_EXCLUDED_ROUNDS) and not standing.excluded(round + MAX_EXCLUDED_ROUNDS + 1)
