@@ -254,11 +254,22 @@ class StoreSection:
         "Start-up check: quick drops temp files and wrong sizes; full also rehashes every file.",
     )
     gc_interval_s: float = setting(
-        600.0, "Seconds between garbage collections of unpinned content.", check=_positive
+        60.0, "Seconds between garbage collections of unpinned content.", check=_positive
     )
     gc_keep_recent_s: float = setting(
-        3600.0, "Unpinned content younger than this survives garbage collection.", check=_non_negative
+        300.0, "Unpinned content younger than this survives garbage collection.", check=_non_negative
     )
+    keep_update_rounds: int = setting(
+        8,
+        "Rounds of the canonical chain whose update records and artifacts stay pinned: what a peer that"
+        " many rounds behind needs to verify its way to the tip.",
+        check=_positive,
+    )
+    checkpoint_every: int = setting(
+        100, "Every this many rounds the canonical head's weights and momentum are pinned as a checkpoint; 0: never.",
+        check=_non_negative,
+    )
+    keep_checkpoints: int = setting(2, "Checkpoints kept; older ones are collected.", check=_non_negative)
 
 
 @dataclass(frozen=True)
@@ -341,7 +352,9 @@ class TrainingSection:
         "verify",
         "verify: recompute heads this peer did not merge before adopting them; trust: only check content ids.",
     )
-    head_retention: int = setting(200, "Heads kept in the index (and their weights pinned).", check=_positive)
+    head_retention: int = setting(
+        200, "Heads kept in the index (their records; weights are kept per [store]).", check=_positive
+    )
     head_reannounce_s: float = setting(5.0, "Seconds between re-announcements of the canonical head.", check=_positive)
     evaluate: bool = setting(True, "Compute the validation loss of each adopted head and publish it.")
     publish_variants: tuple[str, ...] = setting(
@@ -367,7 +380,9 @@ class DilocoSection:
     nesterov: bool = setting(True, "Use Nesterov momentum in the outer step.")
     trim_fraction: float = setting(0.2, "Fraction trimmed from each end by trimmed_mean.", check=_non_negative)
     outlier_factor: float = setting(
-        10.0, "Exclude updates whose norm exceeds this many times the median (3+ updates); 0 disables.",
+        10.0,
+        "Exclude updates whose norm exceeds this many times the round's median (3+ updates) or the median"
+        " update norm recorded in the last 8 heads (any number of updates); 0 disables.",
         check=_non_negative,
     )
     clip_tau: float = setting(

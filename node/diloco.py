@@ -11,6 +11,8 @@ them before they count.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import math
 import statistics
 import time
@@ -30,7 +32,7 @@ from node.heads import Heads
 from node.leasing import Leasing
 from node.logs import Repeats, get_logger
 from node.membership import Membership
-from node.merge import UpdateInput, merge, outer_rule
+from node.merge import UpdateInput, merge, outer_rule, rule_problem
 from node.microshards import MicroshardSource, MicroshardUnavailable
 from node.store import ContentStore
 from node.trainer import Trainer
@@ -40,11 +42,11 @@ from protocol.codecs import BF16, FP32, INT8, Codec
 from protocol.coverage import EpochLedger, replay, select_updates
 from protocol.errors import Invalid
 from protocol.evals import EVAL_KIND, EVAL_VERSION, EvalRecord
-from protocol.heads import AggregationRule, HeadRecord, genesis_head
+from protocol.heads import MAX_HEAD_UPDATES, AggregationRule, HeadRecord, genesis_head, reference_norm
 from protocol.kinds import UPDATE
 from protocol.records import Record
 from protocol.rounds import Offer, RoundState, adaptive_deadline_ms
-from protocol.updates import InnerMetrics, UpdateRecord
+from protocol.updates import InnerMetrics, UpdateRecord, credit, update_binding
 
 log = get_logger("diloco")
 
@@ -52,10 +54,21 @@ UPDATE_VERSION = 1
 CODECS: dict[str, Codec] = {"fp32": FP32, "bf16": BF16, "int8": INT8}
 MAX_BUFFERED_ROUNDS = 4
 SYNC_MAX_S = 120.0
+PREFETCH_PARALLEL = 4  # update artifacts fetched at once while catching up on unverified history
+CATCH_UP_MAX_S = 30.0  # longest a trainer waits, per base, for the verdict on a head rounds ahead
 UNAVAILABLE = "unavailable"  # an exclusion reason that records what the merger could fetch, not the inputs
+UNBOUND = "unbound_artifact"  # the artifact was made for another peer, base or round (a replay or a copy)
+# Exclusions that say the author sent something no merge can use, as opposed to arriving late or
+# losing a race for shards: they strike the author as a missing update does.
+UNUSABLE = frozenset({UNBOUND, "wrong_base", "undecodable", "wrong_shapes", "non_finite", "norm_outlier"})
 
 
 EventSink = Callable[..., None]
+
+
+def _state_ids(head: HeadRecord) -> list[str]:
+    """The manifests a peer builds on ``head`` from: its weights and momentum."""
+    return [head.weights] + ([head.momentum] if head.momentum is not None else [])
 
 
 def _ignore(kind: str, **data: Any) -> None:
@@ -109,6 +122,8 @@ class OuterLoop:
         self._crashes = Repeats()  # the same local fault, logged once a minute
         self.current_settings: dict[str, Any] = {}
         self._state: RoundState | None = None
+        self._catch_up_base: str | None = None
+        self._catch_up_since = 0.0
         self._arrived = asyncio.Event()
         self._weights_cache: tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None
         self.source: MicroshardSource | None = None
@@ -127,7 +142,9 @@ class OuterLoop:
         d = self.config.diloco
         lr = settings["outer_lr"] if settings else d.outer_lr
         momentum = settings["outer_momentum"] if settings else d.outer_momentum
-        return outer_rule(d.rule, lr, momentum, d.nesterov, d.trim_fraction, d.outlier_factor)
+        return outer_rule(
+            d.rule, lr, momentum, d.nesterov, d.trim_fraction, d.outlier_factor, clip_tau=d.clip_tau, clip_iters=d.clip_iters
+        )
 
     def round_settings(self, round_no: int) -> dict[str, Any]:
         """Settings in force for ``round_no``: config, then operator patches effective by then."""
@@ -162,8 +179,10 @@ class OuterLoop:
         self.heads = Heads(
             genesis, self.gossip, self.store, self.exchange, data_dir,
             cfg.training.head_reannounce_s, cfg.training.head_retention,
+            verify_ancestors=cfg.training.verify == "verify",
         )
         self.heads.verifier = self.verify_head
+        self.heads.prefetcher = self.prefetch_inputs
         await self.heads.restore()
         self.leasing = Leasing(self.gossip, self.peer_id, self.source.ids, cfg.training.lease_s, cfg.training.lease_settle_s)
         await self.source.seed()
@@ -184,6 +203,20 @@ class OuterLoop:
         if not current < update.round <= current + MAX_BUFFERED_ROUNDS:
             self.update_rejections["stale_round"] += 1
             return
+        # Bounded by what an honest swarm sends: one update per author and round, at most a
+        # head's worth per round, and rounds ahead of ours only from peers we hear as live.
+        buffered = self.updates.get(update.round, {})
+        if record.id in buffered:
+            return
+        if update.round > current + 1 and update.peer != self.peer_id and not self.membership.table.is_live(update.peer):
+            self.update_rejections["ahead_not_live"] += 1
+            return
+        if any(other.peer == update.peer for other in buffered.values()):
+            self.update_rejections["second_update_of_author"] += 1
+            return
+        if len(buffered) >= MAX_HEAD_UPDATES:
+            self.update_rejections["round_full"] += 1
+            return
         await asyncio.to_thread(self.store.put_record, record.raw, record.id)
         self.updates.setdefault(update.round, {})[record.id] = update
         self.updates_by_id[record.id] = update
@@ -199,8 +232,8 @@ class OuterLoop:
 
     async def _on_eval(self, record: Record) -> None:
         result: EvalRecord = record.body
-        if self.heads is not None:
-            self.heads.eval.setdefault(result.head, {})[record.author] = result.loss
+        if self.heads is not None and not self.heads.record_eval(result.head, record.author, result.loss):
+            self.update_rejections["eval_of_unknown_head"] += 1
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -215,6 +248,11 @@ class OuterLoop:
                 if base.id != handled:
                     # Hooks run on every adoption (a rollback re-adopts an old head); evaluation once per head.
                     handled = base.id
+                    await self._ensure_state(base)
+                    await self._retain(base)
+                    if self.leasing is not None:
+                        merged = (self.updates_by_id.get(update_id) for update_id in base.updates)
+                        self.leasing.credit({update.peer for update in merged if update is not None})
                     if self.config.training.evaluate and base.id not in evaluated:
                         evaluated[base.id] = None
                         while len(evaluated) > 1024:
@@ -266,13 +304,16 @@ class OuterLoop:
 
     async def _round(self, base: HeadRecord) -> None:
         assert self.heads is not None and self.leasing is not None and self.source is not None
+        if await self._catching_up(base):
+            return
         cfg = self.config.training
         round_no = base.round + 1
         settings = self.round_settings(round_no)
         self.current_settings = settings
         ledger = self._ledger(base)
         self.view = RoundView(round=round_no, phase="leasing", base=base.id)
-        live_trainers = [p for p in self.membership.table.live() if self._is_trainer_peer(p)]
+        live_trainers = [p for p in self.membership.table.live()
+                         if self._is_trainer_peer(p) and not self.leasing.excluded(p)]
         speeds = self._swarm_speeds(base, live_trainers)
         steps, budget_s = self._inner_budget(settings["inner_steps"], speeds)
         state = RoundState(round_no, base.id, (), now_ms() + self._deadline_ms(settings["inner_steps"], budget_s))
@@ -311,6 +352,11 @@ class OuterLoop:
             head = await self.compute_head(base, list(result.updates), self.rule(settings))
             if head is not None and self.heads.adopted == base.id:
                 await self.heads.add_own(head)
+            if head is not None:
+                # Updates no merge can use count against their authors like updates that never came.
+                unusable = {self.updates_by_id[u].peer for u, reason in head.excluded
+                            if reason in UNUSABLE and u in self.updates_by_id}
+                self.leasing.drop_unfinished(unusable)
         self._forget_rounds(round_no)
         if self.heads.adopted == base.id:
             # Nothing merged (or we lost the race): give the swarm a moment to move on.
@@ -319,6 +365,24 @@ class OuterLoop:
                 await asyncio.wait_for(self.heads.changed.wait(), 1.0)
             except TimeoutError:
                 pass
+
+    async def _catching_up(self, base: HeadRecord) -> bool:
+        """Wait (bounded) while a head two or more rounds ahead is being verified: training on a
+        base the swarm has left behind is wasted work, and it slows the verification down.
+        Only heads from authors with no rejected head count, and the wait per base is bounded,
+        so a forger cannot hold training up for long."""
+        assert self.heads is not None
+        if self._catch_up_base != base.id:
+            self._catch_up_base, self._catch_up_since = base.id, time.monotonic()
+        if not (self.heads.verifying and self.heads.heard_round >= base.round + 2):
+            return False
+        if time.monotonic() - self._catch_up_since > CATCH_UP_MAX_S:
+            return False
+        self.view = RoundView(round=base.round + 1, phase="catching_up", base=base.id)
+        self.heads.changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.heads.changed.wait(), 1.0)
+        return True
 
     def _swarm_speeds(self, base: HeadRecord, live_trainers: list[str]) -> dict[str, float]:
         """Inner steps per second of this peer and each live trainer, as every peer sees them.
@@ -385,7 +449,9 @@ class OuterLoop:
         try:
             result = await self.trainer.train_round(weights, data, steps, seed, time_budget_s=budget_s)
         except Exception as exc:  # a workload bug must not take the peer out of the swarm
-            log.error("training_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+            # The same fault round after round (a full disk) is logged once a minute.
+            if (held := self._crashes.due(f"training: {type(exc).__name__}: {exc}")) is not None:
+                log.error("training_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True, repeated=held)
             self.round_failures += 1
             self.leasing.back_off()
             return
@@ -400,7 +466,8 @@ class OuterLoop:
             self.inner_step_ms.append(result.metrics.seconds * 1000 / result.metrics.steps)
             del self.inner_step_ms[:-20]
         codec = CODECS[settings["codec"]]
-        artifact = await asyncio.to_thread(store_artifact, self.store, result.delta, codec, self.chunking)
+        binding = update_binding(self.peer_id, base.id, base.round + 1)
+        artifact = await asyncio.to_thread(store_artifact, self.store, result.delta, codec, self.chunking, binding)
         self.availability.add_held(artifact)
         update = UpdateRecord(
             round=base.round + 1, base=base.id, artifact=artifact, codec=settings["codec"],
@@ -442,7 +509,9 @@ class OuterLoop:
             for peer in list(state.expected):
                 no_claim = now_ms() > claim_window_ms and peer not in claimants
                 alive = peer == self.peer_id or self.membership.table.is_live(peer)
-                state.set_live(peer, alive and not no_claim)
+                # A peer whose leases kept ending without a usable update is not waited for.
+                struck = peer != self.peer_id and self.leasing.excluded(peer)
+                state.set_live(peer, alive and not no_claim and not struck)
             if state.should_close(now_ms()):
                 return
             if not state.updates and not state.waiting_for and not self.leasing.own and now_ms() > claim_window_ms:
@@ -483,13 +552,53 @@ class OuterLoop:
             weights = await self._load(head.weights)
             momentum = await self._load(head.momentum) if head.momentum is not None else None
             self._weights_cache = (head.id, weights, momentum)
-        # Pinned on a cache hit too: a head this peer merged itself is cached, not loaded, and
-        # went unpinned, so GC removed its weights and momentum and no peer could fetch them here.
-        await asyncio.to_thread(
-            self.store.pin, f"head-{head.round % max(self.config.training.head_retention, 1)}",
-            [head.weights] + ([head.momentum] if head.momentum else []),
-        )
         return weights, momentum
+
+    async def _retain(self, head: HeadRecord) -> None:
+        """Pin what the swarm needs of the adopted ``head``; GC collects the rest.
+
+        Kept: the head's and its parent's weights and momentum (what this peer builds on and
+        what a peer one round behind fetches), the update records and artifacts merged in the
+        last ``store.keep_update_rounds`` rounds (what a peer that far behind recomputes to
+        verify its way here), and every ``store.checkpoint_every`` rounds a checkpoint, of
+        which the newest ``store.keep_checkpoints`` stay.
+        """
+        assert self.heads is not None
+        cfg = self.config.store
+        chain = list(itertools.islice(self.heads.index.ancestors(head.id), max(cfg.keep_update_rounds, 2)))
+        pins: dict[str, list[str]] = {"head": _state_ids(chain[0]), "head-parent": []}
+        if len(chain) > 1:
+            pins["head-parent"] = _state_ids(chain[1])
+        updates: list[str] = []
+        for kept in chain[: cfg.keep_update_rounds]:
+            for update_id in kept.updates:
+                update = self.updates_by_id.get(update_id) or await asyncio.to_thread(self._stored_update, update_id)
+                updates.extend([update_id, update.artifact] if update is not None else [update_id])
+        pins["updates"] = updates
+        if cfg.checkpoint_every and head.round and head.round % cfg.checkpoint_every == 0 and cfg.keep_checkpoints:
+            pins[f"checkpoint-{head.round:012d}"] = _state_ids(head)
+        await asyncio.to_thread(self._pin_all, pins, cfg.keep_checkpoints)
+
+    def _pin_all(self, pins: dict[str, list[str]], keep_checkpoints: int) -> None:
+        for name, ids in pins.items():
+            self.store.pin(name, ids)
+        names = self.store.pins()
+        for name in names:
+            if name.startswith("head-") and name[5:].isdigit():
+                self.store.unpin(name)  # a pin per head of older versions, kept 200 heads' weights
+        checkpoints = sorted(name for name in names if name.startswith("checkpoint-"))
+        for name in checkpoints[: max(len(checkpoints) - keep_checkpoints, 0)]:
+            self.store.unpin(name)
+
+    def _stored_update(self, update_id: str) -> UpdateRecord | None:
+        raw = self.store.get_record(update_id)
+        if raw is None:
+            return None
+        try:
+            record = self.gossip.validate_stored(raw)
+        except Invalid:
+            return None
+        return record.body if record.kind == UPDATE else None
 
     async def _load(self, manifest_id: str) -> dict[str, torch.Tensor]:
         try:
@@ -535,10 +644,14 @@ class OuterLoop:
         finally:
             waiter.cancel()
 
-    async def _decoded_delta(self, update: UpdateRecord) -> dict[str, torch.Tensor] | None:
-        """The update's pseudo-gradient; None when its bytes do not decode. FetchFailed when unavailable."""
+    async def _decoded_delta(self, update: UpdateRecord) -> dict[str, torch.Tensor] | str | None:
+        """The update's pseudo-gradient; UNBOUND when its artifact was made for another update,
+        None when its bytes do not decode. FetchFailed when unavailable."""
         try:
             await self._fetch_update(update)
+            manifest = await asyncio.to_thread(self.store.get_manifest, update.artifact)
+            if manifest is not None and manifest.binding != update_binding(update.peer, update.base, update.round):
+                return UNBOUND
             return await asyncio.to_thread(load_artifact, self.store, update.artifact)
         except (MissingContent, Invalid, ValueError) as exc:
             log.warning("update_undecodable", artifact=update.artifact, error=str(exc)[:200])
@@ -572,6 +685,7 @@ class OuterLoop:
             else:
                 records[update_id] = update
         ledger = self._ledger(base)
+        sizes = self._plan_sizes()
         while True:
             # Select as a verifier will: without the updates found unavailable, whose shards stay free.
             selection = select_updates(ledger, records)
@@ -579,7 +693,15 @@ class OuterLoop:
             for update_id in selection.included:
                 update = records[update_id]
                 try:
-                    inputs.append(UpdateInput(update_id, update.samples, await self._decoded_delta(update)))
+                    delta = await self._decoded_delta(update)
+                    if delta == UNBOUND:
+                        # A function of the inputs (the record and the artifact's manifest): a
+                        # verifier finds the same, and its shards stay free for an honest peer.
+                        dropped.append((update_id, UNBOUND))
+                        del records[update_id]
+                        break
+                    samples, _ = credit(update, sizes)
+                    inputs.append(UpdateInput(update_id, samples, delta))  # type: ignore[arg-type]
                 except FetchFailed as exc:
                     if strict:
                         raise
@@ -590,14 +712,16 @@ class OuterLoop:
             else:
                 break
         weights, momentum = await self._ensure_state(base)
-        result = await asyncio.to_thread(merge, weights, momentum, inputs, rule)
+        bound = reference_norm(self.heads.index.ancestors(base.id))  # type: ignore[union-attr]
+        result = await asyncio.to_thread(merge, weights, momentum, inputs, rule, reference_norm=bound)
         if result is None:
             return None
         weights_id = await asyncio.to_thread(store_artifact, self.store, result.weights, FP32, self.chunking)
         momentum_id = await asyncio.to_thread(store_artifact, self.store, result.momentum, FP32, self.chunking)
         included = [records[i] for i in result.included]
-        samples = sum(u.samples for u in included)
-        tokens = sum(u.tokens for u in included)
+        credited = [credit(u, sizes) for u in included]
+        samples = sum(c[0] for c in credited)
+        tokens = sum(c[1] for c in credited)
         head = HeadRecord(
             parent=base.id, round=base.round + 1, epoch=ledger.epoch,
             updates=result.included,
@@ -607,11 +731,29 @@ class OuterLoop:
             samples=samples, tokens=tokens,
             microshards=tuple(sorted({s for u in included for s in u.microshards})),
             eval=None, workload=base.workload, dataset=base.dataset, rollback=self.heads.marker_for(base),  # type: ignore[union-attr]
+            update_norm=result.median_norm,
         )
         self._weights_cache = (head.id, result.weights, result.momentum)
         self.availability.add_held(weights_id)
         self.availability.add_held(momentum_id)
         return head
+
+    async def prefetch_inputs(self, heads: list[HeadRecord]) -> None:
+        """Fetch the update records and artifacts ``heads`` merged, a few at a time, ahead of the
+        recomputes that need them; what cannot be had now is left for the recompute to report."""
+        gate = asyncio.Semaphore(PREFETCH_PARALLEL)
+
+        async def one(update_id: str) -> None:
+            async with gate:
+                update = await self._update_record(update_id)
+                if update is not None:
+                    with contextlib.suppress(FetchFailed, MissingContent):
+                        await self._fetch_update(update)
+
+        async with asyncio.TaskGroup() as tasks:
+            for head in heads:
+                for update_id in head.updates:
+                    tasks.create_task(one(update_id))
 
     async def verify_head(self, head: HeadRecord) -> str | None:
         """None if ``head`` is what its inputs give; otherwise why it is rejected."""
@@ -619,8 +761,9 @@ class OuterLoop:
         parent = self.heads.index.get(head.parent) if head.parent else None
         if parent is None:
             return "unknown_parent"
-        if head.rule.name not in ("mean", "trimmed_mean", "median"):
-            return "unknown_rule"
+        problem = rule_problem(head.rule)
+        if problem is not None:
+            return problem
         if self.config.training.verify == "trust":
             try:
                 await self._load(head.weights)
@@ -648,7 +791,7 @@ class OuterLoop:
         self.view.phase = "evaluating"
         metrics = await self.trainer.evaluate(weights)
         assert self.heads is not None
-        self.heads.eval.setdefault(head.id, {})[self.peer_id] = metrics.loss
+        self.heads.record_eval(head.id, self.peer_id, metrics.loss)
         log.info("head_evaluated", head=head.id, round=head.round, val_loss=round(metrics.loss, 4))
         await self.gossip.publish(EVAL_KIND, EVAL_VERSION, EvalRecord(head.id, "val", metrics.loss, metrics.examples).to_wire())
 
@@ -674,6 +817,11 @@ class OuterLoop:
             expected, min_ms=int(cfg.min_round_deadline_s * 1000), max_ms=int(cfg.max_round_deadline_s * 1000),
             margin_ms=int(cfg.lease_settle_s * 1000) + 2000,
         )
+
+    def _plan_sizes(self) -> dict[str, tuple[int, int]]:
+        """(examples, tokens) of each planned microshard: what an update can count for at most."""
+        assert self.source is not None
+        return {shard_id: (m.source.examples, m.source.tokens) for shard_id, m in self.source.by_id.items()}
 
     def _batch_size(self) -> int:
         return int(self.workload.settings().get("batch_size", 1))

@@ -55,6 +55,8 @@ class Heads:
         self._retention = retention
         self._verify_ancestors = verify_ancestors
         self.verifier: Verifier | None = None
+        self.prefetcher: Callable[[list[HeadRecord]], Awaitable[None]] | None = None
+        self.heard_round = 0  # the highest round heard from an author none of whose heads was rejected
         self.emit: Callable[..., None] = lambda kind, **data: None  # the daemon's event bus
         self.adopted: str = genesis.id
         self.changed = asyncio.Event()
@@ -180,6 +182,8 @@ class Heads:
             self.rejected["verify_queue_full"] += 1
             return
         self._verifying.add(head.id)
+        if not self.penalties.get(record.author):
+            self.heard_round = max(self.heard_round, head.round)
 
     async def _accept(self, head: HeadRecord, author: str) -> None:
         ancestors, missing = await self._unknown_ancestors(head)
@@ -190,24 +194,38 @@ class Heads:
         # Oldest first, each verified against its parent before the next: a head is only as good
         # as its history, and an ancestor that was never announced (so never checked) could
         # otherwise carry any weights into the chain under a tip that recomputes correctly.
+        # Their inputs are fetched meanwhile, all at once, so a peer far behind catches up at the
+        # pace of its merges rather than of one fetch after another.
+        prefetch = (asyncio.ensure_future(self.prefetcher([*ancestors, head]))
+                    if self.prefetcher is not None and ancestors and self._verify_ancestors else None)
+        try:
+            if not await self._verify_chain(ancestors, head, author):
+                return
+        finally:
+            if prefetch is not None:
+                prefetch.cancel()
+                await asyncio.gather(prefetch, return_exceptions=True)
+        await self._reconsider()
+
+    async def _verify_chain(self, ancestors: list[HeadRecord], head: HeadRecord, author: str) -> bool:
+        """Verify and link ``ancestors`` (oldest first), then ``head``; False once one fails."""
         for ancestor in ancestors if self._verify_ancestors else ():
             reason = await self._verify(ancestor)
             if reason is not None:
                 log.warning("ancestor_rejected", head=head.id, ancestor=ancestor.id, round=ancestor.round, reason=reason)
                 self._reject(head, author, f"ancestor_{reason}")
-                return
+                return False
             if not await self._add_verified(ancestor, head, author):
-                return
+                return False
         if not self._verify_ancestors:
             for ancestor in ancestors:
                 if not await self._add_verified(ancestor, head, author):
-                    return
+                    return False
         reason = await self._verify(head)
         if reason is not None:
             self._reject(head, author, reason)
-            return
-        if await self._add_verified(head, head, author):
-            await self._reconsider()
+            return False
+        return await self._add_verified(head, head, author)
 
     async def _verify(self, head: HeadRecord) -> str | None:
         return await self.verifier(head) if self.verifier is not None else None

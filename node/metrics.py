@@ -240,6 +240,11 @@ class NodeMetrics:
         )
         out.gauge("peers_connected", "Peers with an open libp2p connection.", len(bridge.connected_peers()) if bridge else 0)
         out.family(
+            "libp2p_stream_faults_total", "counter",
+            "Inbound streams and messages whose bytes raised in libp2p, reset and dropped, by protocol:error.",
+            _by("reason", bridge.stats.stream_faults if bridge else {}),
+        )
+        out.family(
             "peer_head_round", "gauge", "Round of the head each peer last reported holding.",
             [({"peer": row["peer_id"]}, row["round"]) for row in rows if isinstance(row.get("round"), int)],
         )

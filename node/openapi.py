@@ -51,6 +51,7 @@ SCHEMAS: dict[str, Schema] = {
         "addrs": STRINGS,
         "uptime_s": NUMBER,
         "peers": obj({"live": COUNT, "dead": COUNT, "connected": COUNT}),
+        "stream_faults": counts(),
         "gossip": obj({
             "topic": STRING, "accepted": counts(), "published": counts(), "rejected": counts(),
             "publish_failures": COUNT, "handler_errors": COUNT, "dropped_queue_full": COUNT,

@@ -120,6 +120,7 @@ class StatusApi:
                 "dead": len(table.peers) - len(live) if table else 0,
                 "connected": len(node.bridge.connected_peers()),
             },
+            "stream_faults": dict(node.bridge.stats.stream_faults),
             "gossip": node.gossip.stats(),
             "rejected": dict(node.gossip.rejected),
             "heartbeats_sent": membership.heartbeats_sent if membership else 0,
