@@ -23,6 +23,7 @@ from node.config_schema import (
     render_toml,
     setting,
 )
+from protocol.cid import is_content_id
 from protocol.errors import Invalid
 from protocol.identity import public_key_from_peer_id
 
@@ -245,6 +246,10 @@ class StatusSection:
         return None
 
 
+def _head_ids(value: tuple[str, ...]) -> str | None:
+    return None if all(is_content_id(v) for v in value) else "each must be a head id (b3: and 64 hex digits)"
+
+
 @dataclass(frozen=True)
 class StoreSection:
     """The content store under <data_dir>/store: chunks, manifests and records by content id."""
@@ -351,6 +356,12 @@ class TrainingSection:
     verify: Literal["verify", "trust"] = setting(
         "verify",
         "verify: recompute heads this peer did not merge before adopting them; trust: only check content ids.",
+    )
+    trusted_heads: tuple[str, ...] = setting(
+        (),
+        "Head ids this peer adopts without recomputing them or their ancestors (the operator vouches for them):"
+        " how a peer joins a swarm whose early rounds' updates are no longer kept.",
+        check=_head_ids,
     )
     head_retention: int = setting(
         200, "Heads kept in the index (their records; weights are kept per [store]).", check=_positive

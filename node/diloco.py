@@ -179,7 +179,7 @@ class OuterLoop:
         self.heads = Heads(
             genesis, self.gossip, self.store, self.exchange, data_dir,
             cfg.training.head_reannounce_s, cfg.training.head_retention,
-            verify_ancestors=cfg.training.verify == "verify",
+            verify_ancestors=cfg.training.verify == "verify", trusted=frozenset(cfg.training.trusted_heads),
         )
         self.heads.verifier = self.verify_head
         self.heads.prefetcher = self.prefetch_inputs

@@ -45,6 +45,7 @@ class Heads:
         reannounce_s: float,
         retention: int,
         verify_ancestors: bool = True,
+        trusted: frozenset[str] = frozenset(),
     ) -> None:
         self.index = HeadIndex(genesis)
         self._gossip = gossip
@@ -54,6 +55,7 @@ class Heads:
         self._reannounce_s = reannounce_s
         self._retention = retention
         self._verify_ancestors = verify_ancestors
+        self._trusted = trusted
         self.verifier: Verifier | None = None
         self.prefetcher: Callable[[list[HeadRecord]], Awaitable[None]] | None = None
         self.heard_round = 0  # the highest round heard from an author none of whose heads was rejected
@@ -208,7 +210,22 @@ class Heads:
         await self._reconsider()
 
     async def _verify_chain(self, ancestors: list[HeadRecord], head: HeadRecord, author: str) -> bool:
-        """Verify and link ``ancestors`` (oldest first), then ``head``; False once one fails."""
+        """Verify and link ``ancestors`` (oldest first), then ``head``; False once one fails.
+
+        A head the operator named in ``training.trusted_heads`` is linked with its ancestors
+        unverified: the operator's word stands in for the history a peer far behind can no
+        longer recompute (the swarm keeps only recent rounds' updates).
+        """
+        anchor = max((i for i, h in enumerate(ancestors) if h.id in self._trusted), default=-1)
+        if head.id in self._trusted:
+            anchor = len(ancestors)
+        for trusted in [*ancestors, head][: anchor + 1]:
+            if not await self._add_verified(trusted, head, author):
+                return False
+            log.info("head_trusted", head=trusted.id, round=trusted.round)
+        if anchor == len(ancestors):
+            return True
+        ancestors = ancestors[anchor + 1 :]
         for ancestor in ancestors if self._verify_ancestors else ():
             reason = await self._verify(ancestor)
             if reason is not None:

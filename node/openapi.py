@@ -128,6 +128,9 @@ SCHEMAS: dict[str, Schema] = {
             "expires_in_s": NUMBER,
         })},
         "rejected": counts(),
+        "benched_s": NUMBER,
+        "pending_future": COUNT,
+        "excluded": {"type": "object", "additionalProperties": obj({"strikes": COUNT, "rounds_left": COUNT})},
         "coverage": obj({"epoch": COUNT, "done": COUNT, "leased": COUNT, "free": COUNT, "planned": COUNT}),
     }),
     "Fetch": obj({

@@ -193,3 +193,42 @@ def test_evaluations_of_heads_nobody_knows_are_not_kept(tmp_path):
             assert list(heads.eval) == [GENESIS.id]
 
     asyncio.run(run())
+
+
+def test_a_trusted_head_is_linked_with_its_ancestors_unverified_and_later_heads_are_verified(tmp_path):
+    """The operator's word for a head stands in for history the swarm no longer keeps."""
+    old = child(GENESIS, 10, "old")
+    anchor = child(old, 10, "anchor")
+    after = child(anchor, 10, "after")
+    tip = child(after, 10, "tip")
+    verified: list[str] = []
+
+    async def verifier(head: HeadRecord) -> str | None:
+        verified.append(head.id)
+        return None
+
+    async def run() -> None:
+        async with components(tmp_path) as (_key, gossip, store, exchange):
+            heads = Heads(GENESIS, gossip, store, exchange, tmp_path, 60.0, 200, trusted=frozenset({anchor.id}))
+            heads.verifier = verifier
+            for body in (old, anchor, after):
+                store.put_record(canonical.encode(body.to_wire()), body.id)
+            author = SigningKey.generate()
+            raw = sign_record(author, HEAD, 1, SWARM, tip.to_wire(), int(time.time() * 1000))
+            runner = asyncio.create_task(heads.run())
+            try:
+                await gossip.handle_message(raw, author.peer_id)
+
+                async def settled() -> None:
+                    while heads.verifying:
+                        await asyncio.sleep(0.01)
+
+                await asyncio.wait_for(settled(), 10)
+                assert heads.adopted == tip.id
+                assert verified == [after.id, tip.id]  # nothing up to the anchor was recomputed
+            finally:
+                runner.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await runner
+
+    asyncio.run(run())
