@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,6 +29,13 @@ log = get_logger("distribution")
 
 VARIANT_CODECS: dict[str, Codec] = {"fp32": FP32, "bf16": BF16, "int8": INT8}
 PINNED_VARIANTS = 16  # this peer's newest variant manifests that store GC keeps (it announces them as held)
+# Heads whose variant announcements are kept, oldest first out: consumers ask for recent heads.
+MAX_VARIANT_HEADS = 64
+# Every honest peer derives the same manifest for a head's variant, so past the first few the
+# rest are forgeries; the first announced are kept, as honest peers announce on adopting.
+MAX_VARIANT_MANIFESTS = 4
+# Announcers only rank a head's manifests for a variant; a few dozen rank them as well as more.
+MAX_VARIANT_ANNOUNCERS = 32
 
 
 def write_variant_safetensors(store: ContentStore, manifest_id: str, variant: str, path: Path) -> None:
@@ -69,8 +77,10 @@ class Distribution:
         self._publish = publish
         self._export_dir = Path(export_dir) if export_dir else None
         self._export_variant = export_variant
-        # head -> variant -> manifest -> peers that announced it
+        # head -> variant -> manifest -> peers that announced it; at most MAX_VARIANT_HEADS heads,
+        # MAX_VARIANT_MANIFESTS manifests per variant and MAX_VARIANT_ANNOUNCERS peers per manifest
         self.variants: dict[str, dict[str, dict[str, set[str]]]] = {}
+        self.dropped: Counter[str] = Counter()  # announcements not kept, by reason
         self.exported: str | None = None
         self._pinned: list[str] = []
         gossip.on(VARIANT_KIND, self._on_variant)
@@ -78,9 +88,22 @@ class Distribution:
     async def _on_variant(self, record: Record) -> None:
         variant: VariantRecord = record.body
         by_variant = self.variants.setdefault(variant.head, {}).setdefault(variant.variant, {})
-        by_variant.setdefault(variant.manifest, set()).add(record.author)
-        if len(self.variants) > 64:
+        announcers = by_variant.get(variant.manifest)
+        if announcers is None:
+            if len(by_variant) >= MAX_VARIANT_MANIFESTS:
+                self.dropped["manifests_full"] += 1
+                return
+            announcers = by_variant[variant.manifest] = set()
+        if record.author not in announcers and len(announcers) >= MAX_VARIANT_ANNOUNCERS:
+            self.dropped["announcers_full"] += 1
+            return
+        announcers.add(record.author)
+        self._trim_heads()
+
+    def _trim_heads(self) -> None:
+        while len(self.variants) > MAX_VARIANT_HEADS:
             del self.variants[next(iter(self.variants))]
+            self.dropped["head_evicted"] += 1
 
     def manifest_for(self, head: HeadRecord, variant: str) -> str | None:
         """The variant's manifest id: fp32 is the head's own weights; others as announced (most peers first)."""
@@ -98,6 +121,7 @@ class Distribution:
             self._availability.add_held(manifest)
             announced = self.variants.setdefault(head.id, {}).setdefault(variant, {})
             announced.setdefault(manifest, set()).add(self._peer_id)
+            self._trim_heads()
             record = VariantRecord(head.id, variant, manifest)
             await self._gossip.publish(VARIANT_KIND, VARIANT_VERSION, record.to_wire())
         if self._export_dir is not None:

@@ -44,6 +44,9 @@ from protocol.manifest import Manifest, parse_manifest
 log = get_logger("exchange")
 
 _READ_AHEAD = 4  # chunks a server reads from disk ahead of the one it is sending
+# Peers each per-peer counter in ExchangeStats holds. Any key can announce itself as a provider
+# and then time out or lie, so the counters are capped; a thousand is far above a swarm's size.
+MAX_PEER_STATS = 1024
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,15 @@ class ExchangeStats:
     # Content bytes moved, by kind (chunk, manifest, record), as received or sent.
     bytes_in_by_kind: Counter[str] = field(default_factory=Counter)
     bytes_out_by_kind: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)  # per-peer counts evicted, by counter
+
+    def count_peer(self, counter: Counter[str], peer: str, name: str) -> None:
+        """One more for ``peer`` in ``counter`` (``name`` in ``dropped``), kept to MAX_PEER_STATS
+        peers: a newcomer to a full counter takes the place of the peer with the fewest."""
+        if peer not in counter and len(counter) >= MAX_PEER_STATS:
+            del counter[min(counter, key=counter.__getitem__)]
+            self.dropped[name] += 1
+        counter[peer] += 1
 
     @property
     def bytes_in(self) -> int:
@@ -288,6 +300,9 @@ class _FetchRun:
         self.index = {ref.cid: i for i, ref in reversed(list(enumerate(manifest.chunks)))}
         self.pending: set[str] = set()
         self.inflight: set[str] = set()
+        # The per-peer maps below hold the fetch's providers only, for its lifetime: peers from
+        # ``_candidates``, which Availability caps (MAX_ANNOUNCERS), with a chunk set only for
+        # partial holders we are connected to.
         self.has: dict[str, set[str] | None] = {}  # peer -> chunks it has; None: all of them
         self.workers: dict[str, int] = Counter()
         self.polling: set[str] = set()
@@ -442,10 +457,12 @@ class Exchange:
         self.self_peer = bridge.peer_id
         self.stats = ExchangeStats()
         self.server = ChunkServer(store, settings, self.stats)
+        # One per artifact this peer's own loop needs while it runs; finished ones are kept for
+        # the status page up to ``_prune_finished``'s limit.
         self.fetches: dict[str, FetchProgress] = {}
         self._tasks: dict[str, asyncio.Task[Manifest]] = {}
         self._journal = journal
-        self._cancelled: set[str] = set()
+        self._cancelled: set[str] = set()  # an entry lives as long as its fetch's task
         # Where an adaptive fetch starts: the last comparison's answer, the providers it was
         # measured on, and when the fetch that held it ended.
         self._fan_out_learnt: tuple[Verdict, frozenset[str], float] | None = None
@@ -494,6 +511,7 @@ class Exchange:
     def _forget_task(self, manifest_id: str, task: asyncio.Task[Manifest]) -> None:
         if self._tasks.get(manifest_id) is task:
             del self._tasks[manifest_id]
+            self._cancelled.discard(manifest_id)
         mark_retrieved(task)  # callers saw its error
 
     # ---- one fetch -------------------------------------------------------------------
@@ -603,7 +621,7 @@ class Exchange:
                     reason = exc.reason
                     progress.dropped[peer] = f"manifest: {reason}"
                     if reason == "bad_hash":
-                        self.stats.rejected_chunks_by_peer[peer] += 1
+                        self.stats.count_peer(self.stats.rejected_chunks_by_peer, peer, "rejected_chunks_by_peer")
             await asyncio.sleep(self.settings.have_poll_s)
         raise FetchFailed(f"no provider served manifest {manifest_id} within {self.settings.stall_timeout_s:.0f} s")
 
@@ -761,7 +779,7 @@ class Exchange:
                         storing.append((cid, writing))
         except TimeoutError:
             await self._settle_stored(run, peer, storing)
-            self.stats.timeouts_by_peer[peer] += 1
+            self.stats.count_peer(self.stats.timeouts_by_peer, peer, "timeouts_by_peer")
             for cid in remaining:
                 run.settle(cid, stored=False)
             # A frozen peer stays "connected" for a minute; cut it off so others are used.
@@ -791,7 +809,7 @@ class Exchange:
                 await asyncio.shield(writing)
             except Invalid:
                 honest = False
-                self.stats.rejected_chunks_by_peer[peer] += 1
+                self.stats.count_peer(self.stats.rejected_chunks_by_peer, peer, "rejected_chunks_by_peer")
                 run.settle(cid, stored=False)
                 log.warning("corrupt_chunk", peer=peer, chunk=cid, manifest=run.manifest.artifact_id)
                 continue
@@ -860,7 +878,7 @@ class Exchange:
                         await asyncio.to_thread(self.store.put, item.data, cid, drop_cache=True)
                         self.stats.chunks_verified += 1
             except Invalid as exc:
-                self.stats.rejected_chunks_by_peer[peer] += 1
+                self.stats.count_peer(self.stats.rejected_chunks_by_peer, peer, "rejected_chunks_by_peer")
                 log.warning("blob_rejected", peer=peer, reason=exc.reason)
             except (BridgeError, TimeoutError) as exc:
                 log.info("blob_fetch_failed", peer=peer, error=str(exc)[:120])

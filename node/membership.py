@@ -15,6 +15,7 @@ from protocol.membership import (
     HEARTBEAT_KIND,
     HEARTBEAT_VERSION,
     LEAVING,
+    MAX_PEERS,
     Heartbeat,
     PeerDied,
     PeerEvent,
@@ -49,6 +50,7 @@ class Membership:
         bootstrap: list[str],
         dial_timeout_s: float = DIAL_TIMEOUT_S,
         fields: HeartbeatFields = dict,
+        max_peers: int = MAX_PEERS,
     ) -> None:
         self._bridge = bridge
         self._gossip = gossip
@@ -57,7 +59,9 @@ class Membership:
         self._bootstrap = list(bootstrap)
         self._dial_timeout_s = dial_timeout_s
         self._fields = fields
-        self.table = PeerTable(bridge.peer_id, dead_after_missed)
+        # Capped (``MAX_PEERS``): a heartbeat that finds it full of live peers is rejected, and
+        # gossip counts it as ``peer_table_full``.
+        self.table = PeerTable(bridge.peer_id, dead_after_missed, capacity=max_peers)
         self._listeners: list[PeerListener] = []
         self._dialing: set[str] = set()
         self.heartbeats_sent = 0

@@ -28,6 +28,10 @@ log = get_logger("operator")
 
 OPERATOR_VERSION = 1
 MAX_REPLAYED = 32
+# Operator records kept (replayed, journaled, applied), oldest first out. Only configured operator
+# keys author them and a swarm sees a handful, so this only stops a runaway or leaked key from
+# growing every peer's memory and journal (records are ~1 KB: the journal stays near 1 MB).
+MAX_OPERATOR_RECORDS = 1024
 RollbackSink = Callable[[RollbackRecord], Any]
 
 
@@ -47,10 +51,12 @@ class Operations:
         # Operator records are replayed to late joiners and survive restarts: a peer that
         # missed a rollback or a patch would otherwise fork from the swarm.
         self._journal = journal
-        self.raw: dict[str, bytes] = {}
+        # Each at most MAX_OPERATOR_RECORDS; what overflows is counted in ``dropped``.
+        self.raw: dict[str, bytes] = {}  # record id -> signed record, oldest first
         self.rollbacks: dict[str, RollbackRecord] = {}
         self.patches: dict[str, PatchRecord] = {}
         self.rejected: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
         self.on_rollback: RollbackSink | None = None
         self.emit: Callable[..., None] = lambda kind, **data: None
         gossip.on(ROLLBACK, self._on_rollback)
@@ -72,6 +78,9 @@ class Operations:
         if record.id in self.raw:
             return
         self.raw[record.id] = record.raw
+        while len(self.raw) > MAX_OPERATOR_RECORDS:
+            del self.raw[next(iter(self.raw))]
+            self.dropped["raw"] += 1
         if self._journal is not None:
             write_atomic(self._journal, json.dumps({i: raw.hex() for i, raw in self.raw.items()}).encode())
 
@@ -111,6 +120,10 @@ class Operations:
         if rollback.id in self.rollbacks:
             return
         self.rollbacks[rollback.id] = rollback
+        if len(self.rollbacks) > MAX_OPERATOR_RECORDS:
+            # The earliest issued: never the one in force, which is the latest (``latest_rollback``).
+            del self.rollbacks[min(self.rollbacks.values(), key=lambda r: (r.issued_ms, r.id)).id]
+            self.dropped["rollbacks"] += 1
         log.info("rollback_received", target=rollback.target, reason=rollback.reason, author=record.author)
         self.emit("rollback", target=rollback.target, reason=rollback.reason, author=record.author)
         if self.on_rollback is not None:
@@ -123,6 +136,10 @@ class Operations:
         if patch.id in self.patches:
             return
         self.patches[patch.id] = patch
+        if len(self.patches) > MAX_OPERATOR_RECORDS:
+            # The first applied (``settings_at``'s order): the one most likely overridden since.
+            del self.patches[min(self.patches.values(), key=lambda p: (p.effective_round, p.issued_ms, p.id)).id]
+            self.dropped["patches"] += 1
         log.info("patch_received", settings=patch.as_dict(), effective_round=patch.effective_round)
         self.emit("patch", settings=patch.as_dict(), effective_round=patch.effective_round, author=record.author)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -17,6 +18,10 @@ MAX_CAPABILITIES = 32
 # others count it out at once instead of after ``dead_after_missed`` silent intervals.
 LEAVING = "leaving"
 ROLES = frozenset({"trainer", "consumer", "bootstrap"})
+# Peers the table holds. A swarm is open to new keys, so without a cap anyone could grow it with
+# fresh ones; 2048 is far above the tens of peers a swarm runs, and a peer's state costs 1-2 KB
+# for a usual heartbeat (17 KB at the wire limits above), so the table stays under ~35 MB.
+MAX_PEERS = 2048
 
 
 def _text(value: Any, name: str, limit: int = MAX_TEXT) -> str:
@@ -136,11 +141,20 @@ PeerEvent = PeerJoined | PeerRevived | PeerDied
 
 @dataclass
 class PeerTable:
-    """Liveness by heartbeat: a peer is dead after ``dead_after_missed`` of its own intervals."""
+    """Liveness by heartbeat: a peer is dead after ``dead_after_missed`` of its own intervals.
+
+    At most ``capacity`` peers. A newcomer to a full table takes the place of the dead peer
+    heard from least recently; while every peer is alive it is refused (Invalid
+    ``peer_table_full``): fresh keys cannot push out the peers a round counts on.
+    ``dropped`` counts refusals and evictions by reason.
+    """
 
     self_peer: str
     dead_after_missed: int = 3
+    # Ordered from the least to the most recently heard: the first dead peer is the one to evict.
     peers: dict[str, PeerState] = field(default_factory=dict)
+    capacity: int = MAX_PEERS
+    dropped: Counter[str] = field(default_factory=Counter)
 
     def observe(self, author: str, created_ms: int, heartbeat: Heartbeat, now_ms: int) -> list[PeerEvent]:
         """Record a validated heartbeat; stale or replayed heartbeats change nothing."""
@@ -153,10 +167,12 @@ class PeerTable:
         if known is None:
             if leaving:
                 return []  # a goodbye from a peer we never knew: nothing to forget
+            self._make_room()
             self.peers[author] = PeerState(author, heartbeat, now_ms, now_ms, created_ms)
             return [PeerJoined(author)]
         if created_ms <= known.last_created_ms:
             return []
+        del self.peers[author]  # re-inserted last: the most recently heard
         if leaving:
             self.peers[author] = replace(
                 known, heartbeat=heartbeat, last_seen_ms=now_ms, last_created_ms=created_ms, alive=False,
@@ -168,6 +184,16 @@ class PeerTable:
             known, heartbeat=heartbeat, last_seen_ms=now_ms, last_created_ms=created_ms, alive=True
         )
         return [PeerRevived(author)] if revived else []
+
+    def _make_room(self) -> None:
+        """Evict dead peers, least recently heard first, until a newcomer fits; Invalid if none can go."""
+        while len(self.peers) >= self.capacity:
+            dead = next((peer for peer, state in self.peers.items() if not state.alive), None)
+            if dead is None:
+                self.dropped["table_full"] += 1
+                raise Invalid("peer_table_full", f"{len(self.peers)} live peers")
+            del self.peers[dead]
+            self.dropped["dead_evicted"] += 1
 
     def tick(self, now_ms: int) -> list[PeerEvent]:
         """Mark peers dead whose heartbeats stopped; return who died."""

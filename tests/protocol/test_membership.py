@@ -58,3 +58,17 @@ def test_wire_rejects_bad_fields():
             Heartbeat.from_wire({**good, key: value})
     with pytest.raises(Invalid):
         Heartbeat.from_wire({**good, "extra": 1})
+
+
+def test_a_full_table_refuses_newcomers_while_all_live_then_evicts_the_longest_silent_dead():
+    table = PeerTable("me", dead_after_missed=3, capacity=2)
+    table.observe("peerA", 1, beat("peerA"), now_ms=0)
+    table.observe("peerB", 1, beat("peerB"), now_ms=10)
+    with pytest.raises(Invalid) as refused:
+        table.observe("peerC", 1, beat("peerC"), now_ms=20)
+    assert refused.value.reason == "peer_table_full" and set(table.peers) == {"peerA", "peerB"}
+    table.observe("peerA", 2, beat("peerA"), now_ms=30)  # peerB is now the least recently heard
+    table.tick(10_000)
+    assert table.observe("peerC", 1, beat("peerC"), now_ms=10_000) == [PeerJoined("peerC")]
+    assert set(table.peers) == {"peerA", "peerC"}
+    assert table.dropped == {"table_full": 1, "dead_evicted": 1}
