@@ -310,7 +310,10 @@ class Node:
         reported: dict[str, str] = {}
         while True:
             await asyncio.sleep(1.0)
-            for manifest_id, progress in list(self.exchange.fetches.items()):
+            fetches = dict(self.exchange.fetches)
+            for gone in reported.keys() - fetches.keys():
+                del reported[gone]  # as bounded as the exchange's own list of fetches
+            for manifest_id, progress in fetches.items():
                 if progress.state in ("done", "failed", "cancelled") and reported.get(manifest_id) == progress.state:
                     continue
                 reported[manifest_id] = progress.state

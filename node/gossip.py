@@ -19,6 +19,9 @@ log = get_logger("gossip")
 RecordHandler = Callable[[Record], Awaitable[None]]
 
 
+MAX_RATE_SOURCES = 10_000  # sources whose rate buckets are kept (about 1 MB); the least recent go first
+
+
 def records_topic(swarm: str) -> str:
     """The gossip topic of a swarm: two swarms on one network never share a topic."""
     return f"/p2p-node/{swarm}/records/1"
@@ -129,15 +132,15 @@ class Gossip:
             return True
         now = time.monotonic()
         capacity = 2 * self._rate
-        tokens, last = self._buckets.get(source, (capacity, now))
+        tokens, last = self._buckets.pop(source, (capacity, now))
         tokens = min(capacity, tokens + (now - last) * self._rate)
-        if tokens < 1:
-            self._buckets[source] = (tokens, now)
-            return False
-        self._buckets[source] = (tokens - 1, now)
-        if len(self._buckets) > 10_000:
-            self._buckets.clear()  # bounded memory against peers that churn ids
-        return True
+        allowed = tokens >= 1
+        # Re-inserted last: the dict runs from the least to the most recently heard source, and a
+        # full map forgets the least recent, so a peer churning ids cannot reset anyone else's bucket.
+        self._buckets[source] = (tokens - 1 if allowed else tokens, now)
+        while len(self._buckets) > MAX_RATE_SOURCES:
+            del self._buckets[next(iter(self._buckets))]
+        return allowed
 
     async def handle_message(self, data: bytes, source: str) -> Record | None:
         if not self._within_rate(source):

@@ -26,6 +26,7 @@ log = get_logger("heads")
 HEAD_VERSION = 1
 STATE_FILE = "heads.json"
 MAX_BACKFILL = 10_000
+MAX_ROLLBACKS = 1024  # operator rollbacks remembered (and saved); the earliest issued go first
 MAX_PENALISED = 4096  # authors whose rejected heads are counted; the oldest is forgotten first
 MAX_EVAL_REPORTS = 1024  # peers' evaluations kept per head; a head's evaluators are its swarm's peers
 
@@ -322,6 +323,8 @@ class Heads:
         async with self._lock:
             self.index.pin(rollback)
         self.rollbacks[rollback.id] = rollback
+        while len(self.rollbacks) > MAX_ROLLBACKS:  # only operator keys sign these; a runaway one is bounded too
+            del self.rollbacks[min(self.rollbacks.values(), key=lambda r: (r.issued_ms, r.id)).id]
         log.info("rollback_applied", target=rollback.target, rollback=rollback.id)
         await self._reconsider()
         await asyncio.to_thread(self._save)
