@@ -32,5 +32,5 @@ def test_a_peer_frozen_for_30_s_lives_on_and_rejoins(adversarial_swarm: Adversar
     assert result is not None
     # Rejoining: the phase ends only once all three honest peers hold the same head, past the rounds.
     assert_survived(result, run)
-    assert_agreed(result)
+    assert_agreed(result, run)
     assert_exactly_once(result)

@@ -299,20 +299,21 @@ class AdversarialSwarm:
         try:
             yield run
             try:
-                wait_until(lambda: self.agreed(start_round + rounds) or self._any_crashed(), PHASE_TIMEOUT_S,
+                run.agreed = wait_until(lambda: self.agreed(start_round + rounds) or self._any_crashed(), PHASE_TIMEOUT_S,
                            interval=0.2, what=f"{mode}: honest peers agree {rounds} rounds on")
             except AssertionError as exc:
                 run.timed_out = f"{exc}; {self.describe()}"
             # Each peer's own loss of its head: an evaluation is published shortly after adoption.
+            judged = run.agreed if isinstance(run.agreed, str) else None
             with contextlib.suppress(AssertionError):
-                wait_until(lambda: all(self._own_loss(p) is not None for p in self.honest if p.alive), 10,
+                wait_until(lambda: all(self._own_loss(p, judged) is not None for p in self.honest if p.alive), 10,
                            what="own evaluations")
             run.result = PhaseResult(
                 mode=mode, base=start_head, start_losses=start_losses, seconds=time.monotonic() - started,
                 crashed=[p.name for p in self.honest if not p.alive],
                 silent=[p.name for p in self.honest if p.alive and p.get("/status", timeout=10) is None],
                 chains={p.name: canonical_chain(p) for p in self.honest if p.alive},
-                losses={p.name: self._own_loss(p) for p in self.honest if p.alive},
+                losses={p.name: self._own_loss(p, judged) for p in self.honest if p.alive},
                 rss_growth={p.name: p.rss_bytes() - rss[p.name] for p in self.honest if p.alive},
                 store_growth={p.name: p.store_bytes() - store[p.name] for p in self.honest if p.alive},
                 adopted={p.name: adopted_heads(p.log_since(offsets[p.name])) for p in self.honest},
@@ -326,8 +327,10 @@ class AdversarialSwarm:
     def _any_crashed(self) -> bool:
         return any(not p.alive for p in self.honest)
 
-    def _own_loss(self, peer: Daemon) -> float | None:
-        head = training(peer).get("head")
+    def _own_loss(self, peer: Daemon, head: str | None = None) -> float | None:
+        """``peer``'s own validation loss of ``head`` (default: its canonical head): the swarm moves on
+        every second or two, so a phase is judged on the head all peers agreed on."""
+        head = head or training(peer).get("head")
         view = head_view(peer, head) if head else None
         return None if view is None else view.own_loss
 
@@ -337,6 +340,7 @@ class PhaseRun:
     swarm: AdversarialSwarm
     mode: str
     rounds: int
+    agreed: str | bool | None = None  # the head all honest peers held at once, rounds on
     timed_out: str | None = None
     result: PhaseResult | None = None
 
@@ -369,6 +373,8 @@ def assert_exactly_once(result: PhaseResult) -> None:
         assert not doubles, f"{result.mode}: {peer}'s canonical chain counts microshards twice: {doubles}"
 
 
-def assert_agreed(result: PhaseResult) -> None:
-    tips = {peer: chain[-1].id for peer, chain in result.chains.items() if chain}
-    assert len(set(tips.values())) == 1, f"{result.mode}: honest peers disagree: {tips}"
+def assert_agreed(result: PhaseResult, run: PhaseRun) -> None:
+    """All honest peers held one head at once, and it is still on each one's canonical chain."""
+    assert isinstance(run.agreed, str), f"{result.mode}: the honest peers never held one head at once"
+    for peer, chain in result.chains.items():
+        assert run.agreed in {h.id for h in chain}, f"{result.mode}: {peer} left the agreed head {run.agreed}"
