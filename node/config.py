@@ -179,8 +179,9 @@ class GossipSection:
         check=_positive,
     )
     rate_limit_per_s: float = setting(
-        100.0,
-        "Gossip messages per second accepted from one publishing peer (bursts of twice that); the excess is dropped and counted; 0 disables.",
+        25.0,
+        "Gossip messages per second accepted and relayed from one publishing peer (bursts of twice that); the"
+        " excess is neither delivered nor relayed, and counted; 0 disables. An honest peer sends a few a second.",
         check=_non_negative,
     )
     degree: int = setting(6, "Target number of mesh neighbours per topic (gossipsub D).", check=_positive)

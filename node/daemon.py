@@ -134,6 +134,7 @@ class Node:
             heartbeat_interval_s=cfg.gossip.heartbeat_interval_s,
             max_message_bytes=cfg.gossip.max_message_bytes,
             inbound_queue=cfg.gossip.publish_queue * 4,
+            rate_limit_per_s=cfg.gossip.rate_limit_per_s,
         )
         self.starting = "starting libp2p"
         self.bridge = Libp2pBridge(

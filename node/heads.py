@@ -59,7 +59,7 @@ class Heads:
         self._trusted = trusted
         self.verifier: Verifier | None = None
         self.prefetcher: Callable[[list[HeadRecord]], Awaitable[None]] | None = None
-        self.heard_round = 0  # the highest round heard from an author none of whose heads was rejected
+        self._heard: dict[str, int] = {}  # round of each head waiting for its verdict, from unpenalised authors
         self.emit: Callable[..., None] = lambda kind, **data: None  # the daemon's event bus
         self.adopted: str = genesis.id
         self.changed = asyncio.Event()
@@ -170,6 +170,7 @@ class Heads:
                     log.error("head_verify_failed", head=head.id, author=author, error=error, repeated=held)
             finally:
                 self._verifying.discard(head.id)
+                self._heard.pop(head.id, None)
 
     # ---- heads others make -----------------------------------------------------------
 
@@ -186,12 +187,14 @@ class Heads:
             return
         self._verifying.add(head.id)
         if not self.penalties.get(record.author):
-            self.heard_round = max(self.heard_round, head.round)
+            self._heard[head.id] = head.round
 
     async def _accept(self, head: HeadRecord, author: str) -> None:
         ancestors, missing = await self._unknown_ancestors(head)
         if missing is not None:
-            self.rejected["unknown_parent"] += 1
+            # Its author announced a head whose history it does not serve: held against it like
+            # any rejection, so its later heads do not hold a catching-up peer's training.
+            self._reject(head, author, "unknown_parent")
             log.info("head_parent_unavailable", head=head.id, missing=missing)
             return
         # Oldest first, each verified against its parent before the next: a head is only as good
@@ -365,6 +368,11 @@ class Heads:
             return False
         reports[peer] = loss
         return True
+
+    @property
+    def heard_round(self) -> int:
+        """The highest round among heads waiting for their verdict whose authors have none rejected."""
+        return max(self._heard.values(), default=0)
 
     @property
     def verifying(self) -> bool:

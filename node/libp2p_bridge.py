@@ -374,6 +374,38 @@ class GossipSettings:
     heartbeat_interval_s: float = 1.0
     max_message_bytes: int = 64 * 1024
     inbound_queue: int = 4096
+    rate_limit_per_s: float = 0.0  # messages per second relayed from one publisher; 0: no limit
+
+
+MAX_RATED_PUBLISHERS = 10_000  # publishers whose token buckets are kept; the least recently heard go first
+
+
+class PublisherRate:
+    """Token buckets per publishing peer, checked before gossipsub relays a message.
+
+    Checked where the message enters, so a peer publishing faster than ``per_s`` (bursts of
+    twice that) does not have its excess relayed by anyone: a flood stays at its source
+    instead of filling every peer's gossip queues, where honest records would be dropped.
+    """
+
+    def __init__(self, per_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._per_s = per_s
+        self._clock = clock
+        self._buckets: collections.OrderedDict[bytes, tuple[float, float]] = collections.OrderedDict()
+        self.dropped = 0
+
+    def allow(self, publisher: bytes) -> bool:
+        now = self._clock()
+        capacity = 2 * self._per_s
+        tokens, last = self._buckets.pop(publisher, (capacity, now))
+        tokens = min(capacity, tokens + (now - last) * self._per_s)
+        allowed = tokens >= 1
+        self._buckets[publisher] = (tokens - 1 if allowed else tokens, now)
+        while len(self._buckets) > MAX_RATED_PUBLISHERS:
+            self._buckets.popitem(last=False)
+        if not allowed:
+            self.dropped += 1
+        return allowed
 
 
 @dataclass(frozen=True)
@@ -390,6 +422,7 @@ class BridgeStats:
     (``pubsub:DecodeError``, ``pubsub-message:ValueError``, ``identify-push:...``)."""
 
     gossip_dropped_full_queue: int = 0
+    gossip_rate_limited: int = 0
     handler_errors: int = 0
     dials_failed: int = 0
     callback_errors: int = 0
@@ -936,6 +969,17 @@ class Libp2pBridge:
     async def _subscribe(self, topic: str, queue: asyncio.Queue[GossipMessage]) -> None:
         assert self._pubsub is not None and self._nursery is not None
         subscription = await self._pubsub.subscribe(topic)
+        if self._gossip_settings.rate_limit_per_s > 0:
+            rate = PublisherRate(self._gossip_settings.rate_limit_per_s)
+            own = self._pubsub.my_id.to_bytes()
+
+            def within_rate(forwarder: ID, message: Any) -> bool:
+                if message.from_id == own or rate.allow(bytes(message.from_id)):
+                    return True
+                self.stats.gossip_rate_limited += 1
+                return False
+
+            self._pubsub.set_topic_validator(topic, within_rate, False)
         self._nursery.start_soon(self._pump, subscription, topic, queue)
 
     async def _pump(self, subscription: Any, topic: str, queue: asyncio.Queue[GossipMessage]) -> None:

@@ -262,6 +262,9 @@ class NodeMetrics:
                    _by("reason", stats["rejected"]))
         out.counter("gossip_publish_failures_total", "Publishes the network refused.", stats["publish_failures"])
         out.counter("gossip_handler_errors_total", "Record handlers that raised (bugs).", stats["handler_errors"])
+        bridge = self.node.bridge
+        out.counter("gossip_rate_limited_total", "Gossip messages over their publisher's rate, neither delivered nor relayed.",
+                    bridge.stats.gossip_rate_limited if bridge else 0)
         out.counter("gossip_dropped_queue_full_total", "Inbound gossip messages dropped on a full queue.",
                     stats["dropped_queue_full"])
 
