@@ -195,14 +195,19 @@ def test_churn_kill_restart_and_late_joiner_reach_the_canonical_head(swarm):
         fetched = victim.get("/status")["exchange"]["bytes_in"]
         fetched_by_survivor = survivors[0].get("/status")["exchange"]["bytes_in"]
 
-        # A fresh peer joins late and catches up too.
-        late = swarm.add(extra_toml=TRAINING.format(training=f"round_deadline_s = {deadline_s}"))
+        # A fresh peer joins late and catches up too. The swarm is dozens of rounds in by now and
+        # keeps only recent rounds' updates, so, as an operator would, it is told a recent head
+        # to trust (read from a peer it trusts); every head after that one it verifies.
+        anchor = training(survivors[0])["head"]
+        late = swarm.add(extra_toml=TRAINING.format(
+            training=f'round_deadline_s = {deadline_s}\ntrusted_heads = ["{anchor}"]'))
         late.start(extra_env=ONE_THREAD)
         late.wait_healthy(60)
         everyone = [*peers, late]
         head = wait_agreed(everyone, killed_round + 4, 60, what="four peers agree")
         chains = [canonical_chain(p, head) for p in everyone]
         assert all([h.id for h in c] == [h.id for h in chains[0]] for c in chains)
+        assert '"head_trusted"' in late.log() and anchor in late.log()
         # What the victim downloaded to catch up is a few rounds' updates and one head, no history.
         print(f"restarted peer fetched {fetched} B to catch up; a survivor fetched {fetched_by_survivor} B in all")
         assert fetched < 64 * 1024
