@@ -115,7 +115,6 @@ def test_lease_flood_claiming_every_microshard(adversarial_swarm: AdversarialSwa
     assert_honest_outcome(result, run, clean)
 
 
-@pytest.mark.xfail(strict=True, reason="a head over a forged, never-announced parent stalls the honest peers' rounds")
 def test_forged_ancestors_are_never_adopted(adversarial_swarm: AdversarialSwarm, clean: PhaseResult) -> None:
     result, run = run_mode(adversarial_swarm, "forged_ancestors")
     forged = result.reported("forged")
