@@ -592,13 +592,17 @@ class OuterLoop:
 
     def _stored_update(self, update_id: str) -> UpdateRecord | None:
         raw = self.store.get_record(update_id)
-        if raw is None:
-            return None
+        return None if raw is None else self._parse_update(raw)
+
+    def _parse_update(self, raw: bytes) -> UpdateRecord | None:
+        """The update a stored or fetched signed record carries; None for anything else."""
         try:
             record = self.gossip.validate_stored(raw)
         except Invalid:
             return None
-        return record.body if record.kind == UPDATE else None
+        if record.kind != UPDATE or record.body.peer != record.author:
+            return None
+        return record.body  # type: ignore[no-any-return]
 
     async def _load(self, manifest_id: str) -> dict[str, torch.Tensor]:
         try:
@@ -612,15 +616,7 @@ class OuterLoop:
         raw = await asyncio.to_thread(self.store.get_record, update_id)
         if raw is None:
             raw = await self.exchange.fetch_record(update_id)
-        if raw is None:
-            return None
-        try:
-            record = self.gossip.validate_stored(raw)
-        except Invalid:
-            return None
-        if record.kind != UPDATE or record.body.peer != record.author:
-            return None
-        return record.body  # type: ignore[no-any-return]
+        return None if raw is None else self._parse_update(raw)
 
     async def _fetch_update(self, update: UpdateRecord) -> None:
         """Fetch an update's artifact; FetchFailed early once its author is dead and no one else holds it.

@@ -18,7 +18,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -391,10 +391,10 @@ class PublisherRate:
     def __init__(self, per_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._per_s = per_s
         self._clock = clock
-        self._buckets: collections.OrderedDict[bytes, tuple[float, float]] = collections.OrderedDict()
+        self._buckets: collections.OrderedDict[Hashable, tuple[float, float]] = collections.OrderedDict()
         self.dropped = 0
 
-    def allow(self, publisher: bytes) -> bool:
+    def allow(self, publisher: Hashable) -> bool:
         now = self._clock()
         capacity = 2 * self._per_s
         tokens, last = self._buckets.pop(publisher, (capacity, now))
