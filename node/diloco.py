@@ -54,6 +54,8 @@ UPDATE_VERSION = 1
 CODECS: dict[str, Codec] = {"fp32": FP32, "bf16": BF16, "int8": INT8}
 MAX_BUFFERED_ROUNDS = 4
 SYNC_MAX_S = 120.0
+EARLY_FETCHERS = 2  # updates fetched at once as they are announced, during the round
+EARLY_FETCH_QUEUE = 256  # announced updates waiting for an early fetch; beyond, the merge fetches them
 PREFETCH_PARALLEL = 8  # update artifacts fetched at once while catching up on unverified history
 CATCH_UP_MAX_S = 30.0  # longest a trainer waits, per base, for the verdict on a head rounds ahead
 UNAVAILABLE = "unavailable"  # an exclusion reason that records what the merger could fetch, not the inputs
@@ -123,6 +125,8 @@ class OuterLoop:
         self.current_settings: dict[str, Any] = {}
         self._state: RoundState | None = None
         self._catch_up_base: str | None = None
+        self._answered_unusable: set[str] = set()  # peers whose update this round has the wrong base
+        self._early: asyncio.Queue[UpdateRecord] = asyncio.Queue(EARLY_FETCH_QUEUE)
         self._catch_up_since = 0.0
         self._arrived = asyncio.Event()
         self._weights_cache: tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None
@@ -211,14 +215,22 @@ class OuterLoop:
         if update.round > current + 1 and update.peer != self.peer_id and not self.membership.table.is_live(update.peer):
             self.update_rejections["ahead_not_live"] += 1
             return
-        if any(other.peer == update.peer for other in buffered.values()):
-            self.update_rejections["second_update_of_author"] += 1
-            return
+        earlier = [i for i, other in buffered.items() if other.peer == update.peer]
+        if earlier:
+            canonical_id = self.heads.canonical().id if self.heads else None
+            if update.base != canonical_id or buffered[earlier[0]].base == canonical_id:
+                self.update_rejections["second_update_of_author"] += 1
+                return
+            # An author that retrained on the head we hold (it switched forks): the newer one counts.
+            del buffered[earlier[0]]
         if len(buffered) >= MAX_HEAD_UPDATES:
             self.update_rejections["round_full"] += 1
             return
         await asyncio.to_thread(self.store.put_record, record.raw, record.id)
         self.updates.setdefault(update.round, {})[record.id] = update
+        if update.peer != self.peer_id:
+            with contextlib.suppress(asyncio.QueueFull):
+                self._early.put_nowait(update)
         self.updates_by_id[record.id] = update
         if self._state is not None:
             self._offer(record.id, update)
@@ -228,6 +240,10 @@ class OuterLoop:
         offer = self._state.offer(update_id, update)
         if offer not in (Offer.ACCEPTED, Offer.DUPLICATE):
             self.update_rejections[offer.name.lower()] += 1
+        if offer == Offer.WRONG_BASE and not self._state.counted(update.peer):
+            # Its author trained this round on another base: the update it owes will not come,
+            # and waiting for it until the deadline would only stall the round.
+            self._answered_unusable.add(update.peer)
         self._arrived.set()
 
     async def _on_eval(self, record: Record) -> None:
@@ -238,6 +254,24 @@ class OuterLoop:
     # ---- the loop --------------------------------------------------------------------
 
     async def run(self) -> None:
+        """The rounds, and the fetchers that pull the round's updates in as they are announced."""
+        async with asyncio.TaskGroup() as tasks:
+            for _ in range(EARLY_FETCHERS):
+                tasks.create_task(self._fetch_early())
+            tasks.create_task(self._rounds())
+
+    async def _fetch_early(self) -> None:
+        """Fetch updates of the round being trained as their records arrive, so that when the
+        round closes the merge finds its inputs local instead of fetching them one by one."""
+        while True:
+            update = await self._early.get()
+            base = self.heads.canonical() if self.heads is not None else None
+            if base is None or (update.base, update.round) != (base.id, base.round + 1):
+                continue  # a round already closed, or an update no merge of ours can use
+            with contextlib.suppress(FetchFailed, MissingContent):
+                await self._fetch_update(update)
+
+    async def _rounds(self) -> None:
         assert self.heads is not None
         await self._sync()
         evaluated: OrderedDict[str, None] = OrderedDict()
@@ -318,6 +352,7 @@ class OuterLoop:
         steps, budget_s = self._inner_budget(settings["inner_steps"], speeds)
         state = RoundState(round_no, base.id, (), now_ms() + self._deadline_ms(settings["inner_steps"], budget_s))
         self._state = state
+        self._answered_unusable = set()
         for update_id, update in self.updates.get(round_no, {}).items():
             self._offer(update_id, update)
         weights, _momentum = await self._ensure_state(base)
@@ -511,7 +546,8 @@ class OuterLoop:
                 alive = peer == self.peer_id or self.membership.table.is_live(peer)
                 # A peer whose leases kept ending without a usable update is not waited for.
                 struck = peer != self.peer_id and self.leasing.excluded(peer)
-                state.set_live(peer, alive and not no_claim and not struck)
+                unusable = peer in self._answered_unusable
+                state.set_live(peer, alive and not no_claim and not struck and not unusable)
             if state.should_close(now_ms()):
                 return
             if not state.updates and not state.waiting_for and not self.leasing.own and now_ms() > claim_window_ms:

@@ -89,6 +89,10 @@ class RoundState:
         else:
             self.dead.add(peer)
 
+    def counted(self, peer: str) -> bool:
+        """Whether an update of ``peer`` counts for this round."""
+        return peer in self._by_peer
+
     @property
     def waiting_for(self) -> frozenset[str]:
         """Live expected peers whose update has not arrived."""

@@ -1,4 +1,7 @@
-"""One adversarial swarm (three honest daemons, one hostile) and its clean reference phase, shared by the whole suite."""
+"""One adversarial swarm (three honest daemons, one hostile) and its clean reference phase.
+
+Shared by this package and stopped after its last test: left running, its load slows every later test.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import pytest
 from tests.adversary import AdversarialSwarm, PhaseResult, assert_exactly_once, assert_survived
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def adversarial_swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdversarialSwarm]:
     swarm = AdversarialSwarm(tmp_path_factory.mktemp("adversarial"))
     try:
@@ -19,7 +22,7 @@ def adversarial_swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Adve
         swarm.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def clean(adversarial_swarm: AdversarialSwarm) -> PhaseResult:
     """The first phase, with the fourth peer training honestly: the reference every mode compares with."""
     with adversarial_swarm.phase("clean") as run:

@@ -230,8 +230,7 @@ async def _flood(outer: Any) -> None:
                 )
                 await outer.gossip.publish(UPDATE, UPDATE_VERSION, update.to_wire())
             sent += 1
-        if sent % (FLOOD_PER_S * 5) < FLOOD_PER_S // 10:
-            report("flood", sent=sent)
+        report("flood", sent=sent)  # ten lines a second: a short phase still says how much it sent
         await asyncio.sleep(max(0.0, 0.1 - (time.monotonic() - started)))
 
 
