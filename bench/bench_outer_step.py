@@ -3,21 +3,36 @@
 The floor is measured in the same run: in-place adds over the same bytes the merge
 must touch at least once (read every update, weights and momentum; write weights and
 momentum), so the ratio says how far the deterministic merge is from memory speed.
+``--streaming`` compares, from a real store, today's merge of fully decoded updates with
+the streamed merge (node/streaming_merge.py) and a copy of the bytes a streamed merge must
+touch; each runs in its own process, which reports its time and peak RSS.
 
-Run from the repository root: python -m bench.bench_outer_step [--params 100e6] [--updates 8]
+Run from the repository root: python -m bench.bench_outer_step [--params 100e6] [--updates 8] [--streaming]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from node.artifacts import decode_state_dict, encode_state_dict
+from node.artifacts import decode_state_dict, encode_state_dict, load_artifact, read_stream, store_artifact
 from node.merge import UpdateInput, merge, outer_rule
-from protocol.codecs import INT8
+from node.store import ContentStore
+from node.streaming_merge import StoredUpdate, merge_from_store
+from protocol.chunking import FixedChunking
+from protocol.codecs import FP32, INT8
 
 GB = 1e9
 
@@ -45,12 +60,8 @@ def best_of(repeats: int, run: Callable[[], object]) -> float:
     return min(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=float, default=100e6)
-    parser.add_argument("--updates", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+def in_memory(args: argparse.Namespace) -> None:
+    """Decode and merge updates already in memory, against in-place adds over the same tensors."""
     weights = model(args.params)
     momentum = {k: v * 0.1 for k, v in weights.items()}
     nbytes = sum(t.numel() * 4 for t in weights.values())
@@ -90,6 +101,160 @@ def main() -> None:
     print(f"merge + Nesterov step: {merge_s:.3f} s, {touched / GB / merge_s:.2f} GB/s of necessary traffic, "
           f"{merge_s / floor_s:.2f}x the floor")
     print(f"outer step in all (decode + merge): {decode_s + merge_s:.3f} s")
+
+
+RULE = outer_rule("mean", 0.7, 0.9, True, 0.2, 3.0)
+CHUNKING = FixedChunking()
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident set now, or its peak with ``VmHWM`` (Linux).
+
+    Not ``ru_maxrss``: Linux carries it over an exec from the forked copy of the parent, so a
+    child would report the bench's own footprint as its peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def forget(store: ContentStore, manifest_ids: list[str], keep: set[str]) -> None:
+    """Delete a run's output artifacts, so that the next run writes them again instead of finding them."""
+    for manifest_id in manifest_ids:
+        manifest = store.get_manifest(manifest_id)
+        if manifest is None:
+            continue
+        for chunk in manifest.chunks:
+            if chunk.cid not in keep:
+                (store.root / "chunks" / chunk.cid[3:5] / chunk.cid[3:]).unlink(missing_ok=True)
+        (store.root / "manifests" / manifest_id[3:5] / manifest_id[3:]).unlink(missing_ok=True)
+
+
+def floor_pass(store: ContentStore, spec: dict[str, object]) -> Callable[[], object]:
+    """A copy of what a streamed merge must touch: every int8 update's bytes read once, the parent
+    weights and momentum read once and new weights and momentum written once, on every core."""
+    inputs = [read_stream(store, str(spec["weights"]))[1], read_stream(store, str(spec["momentum"]))[1]]
+    updates = [read_stream(store, artifact)[1] for _, _, artifact in spec["updates"]]  # type: ignore[attr-defined]
+    outputs = [np.empty_like(array) for array in inputs]
+    for array in outputs:
+        array.fill(0)  # fault the pages in: the floor is memory speed, not first-touch cost
+    threads = len(os.sched_getaffinity(0))
+    pieces = 64 * threads
+    local = threading.local()
+
+    def piece(index: int) -> None:
+        if not hasattr(local, "buffer"):  # one small buffer per thread, so the update reads stay reads
+            local.buffer = np.empty(max(u.size for u in updates) // pieces + 1, dtype=np.uint8)
+        buffer = local.buffer
+        for update in updates:
+            low, high = update.size * index // pieces, update.size * (index + 1) // pieces
+            np.copyto(buffer[: high - low], update[low:high])
+        for source, target in zip(inputs, outputs):
+            low, high = source.size * index // pieces, source.size * (index + 1) // pieces
+            np.copyto(target[low:high], source[low:high])
+
+    def run() -> None:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(piece, range(pieces)))
+
+    return run
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one path ``args.repeats`` times in this process; print its best time and peak RSS as JSON."""
+    store = ContentStore(args.store)
+    spec = json.loads(Path(args.spec).read_text())
+    updates = [StoredUpdate(*u) for u in spec["updates"]]
+    keep = set(spec["input_chunks"])
+    before = rss_bytes()
+    if args.child == "floor":
+        seconds = best_of(args.repeats, floor_pass(store, spec))
+        outputs: list[str] = []
+    else:
+        def run() -> list[str]:
+            if args.child == "streaming":
+                result = merge_from_store(store, spec["weights"], spec["momentum"], updates, RULE, chunking=CHUNKING)
+                assert result is not None
+                return [result.weights_id, result.momentum_id]
+            weights = load_artifact(store, spec["weights"])
+            momentum = load_artifact(store, spec["momentum"])
+            inputs = [UpdateInput(u.update_id, u.samples, load_artifact(store, u.artifact)) for u in updates]
+            merged = merge(weights, momentum, inputs, RULE)
+            assert merged is not None
+            return [store_artifact(store, t, FP32, CHUNKING) for t in (merged.weights, merged.momentum)]
+
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            outputs = run()
+            times.append(time.perf_counter() - start)
+            forget(store, outputs, keep)
+        seconds = min(times)
+    peak = rss_bytes("VmHWM")
+    print(json.dumps({"seconds": seconds, "rss_before": before, "peak_rss": peak, "outputs": outputs}))
+
+
+def streaming(args: argparse.Namespace) -> None:
+    """Write a parent and int8 updates into a store, then time each path in its own process."""
+    with tempfile.TemporaryDirectory(prefix="bench-outer-") as root:
+        store = ContentStore(root)
+        weights = model(args.params)
+        nbytes = sum(t.numel() * 4 for t in weights.values())
+        spec: dict[str, object] = {
+            "weights": store_artifact(store, weights, FP32, CHUNKING),
+            "momentum": store_artifact(store, {k: v * 0.1 for k, v in weights.items()}, FP32, CHUNKING),
+        }
+        updates = []
+        for i in range(args.updates):
+            delta = {k: v * 0.01 * (i + 1) for k, v in weights.items()}
+            updates.append([f"b3:{i:064x}", 64 * (i + 1), store_artifact(store, delta, INT8, CHUNKING)])
+        del weights, delta
+        spec["updates"] = updates
+        manifests = [store.get_manifest(str(i)) for i in (spec["weights"], spec["momentum"], *(u[2] for u in updates))]
+        spec["input_chunks"] = sorted({c.cid for m in manifests if m is not None for c in m.chunks})
+        update_bytes = sum(m.size for m in manifests[2:] if m is not None)
+        spec_path = Path(root) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        threads = len(os.sched_getaffinity(0))
+        print(f"model: {nbytes / 4 / 1e6:.1f}M fp32 parameters ({nbytes / GB:.2f} GB), {args.updates} int8 updates "
+              f"({update_bytes / GB:.2f} GB) in a store with 1 MiB chunks, torch {torch.__version__}, {threads} cores")
+        results = {}
+        for path in ("floor", "reference", "streaming"):
+            command = [sys.executable, "-m", "bench.bench_outer_step", "--child", path, "--store", root,
+                       "--spec", str(spec_path), "--repeats", str(args.repeats)]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            results[path] = json.loads(done.stdout.strip().splitlines()[-1])
+        same = results["reference"]["outputs"] == results["streaming"]["outputs"]
+        touched = update_bytes + 4 * nbytes  # read updates, weights, momentum; write weights, momentum
+        floor_s = results["floor"]["seconds"]
+        print(f"floor (copy of the {touched / GB:.2f} GB a streamed merge must touch, {threads} threads): "
+              f"{floor_s:.3f} s, {touched / GB / floor_s:.1f} GB/s")
+        print(f"{'from the store to stored weights and momentum':<48} {'time':>8} {'x floor':>8} {'peak RSS above start':>21}")
+        labels = {"reference": "decode all, merge, store (today)", "streaming": "streamed merge (merge_from_store)"}
+        for path, label in labels.items():
+            found = results[path]
+            above = (found["peak_rss"] - found["rss_before"]) / GB
+            print(f"{label:<48} {found['seconds']:>7.2f}s {found['seconds'] / floor_s:>7.1f}x {above:>17.2f} GB")
+        ratio = results["reference"]["seconds"] / results["streaming"]["seconds"]
+        print(f"streamed / today: {ratio:.1f}x faster; same weights and momentum ids: {same}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=float, default=100e6)
+    parser.add_argument("--updates", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--streaming", action="store_true", help="compare merges from a store, each in its own process")
+    parser.add_argument("--child", choices=("floor", "reference", "streaming"), help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+    elif args.streaming:
+        streaming(args)
+    else:
+        in_memory(args)
 
 
 if __name__ == "__main__":

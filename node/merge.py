@@ -126,16 +126,21 @@ def _screen(
             continue
         norms[update.update_id] = norm
         kept.append(update)
-    bounds = []
-    if outlier_factor > 0 and reference_norm is not None:
-        bounds.append(outlier_factor * max(reference_norm, 1e-12))
-    if outlier_factor > 0 and len(kept) >= 3:
-        bounds.append(outlier_factor * max(_median_of([norms[u.update_id] for u in kept]), 1e-12))
-    if bounds:
-        bound = min(bounds)
+    bound = outlier_bound([norms[u.update_id] for u in kept], outlier_factor, reference_norm)
+    if bound is not None:
         excluded += [(u.update_id, "norm_outlier") for u in kept if norms[u.update_id] > bound]
         kept = [u for u in kept if norms[u.update_id] <= bound]
     return kept, sorted(excluded), {u.update_id: norms[u.update_id] for u in kept}
+
+
+def outlier_bound(norms: Sequence[float], outlier_factor: float, reference_norm: float | None) -> float | None:
+    """The norm past which an update is wild, given the finite norms of a round's decoded updates; None for no bound."""
+    bounds = []
+    if outlier_factor > 0 and reference_norm is not None:
+        bounds.append(outlier_factor * max(reference_norm, 1e-12))
+    if outlier_factor > 0 and len(norms) >= 3:
+        bounds.append(outlier_factor * max(_median_of(norms), 1e-12))
+    return min(bounds) if bounds else None
 
 
 def _norm(delta: Mapping[str, torch.Tensor], centre: Mapping[str, torch.Tensor] | None = None) -> float:

@@ -1,0 +1,200 @@
+"""The streamed merge gives the heads of ``node.merge.merge``: same screening, norms and manifest ids."""
+
+from __future__ import annotations
+
+import math
+import random
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+
+from node.artifacts import MissingContent, encode_state_dict, load_artifact, store_artifact
+from node.merge import UpdateInput, _square_sum, merge, outer_rule
+from node.store import ContentStore
+from node.streaming_merge import StoredMerge, StoredUpdate, merge_from_store, part_square_sum
+from protocol.chunking import Chunking, ContentDefinedChunking, FixedChunking
+from protocol.codecs import BF16, FP32, INT8, Codec, Int8Codec
+from protocol.heads import AggregationRule
+
+SLICE = 1000  # elements per slice here: not a multiple of the int8 blocks, so slices split blocks
+SHAPES = {"embed": (40, 130), "scale": (), "bias": (7,), "empty": (0, 3), "head": (3, 1500)}
+CODECS: tuple[Codec, ...] = (FP32, BF16, INT8, Int8Codec(100))
+
+
+def rule(name: str, outlier: float = 3.0) -> AggregationRule:
+    return outer_rule(name, 0.7, 0.9, True, 0.25, outlier, clip_tau=0.0, clip_iters=3)
+
+
+def state(shapes: dict[str, tuple[int, ...]], seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=generator) * scale for name, shape in shapes.items()}
+
+
+def reference(
+    store: ContentStore,
+    weights_id: str,
+    momentum_id: str | None,
+    updates: list[StoredUpdate],
+    merge_rule: AggregationRule,
+    reference_norm: float | None,
+    chunking: Chunking,
+) -> StoredMerge | None:
+    """What the daemon does today: decode every update in full, merge, encode the results."""
+    inputs = []
+    for update in updates:
+        try:
+            delta = load_artifact(store, update.artifact)
+        except MissingContent:
+            delta = None
+        inputs.append(UpdateInput(update.update_id, update.samples, delta))
+    momentum = None if momentum_id is None else load_artifact(store, momentum_id)
+    result = merge(load_artifact(store, weights_id), momentum, inputs, merge_rule, reference_norm=reference_norm)
+    if result is None:
+        return None
+    return StoredMerge(
+        weights_id=encode_state_dict(result.weights, FP32, chunking).manifest.artifact_id,
+        momentum_id=encode_state_dict(result.momentum, FP32, chunking).manifest.artifact_id,
+        included=result.included,
+        excluded=result.excluded,
+        norms=result.norms,
+    )
+
+
+def round_inputs(
+    store: ContentStore, rng: random.Random, shapes: dict[str, tuple[int, ...]], chunking: Chunking, count: int
+) -> tuple[str, str | None, list[StoredUpdate]]:
+    """Parent weights and momentum, ``count`` honest updates in mixed codecs and dtypes, and one of
+    each kind that screening must drop: x100, NaN, wrong shapes, no artifact, a lost chunk."""
+    seed = rng.randrange(1 << 30)
+    weights_id = store_artifact(store, state(shapes, seed), FP32, chunking)
+    momentum_id = store_artifact(store, state(shapes, seed + 1, 0.01), FP32, chunking) if rng.random() < 0.7 else None
+    shared = state(shapes, seed + 2, 0.01)
+    deltas = []
+    for i in range(count):
+        noise = state(shapes, seed + 10 + i, 0.003)
+        delta = {k: shared[k] + noise[k] for k in shapes}
+        dtype = rng.choice((torch.float32, torch.float32, torch.bfloat16, torch.float64))
+        deltas.append(({k: v.to(dtype) for k, v in delta.items()}, rng.choice(CODECS)))
+    deltas.append(({k: v * 100 for k, v in shared.items()}, INT8))
+    victim = max(shapes, key=lambda k: math.prod(shapes[k]))
+    poisoned = {**shared, victim: shared[victim].clone()}
+    poisoned[victim].view(-1)[3] = math.nan
+    deltas.append((poisoned, FP32))
+    deltas.append(({**shared, victim: torch.zeros(7)}, FP32))
+    updates = []
+    for i, (delta, codec) in enumerate(deltas):
+        binding = f"b3:{rng.randrange(1 << 256):064x}"
+        artifact = store_artifact(store, delta, codec, chunking, binding)
+        updates.append(StoredUpdate(f"b3:{rng.randrange(1 << 256):064x}", rng.choice((64, 100, 128)), artifact))
+    updates.append(StoredUpdate(f"b3:{rng.randrange(1 << 256):064x}", 64, f"b3:{'ab' * 32}"))
+    lost = store_artifact(store, shared, INT8, chunking, f"b3:{'cd' * 32}")
+    manifest = store.get_manifest(lost)
+    assert manifest is not None
+    chunk = manifest.chunks[-1].cid
+    (store.root / "chunks" / chunk[3:5] / chunk[3:]).unlink()
+    updates.append(StoredUpdate(f"b3:{rng.randrange(1 << 256):064x}", 64, lost))
+    rng.shuffle(updates)
+    return weights_id, momentum_id, updates
+
+
+def assert_same_head(store: ContentStore, streamed: StoredMerge | None, expected: StoredMerge | None) -> None:
+    assert streamed == expected
+    if streamed is not None:
+        # Every chunk went into the store: the new head's state loads from it.
+        load_artifact(store, streamed.weights_id)
+        load_artifact(store, streamed.momentum_id)
+
+
+@pytest.mark.parametrize("name", ["mean", "trimmed_mean", "median", "centered_clip"])
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_streamed_merge_is_the_merge_byte_for_byte(tmp_path: Path, name: str, count: int) -> None:
+    rng = random.Random(f"{name}-{count}")
+    store = ContentStore(tmp_path)
+    chunking = FixedChunking(rng.choice((4096, 65536)))
+    weights_id, momentum_id, updates = round_inputs(store, rng, SHAPES, chunking, count)
+    reference_norm = rng.choice((None, 0.5, 3.0))
+    merge_rule = rule(name, rng.choice((0.0, 3.0)))
+    expected = reference(store, weights_id, momentum_id, updates, merge_rule, reference_norm, chunking)
+    streamed = merge_from_store(
+        store, weights_id, momentum_id, updates, merge_rule,
+        reference_norm=reference_norm, chunking=chunking, slice_elements=SLICE, workers=rng.choice((1, 3)),
+    )
+    assert_same_head(store, streamed, expected)
+    reasons = dict(expected.excluded) if expected else {}
+    assert "undecodable" in reasons.values() and "wrong_shapes" in reasons.values()
+
+
+def test_norms_of_tensors_over_a_million_elements_match(tmp_path: Path) -> None:
+    """node.merge sums a norm in parts of 2**20 elements; a tensor spanning several parts is summed alike."""
+    rng = random.Random(7)
+    store = ContentStore(tmp_path)
+    chunking = FixedChunking()
+    shapes = {"big": ((1 << 20) + 4099,), "small": (5, 5)}
+    weights_id, momentum_id, updates = round_inputs(store, rng, shapes, chunking, 3)
+    merge_rule = rule("mean")
+    expected = reference(store, weights_id, momentum_id, updates, merge_rule, None, chunking)
+    streamed = merge_from_store(store, weights_id, momentum_id, updates, merge_rule, chunking=chunking)
+    assert_same_head(store, streamed, expected)
+
+
+def test_content_defined_chunking_gives_the_same_ids(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    store = ContentStore(tmp_path)
+    chunking = ContentDefinedChunking(256, 1024, 4096)
+    weights_id, momentum_id, updates = round_inputs(store, rng, SHAPES, chunking, 4)
+    merge_rule = rule("trimmed_mean")
+    expected = reference(store, weights_id, momentum_id, updates, merge_rule, 1.0, chunking)
+    streamed = merge_from_store(
+        store, weights_id, momentum_id, updates, merge_rule, reference_norm=1.0, chunking=chunking, slice_elements=SLICE
+    )
+    assert_same_head(store, streamed, expected)
+
+
+def test_a_round_with_nothing_usable_merges_nothing(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path)
+    weights_id = store_artifact(store, state(SHAPES, 0))
+    updates = [StoredUpdate(f"b3:{'01' * 32}", 64, f"b3:{'ef' * 32}")]
+    assert merge_from_store(store, weights_id, None, updates, rule("mean")) is None
+
+
+def test_missing_parent_state_is_reported_for_fetching(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path)
+    absent = f"b3:{'ef' * 32}"
+    with pytest.raises(MissingContent) as caught:
+        merge_from_store(store, absent, None, [], rule("mean"))
+    assert caught.value.ids == [absent]
+
+
+def test_memory_holds_slices_not_whole_updates(tmp_path: Path) -> None:
+    """Decoded update bytes pass through numpy, which tracemalloc sees: each update adds a few
+    slices and chunks to the peak, far less than a decoded copy of it."""
+    store = ContentStore(tmp_path)
+    shapes = {"layer": (1 << 21,)}
+    weights_id = store_artifact(store, state(shapes, 0))
+    chunking = FixedChunking(1 << 16)
+    updates = [
+        StoredUpdate(f"b3:{i:064x}", 64, store_artifact(store, state(shapes, i + 1, 0.01), INT8, chunking))
+        for i in range(6)
+    ]
+    decoded_update = (1 << 21) * 4
+    peaks = []
+    for count in (2, 6):
+        tracemalloc.start()
+        result = merge_from_store(store, weights_id, None, updates[:count], rule("mean"), slice_elements=1 << 14)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert result is not None and len(result.included) == count
+    assert peaks[1] - peaks[0] < decoded_update / 2, peaks
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 12345, 65537, (1 << 20) - 1, 1 << 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_part_sums_of_squares_are_node_merges_to_the_bit(size: int, dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(size)
+    values = (torch.randn(size, generator=generator) * torch.rand(size, generator=generator) * 1e3).to(dtype)
+    assert part_square_sum(values) == _square_sum(values, None)
+    if size:
+        values[size // 2] = math.inf
+        assert part_square_sum(values) == _square_sum(values, None) == math.inf
