@@ -1,8 +1,5 @@
-"""The deterministic merge streamed from the store: updates are read and decoded a slice at a time.
-
-It gives the same screening, norms and weights and momentum manifest ids as ``node.merge.merge``
-followed by ``store_artifact``, while holding a bounded number of slices per update in memory.
-"""
+"""The deterministic merge streamed from the store, a slice at a time: the same screening, norms and
+weights and momentum manifest ids as ``node.merge.merge`` followed by ``store_artifact``."""
 
 from __future__ import annotations
 
@@ -34,7 +31,7 @@ Tensors = dict[str, torch.Tensor]
 SLICE_ELEMENTS = 1 << 18  # per slice of a large tensor: 1 MB of fp32 per update, a multiple of int8's 256
 _CACHED_CHUNKS = 4  # per artifact: the chunks a slice shares with its neighbours, read once
 _WRITE_BATCH = 4 << 20  # bytes of finished output chunks stored together (one fsync per folder)
-_STORING = 2  # batches being stored at once: a disk syncs two files in little more time than one
+_STORING = 2  # batches being stored at once: two fsyncs in flight store faster than one after the other
 
 
 class StoredUpdate(NamedTuple):
