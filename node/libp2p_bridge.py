@@ -12,6 +12,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextvars
+import enum
 import logging
 import math
 import os
@@ -380,6 +381,14 @@ class GossipSettings:
 MAX_RATED_PUBLISHERS = 10_000  # publishers whose token buckets are kept; the least recently heard go first
 
 
+class Verdict(enum.Enum):
+    """What the relay check says of one gossip message."""
+
+    ALLOWED = "allowed"
+    HELD_BACK = "held_back"
+    FLOODING = "flooding"
+
+
 class PublisherRate:
     """Token buckets per publishing peer, checked before gossipsub relays a message.
 
@@ -391,21 +400,39 @@ class PublisherRate:
     def __init__(self, per_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._per_s = per_s
         self._clock = clock
-        self._buckets: collections.OrderedDict[Hashable, tuple[float, float]] = collections.OrderedDict()
+        # publisher -> (tokens, excess, last refill); excess drains at ``per_s`` and grows by
+        # each message held back, so it measures how far above its rate a publisher keeps going.
+        self._buckets: collections.OrderedDict[Hashable, tuple[float, float, float]] = collections.OrderedDict()
         self.dropped = 0
 
     def allow(self, publisher: Hashable) -> bool:
+        return self.check(publisher) is Verdict.ALLOWED
+
+    def check(self, publisher: Hashable) -> Verdict:
+        """ALLOWED, HELD_BACK (over the rate), or FLOODING: held back while sustaining several
+        times the rate for seconds, which no honest peer does (it sends a few a second)."""
         now = self._clock()
         capacity = 2 * self._per_s
-        tokens, last = self._buckets.pop(publisher, (capacity, now))
-        tokens = min(capacity, tokens + (now - last) * self._per_s)
+        tokens, excess, last = self._buckets.pop(publisher, (capacity, 0.0, now))
+        elapsed = now - last
+        tokens = min(capacity, tokens + elapsed * self._per_s)
+        excess = max(0.0, excess - elapsed * self._per_s)
         allowed = tokens >= 1
-        self._buckets[publisher] = (tokens - 1 if allowed else tokens, now)
+        if allowed:
+            tokens -= 1
+        else:
+            excess += 1
+            self.dropped += 1
+        self._buckets[publisher] = (tokens, excess, now)
         while len(self._buckets) > MAX_RATED_PUBLISHERS:
             self._buckets.popitem(last=False)
-        if not allowed:
-            self.dropped += 1
-        return allowed
+        if allowed:
+            return Verdict.ALLOWED
+        return Verdict.FLOODING if excess > FLOOD_FACTOR * capacity else Verdict.HELD_BACK
+
+
+FLOOD_FACTOR = 5  # a publisher held back for this many bursts' worth beyond its rate is banned for a while
+FLOOD_BAN_S = 60.0  # how long a flooding publisher's gossip is refused and its pubsub link closed
 
 
 @dataclass(frozen=True)
@@ -423,6 +450,7 @@ class BridgeStats:
 
     gossip_dropped_full_queue: int = 0
     gossip_rate_limited: int = 0
+    gossip_publishers_banned: int = 0
     handler_errors: int = 0
     dials_failed: int = 0
     callback_errors: int = 0
@@ -971,12 +999,28 @@ class Libp2pBridge:
         subscription = await self._pubsub.subscribe(topic)
         if self._gossip_settings.rate_limit_per_s > 0:
             rate = PublisherRate(self._gossip_settings.rate_limit_per_s)
-            own = self._pubsub.my_id.to_bytes()
+            pubsub, nursery = self._pubsub, self._nursery
+            own = pubsub.my_id.to_bytes()
+
+            async def lift_ban(peer: ID) -> None:
+                await trio.sleep(FLOOD_BAN_S)
+                pubsub.remove_from_blacklist(peer)
 
             def within_rate(forwarder: ID, message: Any) -> bool:
-                if message.from_id == own or rate.allow(bytes(message.from_id)):
+                if message.from_id == own:
+                    return True
+                verdict = rate.check(bytes(message.from_id))
+                if verdict is Verdict.ALLOWED:
                     return True
                 self.stats.gossip_rate_limited += 1
+                publisher = ID(message.from_id)
+                if verdict is Verdict.FLOODING and not pubsub.is_peer_blacklisted(publisher):
+                    # Refusing each message still costs decoding and checking it; a publisher
+                    # that keeps flooding is cut off for a while, which costs nothing per message.
+                    self.stats.gossip_publishers_banned += 1
+                    log.warning("gossip_publisher_banned: %s for %.0f s", publisher, FLOOD_BAN_S)
+                    pubsub.add_to_blacklist(publisher)
+                    nursery.start_soon(lift_ban, publisher)
                 return False
 
             self._pubsub.set_topic_validator(topic, within_rate, False)

@@ -265,6 +265,8 @@ class NodeMetrics:
         bridge = self.node.bridge
         out.counter("gossip_rate_limited_total", "Gossip messages over their publisher's rate, neither delivered nor relayed.",
                     bridge.stats.gossip_rate_limited if bridge else 0)
+        out.counter("gossip_publishers_banned_total", "Publishers cut off for a while for flooding far above their rate.",
+                    bridge.stats.gossip_publishers_banned if bridge else 0)
         out.counter("gossip_dropped_queue_full_total", "Inbound gossip messages dropped on a full queue.",
                     stats["dropped_queue_full"])
 

@@ -243,11 +243,12 @@ async def main(address, count, swarm):
     while not go.done():  # until the receiver has heard us: the mesh has formed
         await bridge.publish(topic, heartbeat(key, swarm))
         await asyncio.sleep(0.2)
-    # Paced: gossip drops what overflows its per-peer queues.
+    # Paced at about 130 a second: gossip drops what overflows its per-peer queues, and a busy
+    # receiver drains them slower than that.
     for start in range(0, count, 20):
         for _ in range(min(20, count - start)):
             await bridge.publish(topic, heartbeat(SigningKey.generate(), swarm))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.15)
     print("sent", flush=True)
     await loop.run_in_executor(None, sys.stdin.readline)
     await bridge.stop()
@@ -320,5 +321,6 @@ def test_a_heartbeat_flood_over_gossip_leaves_memory_bounded() -> None:
     # Gossip itself drops some of a flood on a busy machine; half is plenty to tell the cases apart.
     assert heard >= FLOOD // 2, f"only {heard} of {FLOOD} heartbeats arrived"
     assert peers == FLOOD_CAP
-    assert refused >= heard - FLOOD_CAP
+    # The sender's own heartbeats still in flight when the flood starts are heard, not refused.
+    assert refused >= heard - FLOOD_CAP - 5
     assert growth < RSS_GROWTH_LIMIT_MIB, f"RSS grew {growth:.1f} MiB over {heard} heartbeats from fresh keys"

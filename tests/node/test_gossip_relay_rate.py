@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from node.libp2p_bridge import GossipSettings, Libp2pBridge, PublisherRate
+from node.libp2p_bridge import FLOOD_FACTOR, GossipSettings, Libp2pBridge, PublisherRate, Verdict
 from protocol.identity import SigningKey
 
 TOPIC = "/p2p-node/relay-rate/1"
@@ -21,10 +21,24 @@ def test_publisher_rate_allows_a_burst_of_twice_the_rate_then_the_rate():
     assert rate.dropped == 80 + 90
 
 
+def test_a_publisher_that_keeps_far_above_its_rate_is_flooding():
+    now = [0.0]
+    rate = PublisherRate(10.0, clock=lambda: now[0])
+    verdicts = [rate.check(b"flooder") for _ in range(20 + FLOOD_FACTOR * 20 + 1)]
+    assert set(verdicts[:20]) == {Verdict.ALLOWED}
+    assert set(verdicts[20:-1]) == {Verdict.HELD_BACK}
+    assert verdicts[-1] is Verdict.FLOODING
+    # A burst of an honest peer's size is held back, never flooding, and its excess drains.
+    honest = PublisherRate(10.0, clock=lambda: now[0])
+    for _ in range(10):
+        assert Verdict.FLOODING not in {honest.check(b"peer") for _ in range(60)}
+        now[0] += 10.0
+
+
 def test_a_flood_is_not_relayed_past_its_first_hop():
     """flooder -> relay -> listener: the relay delivers and relays no more than the rate allows."""
 
-    async def run() -> tuple[int, int, int]:
+    async def run() -> tuple[int, int, int, int]:
         limited = GossipSettings(rate_limit_per_s=10.0)
         flooder = Libp2pBridge(SigningKey.generate().seed, ["/ip4/127.0.0.1/tcp/0"], kademlia=False)
         relay = Libp2pBridge(SigningKey.generate().seed, ["/ip4/127.0.0.1/tcp/0"], kademlia=False, gossip=limited)
@@ -43,11 +57,12 @@ def test_a_flood_is_not_relayed_past_its_first_hop():
             await asyncio.sleep(2.0)
             elapsed = time.monotonic() - started
             received = queues[2].qsize()
-            return received, relay.stats.gossip_rate_limited, int(20 + 10 * elapsed)
+            return received, relay.stats.gossip_rate_limited, int(20 + 10 * elapsed), relay.stats.gossip_publishers_banned
         finally:
             for bridge in bridges:
                 await bridge.stop()
 
-    received, limited, allowed = asyncio.run(run())
+    received, limited, allowed, banned = asyncio.run(run())
     assert 0 < received <= allowed, f"the listener got {received} of 300 (at most {allowed} allowed)"
     assert limited >= 100, f"the relay held back only {limited}"
+    assert banned == 1  # and, flooding on, it was cut off
