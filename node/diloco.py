@@ -68,6 +68,10 @@ UNUSABLE = frozenset({UNBOUND, "wrong_base", "undecodable", "wrong_shapes", "non
 EventSink = Callable[..., None]
 
 
+class UnboundArtifact(Exception):
+    """An update's artifact names another author, base or round than its record."""
+
+
 def _state_ids(head: HeadRecord) -> list[str]:
     """The manifests a peer builds on ``head`` from: its weights and momentum."""
     return [head.weights] + ([head.momentum] if head.momentum is not None else [])
@@ -131,6 +135,7 @@ class OuterLoop:
         self._arrived = asyncio.Event()
         self._weights_cache: tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None
         self.source: MicroshardSource | None = None
+        self.plan_sizes: dict[str, tuple[int, int]] = {}
         self.emit: EventSink = _ignore  # the daemon points this at its event bus
         self.patches_at: Callable[[dict[str, Any], int], dict[str, Any]] | None = None
         self.adopted_hooks: list[Callable[[HeadRecord, dict[str, torch.Tensor]], Awaitable[None]]] = []
@@ -173,6 +178,8 @@ class OuterLoop:
     async def start(self, data_dir: Any) -> None:
         cfg = self.config
         self.source = MicroshardSource(self.workload, self.store, self.exchange, self.availability, cfg.workload.local_data)
+        # (examples, tokens) of each planned microshard: what an update can count for at most.
+        self.plan_sizes = {shard_id: (m.source.examples, m.source.tokens) for shard_id, m in self.source.by_id.items()}
         initial = await asyncio.to_thread(self.trainer.initial_weights)
         weights_id = await asyncio.to_thread(store_artifact, self.store, initial, FP32, self.chunking)
         # Pinned at once: the first round ensures (and pins) it only after the sync, and GC may
@@ -676,14 +683,14 @@ class OuterLoop:
         finally:
             waiter.cancel()
 
-    async def _decoded_delta(self, update: UpdateRecord) -> dict[str, torch.Tensor] | str | None:
-        """The update's pseudo-gradient; UNBOUND when its artifact was made for another update,
-        None when its bytes do not decode. FetchFailed when unavailable."""
+    async def _decoded_delta(self, update: UpdateRecord) -> dict[str, torch.Tensor] | None:
+        """The update's pseudo-gradient; None when its bytes do not decode. FetchFailed when
+        unavailable, UnboundArtifact when its artifact was made for another update."""
         try:
             await self._fetch_update(update)
             manifest = await asyncio.to_thread(self.store.get_manifest, update.artifact)
             if manifest is not None and manifest.binding != update_binding(update.peer, update.base, update.round):
-                return UNBOUND
+                raise UnboundArtifact(update.artifact)
             return await asyncio.to_thread(load_artifact, self.store, update.artifact)
         except (MissingContent, Invalid, ValueError) as exc:
             log.warning("update_undecodable", artifact=update.artifact, error=str(exc)[:200])
@@ -717,7 +724,6 @@ class OuterLoop:
             else:
                 records[update_id] = update
         ledger = self._ledger(base)
-        sizes = self._plan_sizes()
         while True:
             # Select as a verifier will: without the updates found unavailable, whose shards stay free.
             selection = select_updates(ledger, records)
@@ -725,15 +731,14 @@ class OuterLoop:
             for update_id in selection.included:
                 update = records[update_id]
                 try:
-                    delta = await self._decoded_delta(update)
-                    if delta == UNBOUND:
-                        # A function of the inputs (the record and the artifact's manifest): a
-                        # verifier finds the same, and its shards stay free for an honest peer.
-                        dropped.append((update_id, UNBOUND))
-                        del records[update_id]
-                        break
-                    samples, _ = credit(update, sizes)
-                    inputs.append(UpdateInput(update_id, samples, delta))  # type: ignore[arg-type]
+                    samples, _ = credit(update, self.plan_sizes)
+                    inputs.append(UpdateInput(update_id, samples, await self._decoded_delta(update)))
+                except UnboundArtifact:
+                    # A function of the inputs (the record and the artifact's manifest): a
+                    # verifier finds the same, and its shards stay free for an honest peer.
+                    dropped.append((update_id, UNBOUND))
+                    del records[update_id]
+                    break
                 except FetchFailed as exc:
                     if strict:
                         raise
@@ -751,7 +756,7 @@ class OuterLoop:
         weights_id = await asyncio.to_thread(store_artifact, self.store, result.weights, FP32, self.chunking)
         momentum_id = await asyncio.to_thread(store_artifact, self.store, result.momentum, FP32, self.chunking)
         included = [records[i] for i in result.included]
-        credited = [credit(u, sizes) for u in included]
+        credited = [credit(u, self.plan_sizes) for u in included]
         samples = sum(c[0] for c in credited)
         tokens = sum(c[1] for c in credited)
         head = HeadRecord(
@@ -849,11 +854,6 @@ class OuterLoop:
             expected, min_ms=int(cfg.min_round_deadline_s * 1000), max_ms=int(cfg.max_round_deadline_s * 1000),
             margin_ms=int(cfg.lease_settle_s * 1000) + 2000,
         )
-
-    def _plan_sizes(self) -> dict[str, tuple[int, int]]:
-        """(examples, tokens) of each planned microshard: what an update can count for at most."""
-        assert self.source is not None
-        return {shard_id: (m.source.examples, m.source.tokens) for shard_id, m in self.source.by_id.items()}
 
     def _batch_size(self) -> int:
         return int(self.workload.settings().get("batch_size", 1))

@@ -197,15 +197,22 @@ class Heads:
             self._reject(head, author, "unknown_parent")
             log.info("head_parent_unavailable", head=head.id, missing=missing)
             return
-        # Oldest first, each verified against its parent before the next: a head is only as good
-        # as its history, and an ancestor that was never announced (so never checked) could
-        # otherwise carry any weights into the chain under a tip that recomputes correctly.
+        # A head the operator named in ``training.trusted_heads`` is linked with its ancestors
+        # unverified: the operator's word stands in for the history a peer far behind can no
+        # longer recompute (the swarm keeps only recent rounds' updates).
+        chain = [*ancestors, head]
+        anchor = max((i for i, h in enumerate(chain) if h.id in self._trusted), default=-1)
+        trusted, checked = chain[: anchor + 1], chain[anchor + 1 :]
+        for known in trusted:
+            if not await self._add_verified(known, head, author):
+                return
+            log.info("head_trusted", head=known.id, round=known.round)
         # Their inputs are fetched meanwhile, all at once, so a peer far behind catches up at the
         # pace of its merges rather than of one fetch after another.
-        prefetch = (asyncio.ensure_future(self.prefetcher([*ancestors, head]))
-                    if self.prefetcher is not None and ancestors and self._verify_ancestors else None)
+        prefetch = (asyncio.ensure_future(self.prefetcher(checked))
+                    if self.prefetcher is not None and len(checked) > 1 and self._verify_ancestors else None)
         try:
-            if not await self._verify_chain(ancestors, head, author):
+            if not await self._verify_chain(checked, head, author):
                 return
         finally:
             if prefetch is not None:
@@ -213,40 +220,26 @@ class Heads:
                 await asyncio.gather(prefetch, return_exceptions=True)
         await self._reconsider()
 
-    async def _verify_chain(self, ancestors: list[HeadRecord], head: HeadRecord, author: str) -> bool:
-        """Verify and link ``ancestors`` (oldest first), then ``head``; False once one fails.
+    async def _verify_chain(self, chain: list[HeadRecord], tip: HeadRecord, author: str) -> bool:
+        """Verify and link ``chain`` (oldest first, ending at ``tip`` unless the tip is trusted);
+        False once one fails.
 
-        A head the operator named in ``training.trusted_heads`` is linked with its ancestors
-        unverified: the operator's word stands in for the history a peer far behind can no
-        longer recompute (the swarm keeps only recent rounds' updates).
+        Each is verified against its parent before the next: a head is only as good as its
+        history, and an ancestor that was never announced (so never checked) could otherwise
+        carry any weights into the chain under a tip that recomputes correctly.
         """
-        anchor = max((i for i, h in enumerate(ancestors) if h.id in self._trusted), default=-1)
-        if head.id in self._trusted:
-            anchor = len(ancestors)
-        for trusted in [*ancestors, head][: anchor + 1]:
-            if not await self._add_verified(trusted, head, author):
-                return False
-            log.info("head_trusted", head=trusted.id, round=trusted.round)
-        if anchor == len(ancestors):
-            return True
-        ancestors = ancestors[anchor + 1 :]
-        for ancestor in ancestors if self._verify_ancestors else ():
-            reason = await self._verify(ancestor)
-            if reason is not None:
-                log.warning("ancestor_rejected", head=head.id, ancestor=ancestor.id, round=ancestor.round, reason=reason)
-                self._reject(head, author, f"ancestor_{reason}")
-                return False
-            if not await self._add_verified(ancestor, head, author):
-                return False
-        if not self._verify_ancestors:
-            for ancestor in ancestors:
-                if not await self._add_verified(ancestor, head, author):
+        for head in chain:
+            if head is tip or self._verify_ancestors:
+                reason = await self._verify(head)
+                if reason is not None:
+                    if head is not tip:
+                        log.warning("ancestor_rejected", head=tip.id, ancestor=head.id, round=head.round, reason=reason)
+                        reason = f"ancestor_{reason}"
+                    self._reject(tip, author, reason)
                     return False
-        reason = await self._verify(head)
-        if reason is not None:
-            self._reject(head, author, reason)
-            return False
-        return await self._add_verified(head, head, author)
+            if not await self._add_verified(head, tip, author):
+                return False
+        return True
 
     async def _verify(self, head: HeadRecord) -> str | None:
         return await self.verifier(head) if self.verifier is not None else None
