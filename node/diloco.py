@@ -32,9 +32,10 @@ from node.heads import Heads
 from node.leasing import Leasing
 from node.logs import Repeats, get_logger
 from node.membership import Membership
-from node.merge import UpdateInput, merge, outer_rule, rule_problem
+from node.merge import outer_rule, rule_problem
 from node.microshards import MicroshardSource, MicroshardUnavailable
 from node.store import ContentStore
+from node.streaming_merge import StoredUpdate, merge_from_store
 from node.trainer import Trainer
 from protocol import canonical
 from protocol.chunking import FixedChunking
@@ -56,6 +57,7 @@ MAX_BUFFERED_ROUNDS = 4
 SYNC_MAX_S = 120.0
 EARLY_FETCHERS = 2  # updates fetched at once as they are announced, during the round
 EARLY_FETCH_QUEUE = 256  # announced updates waiting for an early fetch; beyond, the merge fetches them
+COMPUTED_HEADS = 64  # heads this peer merged itself, by their inputs: an announced twin is adopted by id
 PREFETCH_PARALLEL = 8  # update artifacts fetched at once while catching up on unverified history
 CATCH_UP_MAX_S = 30.0  # longest a trainer waits, per base, for the verdict on a head rounds ahead
 UNAVAILABLE = "unavailable"  # an exclusion reason that records what the merger could fetch, not the inputs
@@ -75,6 +77,13 @@ class UnboundArtifact(Exception):
 def _state_ids(head: HeadRecord) -> list[str]:
     """The manifests a peer builds on ``head`` from: its weights and momentum."""
     return [head.weights] + ([head.momentum] if head.momentum is not None else [])
+
+
+def _inputs_key(head: HeadRecord) -> tuple[Any, ...]:
+    """What a head is computed from: parent, rule, every input update and those taken as unavailable."""
+    absent = sorted(update_id for update_id, reason in head.excluded if reason == UNAVAILABLE)
+    inputs = sorted({*head.updates, *(update_id for update_id, _ in head.excluded)})
+    return (head.parent, canonical.encode(head.rule.to_wire()), tuple(inputs), tuple(absent))
 
 
 def _ignore(kind: str, **data: Any) -> None:
@@ -117,7 +126,13 @@ class OuterLoop:
         self.membership = membership
         self.is_trainer = config.training.role == "trainer"
         self.chunking = FixedChunking(config.exchange.chunk_bytes)
-        self.view = RoundView()
+        self._view = RoundView()
+        self.phase_seconds: dict[str, float] = {}  # wall time of the round loop per phase
+        self._phase_since = time.monotonic()
+        self.eval_seconds = 0.0
+        self._eval_next: HeadRecord | None = None
+        self._eval_wake = asyncio.Event()
+        self._computed: OrderedDict[tuple[Any, ...], str] = OrderedDict()
         self.updates: dict[int, dict[str, UpdateRecord]] = {}
         self.updates_by_id: dict[str, UpdateRecord] = {}  # the last few rounds', for expecting peers
         self.update_rejections: Counter[str] = Counter()
@@ -133,7 +148,7 @@ class OuterLoop:
         self._early: asyncio.Queue[UpdateRecord] = asyncio.Queue(EARLY_FETCH_QUEUE)
         self._catch_up_since = 0.0
         self._arrived = asyncio.Event()
-        self._weights_cache: tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None
+        self._weights_cache: tuple[str, dict[str, torch.Tensor]] | None = None  # the canonical head's only
         self.source: MicroshardSource | None = None
         self.plan_sizes: dict[str, tuple[int, int]] = {}
         self.emit: EventSink = _ignore  # the daemon points this at its event bus
@@ -143,6 +158,33 @@ class OuterLoop:
         self.heads: Heads | None = None
         gossip.on(UPDATE, self._on_update)
         gossip.on(EVAL_KIND, self._on_eval)
+
+    # ---- what the round loop is doing --------------------------------------------------
+
+    @property
+    def view(self) -> RoundView:
+        return self._view
+
+    @view.setter
+    def view(self, view: RoundView) -> None:
+        self._account()
+        self._view = view
+
+    def _enter(self, phase: str) -> None:
+        """Switch the round loop to ``phase``, adding the time spent in the last one to ``phase_seconds``."""
+        self._account()
+        self._view.phase = phase
+
+    def _account(self) -> None:
+        now = time.monotonic()
+        phase = self._view.phase
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + now - self._phase_since
+        self._phase_since = now
+
+    def phase_totals(self) -> dict[str, float]:
+        """Seconds spent in each phase so far, the current one included."""
+        self._account()
+        return {phase: round(seconds, 3) for phase, seconds in self.phase_seconds.items()}
 
     # ---- start-up --------------------------------------------------------------------
 
@@ -265,6 +307,8 @@ class OuterLoop:
         async with asyncio.TaskGroup() as tasks:
             for _ in range(EARLY_FETCHERS):
                 tasks.create_task(self._fetch_early())
+            if self.config.training.evaluate:
+                tasks.create_task(self._evaluator())
             tasks.create_task(self._rounds())
 
     async def _fetch_early(self) -> None:
@@ -281,7 +325,6 @@ class OuterLoop:
     async def _rounds(self) -> None:
         assert self.heads is not None
         await self._sync()
-        evaluated: OrderedDict[str, None] = OrderedDict()
         handled: str | None = None
         while True:
             base = self.heads.canonical()
@@ -294,13 +337,9 @@ class OuterLoop:
                     if self.leasing is not None:
                         merged = (self.updates_by_id.get(update_id) for update_id in base.updates)
                         self.leasing.credit({update.peer for update in merged if update is not None})
-                    if self.config.training.evaluate and base.id not in evaluated:
-                        evaluated[base.id] = None
-                        while len(evaluated) > 1024:
-                            evaluated.popitem(last=False)
-                        await self._evaluate(base)
+                    self._evaluate_soon(base)
                     if self.adopted_hooks:
-                        weights, _ = await self._ensure_state(base)
+                        weights = await self._ensure_state(base)
                         for hook in self.adopted_hooks:
                             await hook(base, weights)
                 if self.is_trainer:
@@ -322,7 +361,7 @@ class OuterLoop:
     async def _sync(self) -> None:
         """Listen for the swarm's canonical head before training on a stale one."""
         assert self.heads is not None
-        self.view.phase = "syncing"
+        self._enter("syncing")
         listen_s = self.config.training.head_reannounce_s * 1.5
         started = time.monotonic()
         # A head that arrived is still being verified (backfill, fetch, recompute): wait for the
@@ -362,7 +401,7 @@ class OuterLoop:
         self._answered_unusable = set()
         for update_id, update in self.updates.get(round_no, {}).items():
             self._offer(update_id, update)
-        weights, _momentum = await self._ensure_state(base)
+        weights = await self._ensure_state(base)
         wanted = max(1, math.ceil(steps * self._batch_size() / max(self.source.examples_per_microshard, 1)))
         total_speed = sum(speeds.values())
         # Peers that trained last round will most likely train this one: wait for their
@@ -390,9 +429,9 @@ class OuterLoop:
         self.emit("round_closed", round=round_no, updates=len(result.updates), reason=result.reason.name.lower(),
                   missing=sorted(result.missing))
         if result.updates:
-            self.view.phase = "merging"
-            head = await self.compute_head(base, list(result.updates), self.rule(settings))
+            head = await self.compute_head(base, list(result.updates), self.rule(settings), own_round=True)
             if head is not None and self.heads.adopted == base.id:
+                self._enter("adopting")
                 await self.heads.add_own(head)
             if head is not None:
                 # Updates no merge can use count against their authors like updates that never came.
@@ -474,7 +513,7 @@ class OuterLoop:
         budget_s: float | None,
     ) -> None:
         assert self.source is not None and self.leasing is not None
-        self.view.phase = "training"
+        self._enter("training")
         try:
             data = await self.source.bytes_of(shards)
         except MicroshardUnavailable as exc:
@@ -519,7 +558,7 @@ class OuterLoop:
                                  inner_ms=int(result.metrics.seconds * 1000)),
             peer=self.peer_id,
         )
-        self.view.phase = "publishing"
+        self._enter("publishing")
         raw = await self.gossip.publish(UPDATE, UPDATE_VERSION, update.to_wire())
         if raw is not None:
             record = self.gossip.validate(raw)
@@ -543,7 +582,7 @@ class OuterLoop:
 
     async def _wait_for_close(self, base: HeadRecord, state: RoundState, claim_window_ms: int) -> None:
         assert self.heads is not None and self.leasing is not None
-        self.view.phase = "waiting"
+        self._enter("waiting")
         while self.heads.adopted == base.id:
             claimants = self.leasing.participants()
             for peer in claimants:
@@ -586,16 +625,29 @@ class OuterLoop:
         ledger = replay(self.source.ids, epoch_start) if epoch_start else EpochLedger.start(self.source.ids, base.epoch)
         return ledger.rolled() if ledger.complete else ledger
 
-    async def _ensure_state(self, head: HeadRecord) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        """The head's weights and momentum as fp32 tensors, fetched from peers if we lack them."""
+    async def _ensure_state(self, head: HeadRecord) -> dict[str, torch.Tensor]:
+        """The head's weights as fp32 tensors, its weights and momentum fetched from peers if we lack them.
+
+        Only the weights are held in memory, and only one head's: the momentum is read slice by
+        slice from the store by the merge.
+        """
         cached = self._weights_cache
         if cached is not None and cached[0] == head.id:
-            weights, momentum = cached[1], cached[2]
-        else:
-            weights = await self._load(head.weights)
-            momentum = await self._load(head.momentum) if head.momentum is not None else None
-            self._weights_cache = (head.id, weights, momentum)
-        return weights, momentum
+            return cached[1]
+        self._weights_cache = None  # the old head's tensors go before the new ones come
+        if head.momentum is not None:
+            await self._stored(head.momentum)
+        weights = await self._load(head.weights)
+        self._weights_cache = (head.id, weights)
+        return weights
+
+    async def _stored(self, manifest_id: str) -> None:
+        """Make sure an artifact is whole in the store, fetching what is missing from peers."""
+        manifest = await asyncio.to_thread(self.store.get_manifest, manifest_id)
+        missing = [] if manifest is None else await asyncio.to_thread(self.store.missing, [c.cid for c in manifest.chunks])
+        if manifest is None or missing:
+            await self.exchange.fetch(manifest_id)
+            self.availability.add_held(manifest_id)
 
     async def _retain(self, head: HeadRecord) -> None:
         """Pin what the swarm needs of the adopted ``head``; GC collects the rest.
@@ -683,18 +735,18 @@ class OuterLoop:
         finally:
             waiter.cancel()
 
-    async def _decoded_delta(self, update: UpdateRecord) -> dict[str, torch.Tensor] | None:
-        """The update's pseudo-gradient; None when its bytes do not decode. FetchFailed when
-        unavailable, UnboundArtifact when its artifact was made for another update."""
+    async def _ready_update(self, update: UpdateRecord) -> None:
+        """Have an update's artifact in the store for the merge. FetchFailed when unavailable,
+        UnboundArtifact when its artifact was made for another update. Bytes that do not
+        parse are left for the merge's screen, which excludes the update as undecodable."""
         try:
             await self._fetch_update(update)
-            manifest = await asyncio.to_thread(self.store.get_manifest, update.artifact)
-            if manifest is not None and manifest.binding != update_binding(update.peer, update.base, update.round):
-                raise UnboundArtifact(update.artifact)
-            return await asyncio.to_thread(load_artifact, self.store, update.artifact)
         except (MissingContent, Invalid, ValueError) as exc:
             log.warning("update_undecodable", artifact=update.artifact, error=str(exc)[:200])
-            return None
+            return
+        manifest = await asyncio.to_thread(self.store.get_manifest, update.artifact)
+        if manifest is not None and manifest.binding != update_binding(update.peer, update.base, update.round):
+            raise UnboundArtifact(update.artifact)
 
     async def compute_head(
         self,
@@ -703,13 +755,19 @@ class OuterLoop:
         rule: AggregationRule,
         absent: frozenset[str] = frozenset(),
         strict: bool = False,
+        own_round: bool = False,
     ) -> HeadRecord | None:
         """The head that merging ``update_ids`` onto ``base`` under ``rule`` gives: a pure function of them.
 
         An update whose record or artifact cannot be had is excluded as ``unavailable``; that is
         the merger's observation, not a function of the inputs, so a verifier takes the head's
         word for it (``absent``) and, with ``strict``, raises FetchFailed for any other input it
-        cannot get rather than compute a different head.
+        cannot get rather than compute a different head. ``own_round``: this is the round loop's
+        merge, whose phases (fetching, merging) the round's view shows.
+
+        The merge streams from the store (``merge_from_store``): the parent's weights and
+        momentum and every update are read a slice at a time and the new weights and momentum
+        written as they are computed, so memory does not grow with the model or the swarm.
         """
         records: dict[str, UpdateRecord] = {}
         dropped: list[tuple[str, str]] = []
@@ -724,15 +782,16 @@ class OuterLoop:
             else:
                 records[update_id] = update
         ledger = self._ledger(base)
+        if own_round:
+            self._enter("fetching")
         while True:
             # Select as a verifier will: without the updates found unavailable, whose shards stay free.
             selection = select_updates(ledger, records)
-            inputs = []
+            inputs: list[StoredUpdate] = []
             for update_id in selection.included:
                 update = records[update_id]
                 try:
-                    samples, _ = credit(update, self.plan_sizes)
-                    inputs.append(UpdateInput(update_id, samples, await self._decoded_delta(update)))
+                    await self._ready_update(update)
                 except UnboundArtifact:
                     # A function of the inputs (the record and the artifact's manifest): a
                     # verifier finds the same, and its shards stay free for an honest peer.
@@ -746,15 +805,21 @@ class OuterLoop:
                     dropped.append((update_id, UNAVAILABLE))
                     del records[update_id]
                     break
+                samples, _ = credit(update, self.plan_sizes)
+                inputs.append(StoredUpdate(update_id, samples, update.artifact))
             else:
                 break
-        weights, momentum = await self._ensure_state(base)
+        for state_id in _state_ids(base):
+            await self._stored(state_id)
         bound = reference_norm(self.heads.index.ancestors(base.id))  # type: ignore[union-attr]
-        result = await asyncio.to_thread(merge, weights, momentum, inputs, rule, reference_norm=bound)
+        if own_round:
+            self._enter("merging")
+        result = await asyncio.to_thread(
+            merge_from_store, self.store, base.weights, base.momentum, inputs, rule,
+            reference_norm=bound, chunking=self.chunking,
+        )
         if result is None:
             return None
-        weights_id = await asyncio.to_thread(store_artifact, self.store, result.weights, FP32, self.chunking)
-        momentum_id = await asyncio.to_thread(store_artifact, self.store, result.momentum, FP32, self.chunking)
         included = [records[i] for i in result.included]
         credited = [credit(u, self.plan_sizes) for u in included]
         samples = sum(c[0] for c in credited)
@@ -763,16 +828,18 @@ class OuterLoop:
             parent=base.id, round=base.round + 1, epoch=ledger.epoch,
             updates=result.included,
             excluded=tuple(sorted((*dropped, *selection.excluded, *result.excluded))),
-            rule=rule, weights=weights_id, momentum=momentum_id,
+            rule=rule, weights=result.weights_id, momentum=result.momentum_id,
             samples_total=base.samples_total + samples, tokens_total=base.tokens_total + tokens,
             samples=samples, tokens=tokens,
             microshards=tuple(sorted({s for u in included for s in u.microshards})),
             eval=None, workload=base.workload, dataset=base.dataset, rollback=self.heads.marker_for(base),  # type: ignore[union-attr]
             update_norm=result.median_norm,
         )
-        self._weights_cache = (head.id, result.weights, result.momentum)
-        self.availability.add_held(weights_id)
-        self.availability.add_held(momentum_id)
+        self.availability.add_held(result.weights_id)
+        self.availability.add_held(result.momentum_id)
+        self._computed[_inputs_key(head)] = head.id
+        while len(self._computed) > COMPUTED_HEADS:
+            self._computed.popitem(last=False)
         return head
 
     async def prefetch_inputs(self, heads: list[HeadRecord]) -> None:
@@ -809,6 +876,9 @@ class OuterLoop:
             except (FetchFailed, MissingContent):
                 return "weights_unavailable"
             return None
+        if self._computed.get(_inputs_key(head)) == head.id:
+            # This peer merged the same inputs onto the same parent itself and got this very head.
+            return None
         inputs = [*head.updates, *(update_id for update_id, _ in head.excluded)]
         absent = frozenset(update_id for update_id, reason in head.excluded if reason == UNAVAILABLE)
         try:
@@ -820,12 +890,37 @@ class OuterLoop:
             return "recompute_mismatch"
         return None
 
+    def _evaluate_soon(self, head: HeadRecord) -> None:
+        """Ask the evaluator for ``head``'s validation loss; a newer head asked for replaces it."""
+        assert self.heads is not None
+        if self.config.training.evaluate and self.peer_id not in self.heads.eval.get(head.id, {}):
+            self._eval_next = head
+            self._eval_wake.set()
+
+    async def _evaluator(self) -> None:
+        """Evaluate adopted heads off the round's path, one at a time, the newest asked for first;
+        a head that is no longer canonical when its turn comes is skipped."""
+        assert self.heads is not None
+        while True:
+            await self._eval_wake.wait()
+            self._eval_wake.clear()
+            head, self._eval_next = self._eval_next, None
+            if head is None or head.id != self.heads.canonical().id:
+                continue
+            started = time.monotonic()
+            try:
+                await self._evaluate(head)
+            except Exception as exc:  # a workload bug in evaluation must not stop the evaluator
+                if (held := self._crashes.due(f"evaluation: {type(exc).__name__}: {exc}")) is not None:
+                    log.error("evaluation_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True, repeated=held)
+            finally:
+                self.eval_seconds += time.monotonic() - started
+
     async def _evaluate(self, head: HeadRecord) -> None:
         try:
-            weights, _ = await self._ensure_state(head)
+            weights = await self._ensure_state(head)
         except (FetchFailed, MissingContent):
             return
-        self.view.phase = "evaluating"
         metrics = await self.trainer.evaluate(weights)
         assert self.heads is not None
         self.heads.record_eval(head.id, self.peer_id, metrics.loss)

@@ -76,6 +76,8 @@ SCHEMAS: dict[str, Schema] = {
         "deadline_in_s": nullable(NUMBER),
         "utilisation": NUMBER,
         "inner_seconds": NUMBER,
+        "phase_seconds": counts(NUMBER),
+        "eval_seconds": NUMBER,
         "last_error": nullable(STRING),
         "round_failures": COUNT,
         "microshards_repaired": COUNT,

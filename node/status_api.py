@@ -180,6 +180,8 @@ class StatusApi:
             "deadline_in_s": view.deadline_in_s,
             "utilisation": round(outer.utilisation(), 4),
             "inner_seconds": round(outer.trainer.inner_seconds, 2),
+            "phase_seconds": outer.phase_totals(),
+            "eval_seconds": round(outer.eval_seconds, 2),
             "last_error": outer.trainer.last_error,
             "round_failures": outer.round_failures,
             "microshards_repaired": outer.source.repaired if outer.source else 0,

@@ -268,7 +268,7 @@ async def _forge_ancestors(outer: Any) -> None:
             continue
         forged_from.add(base.id)
         try:
-            weights, _momentum = await outer._ensure_state(base)
+            weights = await outer._ensure_state(base)
             noise = {name: tensor + 3.0 * torch.randn(tensor.shape, generator=generator)
                      for name, tensor in weights.items()}
             weights_id = await asyncio.to_thread(store_artifact, outer.store, noise, FP32, outer.chunking)
