@@ -35,7 +35,7 @@ from node.membership import Membership
 from node.merge import outer_rule, rule_problem
 from node.microshards import MicroshardSource, MicroshardUnavailable
 from node.store import ContentStore
-from node.streaming_merge import StoredUpdate, merge_from_store
+from node.streaming_merge import StoredUpdate, merge_from_store, update_norm
 from node.trainer import Trainer
 from protocol import canonical
 from protocol.chunking import FixedChunking
@@ -57,6 +57,7 @@ MAX_BUFFERED_ROUNDS = 4
 SYNC_MAX_S = 120.0
 EARLY_FETCHERS = 2  # updates fetched at once as they are announced, during the round
 EARLY_FETCH_QUEUE = 256  # announced updates waiting for an early fetch; beyond, the merge fetches them
+KNOWN_NORMS = 512  # norms of fetched update artifacts, measured while the round trains
 COMPUTED_HEADS = 64  # heads this peer merged itself, by their inputs: an announced twin is adopted by id
 PREFETCH_PARALLEL = 8  # update artifacts fetched at once while catching up on unverified history
 CATCH_UP_MAX_S = 30.0  # longest a trainer waits, per base, for the verdict on a head rounds ahead
@@ -133,6 +134,8 @@ class OuterLoop:
         self._eval_next: HeadRecord | None = None
         self._eval_wake = asyncio.Event()
         self._computed: OrderedDict[tuple[Any, ...], str] = OrderedDict()
+        self.verifications: Counter[str] = Counter()  # how announced heads were checked
+        self._norms: OrderedDict[str, float] = OrderedDict()  # by artifact id: content-addressed, so exact
         self.updates: dict[int, dict[str, UpdateRecord]] = {}
         self.updates_by_id: dict[str, UpdateRecord] = {}  # the last few rounds', for expecting peers
         self.update_rejections: Counter[str] = Counter()
@@ -319,8 +322,18 @@ class OuterLoop:
             base = self.heads.canonical() if self.heads is not None else None
             if base is None or (update.base, update.round) != (base.id, base.round + 1):
                 continue  # a round already closed, or an update no merge of ours can use
-            with contextlib.suppress(FetchFailed, MissingContent):
+            with contextlib.suppress(FetchFailed, MissingContent, Invalid, ValueError):
                 await self._fetch_update(update)
+                await self._measure(update.artifact)
+
+    async def _measure(self, artifact: str) -> None:
+        """Measure a fetched update's norm now, so that the merge's screen need not read it twice."""
+        if artifact in self._norms:
+            return
+        norm = await asyncio.to_thread(update_norm, self.store, artifact)
+        self._norms[artifact] = norm
+        while len(self._norms) > KNOWN_NORMS:
+            self._norms.popitem(last=False)
 
     async def _rounds(self) -> None:
         assert self.heads is not None
@@ -566,6 +579,8 @@ class OuterLoop:
         log.info("update_published", round=update.round, loss=round(update.metrics.loss, 4), samples=update.samples,
                  microshards=len(shards), steps=result.metrics.steps, seconds=round(result.metrics.seconds, 2),
                  budget_s=round(budget_s, 2) if budget_s is not None else None)
+        with contextlib.suppress(MissingContent, Invalid, ValueError):
+            await self._measure(artifact)  # while the others' updates are still coming in
 
     async def _abort_if_superseded(self, base: HeadRecord, done: asyncio.Event) -> None:
         assert self.heads is not None
@@ -817,6 +832,7 @@ class OuterLoop:
         result = await asyncio.to_thread(
             merge_from_store, self.store, base.weights, base.momentum, inputs, rule,
             reference_norm=bound, chunking=self.chunking,
+            norms={u.artifact: self._norms[u.artifact] for u in inputs if u.artifact in self._norms},
         )
         if result is None:
             return None
@@ -878,7 +894,9 @@ class OuterLoop:
             return None
         if self._computed.get(_inputs_key(head)) == head.id:
             # This peer merged the same inputs onto the same parent itself and got this very head.
+            self.verifications["matched_own_merge"] += 1
             return None
+        self.verifications["recomputed"] += 1
         inputs = [*head.updates, *(update_id for update_id, _ in head.excluded)]
         absent = frozenset(update_id for update_id, reason in head.excluded if reason == UNAVAILABLE)
         try:

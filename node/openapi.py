@@ -78,6 +78,7 @@ SCHEMAS: dict[str, Schema] = {
         "inner_seconds": NUMBER,
         "phase_seconds": counts(NUMBER),
         "eval_seconds": NUMBER,
+        "verifications": counts(),
         "last_error": nullable(STRING),
         "round_failures": COUNT,
         "microshards_repaired": COUNT,

@@ -182,6 +182,7 @@ class StatusApi:
             "inner_seconds": round(outer.trainer.inner_seconds, 2),
             "phase_seconds": outer.phase_totals(),
             "eval_seconds": round(outer.eval_seconds, 2),
+            "verifications": dict(outer.verifications),
             "last_error": outer.trainer.last_error,
             "round_failures": outer.round_failures,
             "microshards_repaired": outer.source.repaired if outer.source else 0,

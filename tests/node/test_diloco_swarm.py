@@ -136,6 +136,11 @@ def test_three_peers_share_every_head_lose_loss_and_cover_epoch_zero_once(swarm)
             row = training(peer)
             assert row["round_failures"] == 0
             assert row["head_rejections"] == {}
+            # Evaluation runs beside the rounds, never as a phase of one.
+            assert row["eval_seconds"] > 0 and "evaluating" not in row["phase_seconds"]
+            assert row["phase_seconds"]["training"] > 0 and row["phase_seconds"]["merging"] > 0
+        # A head whose inputs a peer merged itself is checked by its id, not merged a second time.
+        assert sum(training(p)["verifications"].get("matched_own_merge", 0) for p in peers) > 0
 
 
 def test_time_budgeted_rounds_end_together_and_merge_every_peers_samples(swarm):
