@@ -32,7 +32,7 @@ SLICE_ELEMENTS = 1 << 18  # per slice of a large tensor: 1 MB of fp32 per update
 _CACHED_CHUNKS = 4  # per artifact: the chunks a slice shares with its neighbours, read once
 _SQUARES_BLOCK = 1 << 15  # float64 squares made at a time for a norm's first halving: they stay in L2
 _WRITE_BATCH = 4 << 20  # bytes of finished output chunks stored together (one fsync per folder)
-_STORING = 4  # batches being stored at once: two fsyncs in flight store faster than one after the other
+_STORING = 8  # batches being stored at once: each waits on fsyncs, and more in flight overlap their latency
 
 
 class StoredUpdate(NamedTuple):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 import random
 import tracemalloc
+from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -13,9 +16,10 @@ import torch
 from node.artifacts import MissingContent, encode_state_dict, load_artifact, store_artifact
 from node.merge import UpdateInput, _square_sum, merge, outer_rule
 from node.store import ContentStore
-from node.streaming_merge import StoredMerge, StoredUpdate, merge_from_store, part_square_sum
+from node.streaming_merge import StoredMerge, StoredUpdate, merge_from_store, part_square_sum, update_norm
 from protocol.chunking import Chunking, ContentDefinedChunking, FixedChunking
 from protocol.codecs import BF16, FP32, INT8, Codec, Int8Codec
+from protocol.errors import Invalid
 from protocol.heads import AggregationRule
 
 SLICE = 1000  # elements per slice here: not a multiple of the int8 blocks, so slices split blocks
@@ -198,3 +202,114 @@ def test_part_sums_of_squares_are_node_merges_to_the_bit(size: int, dtype: torch
     if size:
         values[size // 2] = math.inf
         assert part_square_sum(values) == _square_sum(values, None) == math.inf
+
+
+def known_norms(store: ContentStore, updates: list[StoredUpdate]) -> dict[str, float]:
+    """What the daemon keeps as updates arrive: ``update_norm`` of each artifact that measures."""
+    norms = {}
+    for update in updates:
+        try:
+            norms[update.artifact] = update_norm(store, update.artifact)
+        except (MissingContent, Invalid):
+            pass
+    return norms
+
+
+@pytest.mark.parametrize("name", ["mean", "trimmed_mean", "median"])
+def test_norms_measured_on_arrival_give_the_same_head(tmp_path: Path, name: str) -> None:
+    rng = random.Random(f"known-{name}")
+    store = ContentStore(tmp_path)
+    chunking = FixedChunking(4096)
+    weights_id, momentum_id, updates = round_inputs(store, rng, SHAPES, chunking, 4)
+    merge_rule = rule(name)
+    norms = known_norms(store, updates)
+    expected = reference(store, weights_id, momentum_id, updates, merge_rule, 0.5, chunking)
+    streamed = merge_from_store(
+        store, weights_id, momentum_id, updates, merge_rule,
+        reference_norm=0.5, chunking=chunking, slice_elements=SLICE, workers=2, norms=norms,
+    )
+    assert_same_head(store, streamed, expected)
+    assert expected is not None
+    assert {u: n for u, n in expected.norms} == {
+        u.update_id: norms[u.artifact] for u in updates if u.update_id in expected.included
+    }
+
+
+def test_update_norm_is_the_screens_norm_or_says_why_not(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path)
+    shapes = {"big": ((1 << 20) + 4099,), "small": (5, 5)}
+    delta = state(shapes, 3, 0.01)
+    artifact = store_artifact(store, delta, INT8)
+    result = merge(state(shapes, 4), None, [UpdateInput("u", 64, load_artifact(store, artifact))], rule("mean"))
+    assert result is not None
+    assert update_norm(store, artifact) == dict(result.norms)["u"]
+
+    delta["small"][2, 2] = math.inf
+    assert math.isinf(update_norm(store, store_artifact(store, delta, FP32)))
+    with pytest.raises(MissingContent) as absent:
+        update_norm(store, f"b3:{'ab' * 32}")
+    assert absent.value.ids == [f"b3:{'ab' * 32}"]
+    manifest = store.get_manifest(artifact)
+    assert manifest is not None
+    lost = manifest.chunks[0].cid
+    (store.root / "chunks" / lost[3:5] / lost[3:]).unlink()
+    with pytest.raises(MissingContent) as missing:
+        update_norm(store, artifact)
+    assert missing.value.ids == [lost]
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("with_momentum", [True, False])
+def test_float32_rounds_under_every_codec_merge_alike(tmp_path: Path, nesterov: bool, with_momentum: bool) -> None:
+    """The daemon's usual round: float32 updates under the float codecs, int8 blocks that slices split."""
+    store = ContentStore(tmp_path)
+    chunking = FixedChunking(4096)
+    shapes = {"embed": (40, 130), "scale": (), "empty": (0, 3), "head": (3, 1501)}
+    weights_id = store_artifact(store, state(shapes, 0), FP32, chunking)
+    momentum_id = store_artifact(store, state(shapes, 1, 0.01), FP32, chunking) if with_momentum else None
+    updates = [
+        StoredUpdate(f"b3:{i:064x}", 50 + 7 * i, store_artifact(store, state(shapes, 10 + i, 0.01), codec, chunking))
+        for i, codec in enumerate((FP32, BF16, INT8, Int8Codec(100), Int8Codec(7)))
+    ]
+    merge_rule = outer_rule("mean", 0.7, 0.9, nesterov, 0.0, 0.0)
+    expected = reference(store, weights_id, momentum_id, updates, merge_rule, None, chunking)
+    for workers, slice_elements in ((1, 333), (3, 1000), (2, 1 << 18)):
+        streamed = merge_from_store(
+            store, weights_id, momentum_id, updates, merge_rule,
+            chunking=chunking, slice_elements=slice_elements, workers=workers, norms=known_norms(store, updates),
+        )
+        assert_same_head(store, streamed, expected)
+
+
+class CountingStore(ContentStore):
+    """A store that counts the chunks read from it."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.reads: Counter[str] = Counter()
+
+    def read_into(self, cid: str, out: np.ndarray) -> bool:
+        self.reads[cid] += 1
+        return super().read_into(cid, out)
+
+
+def test_with_norms_known_each_input_chunk_is_read_once(tmp_path: Path) -> None:
+    """Reading is hashing: the merge reads every input chunk once, even where slices share it."""
+    store = CountingStore(tmp_path)
+    shapes = {"layer": ((1 << 20) + 777,), "bias": (300,)}
+    chunking = FixedChunking(1 << 18)
+    weights_id = store_artifact(store, state(shapes, 0), FP32, chunking)
+    momentum_id = store_artifact(store, state(shapes, 1, 0.01), FP32, chunking)
+    updates = [
+        StoredUpdate(f"b3:{i:064x}", 64, store_artifact(store, state(shapes, i + 2, 0.01), INT8, chunking))
+        for i in range(3)
+    ]
+    norms = known_norms(store, updates)
+    store.reads.clear()
+    result = merge_from_store(
+        store, weights_id, momentum_id, updates, rule("mean"), slice_elements=10_000, workers=2, norms=norms
+    )
+    assert result is not None and len(result.included) == 3
+    inputs = [store.get_manifest(i) for i in (weights_id, momentum_id, *(u.artifact for u in updates))]
+    expected = Counter(c.cid for m in inputs if m is not None for c in m.chunks)
+    assert store.reads == expected
