@@ -281,18 +281,22 @@ def streaming(args: argparse.Namespace) -> None:
     """Write a parent and int8 updates into a store, then time each path in its own process."""
     with tempfile.TemporaryDirectory(prefix="bench-outer-", dir=args.dir) as root:
         store = ContentStore(root)
-        weights = model(args.params)
-        nbytes = sum(t.numel() * 4 for t in weights.values())
-        spec: dict[str, object] = {
-            "weights": store_artifact(store, weights, FP32, CHUNKING),
-            "momentum": store_artifact(store, {k: v * 0.1 for k, v in weights.items()}, FP32, CHUNKING),
-        }
+        # One set of tensors, scaled in place from parent to momentum to each update, so a model of
+        # a billion parameters is built in one copy of itself (and one encoded stream at a time).
+        tensors = model(args.params)
+        nbytes = sum(t.numel() * 4 for t in tensors.values())
+        spec: dict[str, object] = {"weights": store_artifact(store, tensors, FP32, CHUNKING)}
+        scale = 0.1
+        for tensor in tensors.values():
+            tensor.mul_(scale)
+        spec["momentum"] = store_artifact(store, tensors, FP32, CHUNKING)
         updates = []
         for i in range(args.updates):
-            delta = {k: v * 0.01 * (i + 1) for k, v in weights.items()}
-            updates.append([f"b3:{i:064x}", 64 * (i + 1), store_artifact(store, delta, INT8, CHUNKING)])
-            del delta
-        del weights
+            for tensor in tensors.values():
+                tensor.mul_(0.01 * (i + 1) / scale)
+            scale = 0.01 * (i + 1)
+            updates.append([f"b3:{i:064x}", 64 * (i + 1), store_artifact(store, tensors, INT8, CHUNKING)])
+        del tensors
         spec["updates"] = updates
         manifests = [store.get_manifest(str(i)) for i in (spec["weights"], spec["momentum"], *(u[2] for u in updates))]
         spec["input_chunks"] = sorted({c.cid for m in manifests if m is not None for c in m.chunks})

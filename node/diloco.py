@@ -14,16 +14,15 @@ import asyncio
 import contextlib
 import itertools
 import math
-import statistics
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from node.artifacts import MissingContent, load_artifact, store_artifact
+from node.artifacts import MissingContent, store_artifact
 from node.availability import Availability
 from node.config import Config
 from node.exchange import Exchange, FetchFailed
@@ -32,22 +31,22 @@ from node.heads import Heads
 from node.leasing import Leasing
 from node.logs import Repeats, get_logger
 from node.membership import Membership
-from node.merge import outer_rule, rule_problem
+from node.merge import outer_rule
+from node.receipt import UNBOUND, Receipt, state_ids
 from node.microshards import MicroshardSource, MicroshardUnavailable
 from node.store import ContentStore
-from node.streaming_merge import StoredUpdate, merge_from_store, update_norm
 from node.trainer import Trainer
 from protocol import canonical
 from protocol.chunking import FixedChunking
 from protocol.codecs import BF16, FP32, INT8, Codec
-from protocol.coverage import EpochLedger, replay, select_updates
+from protocol.coverage import EpochLedger, replay
 from protocol.errors import Invalid
 from protocol.evals import EVAL_KIND, EVAL_VERSION, EvalRecord
-from protocol.heads import MAX_HEAD_UPDATES, AggregationRule, HeadRecord, genesis_head, reference_norm
+from protocol.heads import MAX_HEAD_UPDATES, AggregationRule, HeadRecord, genesis_head
 from protocol.kinds import UPDATE
 from protocol.records import Record
-from protocol.rounds import Offer, RoundState, adaptive_deadline_ms
-from protocol.updates import InnerMetrics, UpdateRecord, credit, update_binding
+from protocol.rounds import Offer, RoundState, adaptive_deadline_ms, inner_budget, measured_speeds
+from protocol.updates import InnerMetrics, UpdateRecord, update_binding
 
 log = get_logger("diloco")
 
@@ -57,34 +56,13 @@ MAX_BUFFERED_ROUNDS = 4
 SYNC_MAX_S = 120.0
 EARLY_FETCHERS = 2  # updates fetched at once as they are announced, during the round
 EARLY_FETCH_QUEUE = 256  # announced updates waiting for an early fetch; beyond, the merge fetches them
-KNOWN_NORMS = 512  # norms of fetched update artifacts, measured while the round trains
-COMPUTED_HEADS = 64  # heads this peer merged itself, by their inputs: an announced twin is adopted by id
-PREFETCH_PARALLEL = 8  # update artifacts fetched at once while catching up on unverified history
 CATCH_UP_MAX_S = 30.0  # longest a trainer waits, per base, for the verdict on a head rounds ahead
-UNAVAILABLE = "unavailable"  # an exclusion reason that records what the merger could fetch, not the inputs
-UNBOUND = "unbound_artifact"  # the artifact was made for another peer, base or round (a replay or a copy)
 # Exclusions that say the author sent something no merge can use, as opposed to arriving late or
 # losing a race for shards: they strike the author as a missing update does.
 UNUSABLE = frozenset({UNBOUND, "wrong_base", "undecodable", "wrong_shapes", "non_finite", "norm_outlier"})
 
 
 EventSink = Callable[..., None]
-
-
-class UnboundArtifact(Exception):
-    """An update's artifact names another author, base or round than its record."""
-
-
-def _state_ids(head: HeadRecord) -> list[str]:
-    """The manifests a peer builds on ``head`` from: its weights and momentum."""
-    return [head.weights] + ([head.momentum] if head.momentum is not None else [])
-
-
-def _inputs_key(head: HeadRecord) -> tuple[Any, ...]:
-    """What a head is computed from: parent, rule, every input update and those taken as unavailable."""
-    absent = sorted(update_id for update_id, reason in head.excluded if reason == UNAVAILABLE)
-    inputs = sorted({*head.updates, *(update_id for update_id, _ in head.excluded)})
-    return (head.parent, canonical.encode(head.rule.to_wire()), tuple(inputs), tuple(absent))
 
 
 def _ignore(kind: str, **data: Any) -> None:
@@ -133,9 +111,6 @@ class OuterLoop:
         self.eval_seconds = 0.0
         self._eval_next: HeadRecord | None = None
         self._eval_wake = asyncio.Event()
-        self._computed: OrderedDict[tuple[Any, ...], str] = OrderedDict()
-        self.verifications: Counter[str] = Counter()  # how announced heads were checked
-        self._norms: OrderedDict[str, float] = OrderedDict()  # by artifact id: content-addressed, so exact
         self.updates: dict[int, dict[str, UpdateRecord]] = {}
         self.updates_by_id: dict[str, UpdateRecord] = {}  # the last few rounds', for expecting peers
         self.update_rejections: Counter[str] = Counter()
@@ -159,6 +134,7 @@ class OuterLoop:
         self.adopted_hooks: list[Callable[[HeadRecord, dict[str, torch.Tensor]], Awaitable[None]]] = []
         self.leasing: Leasing | None = None
         self.heads: Heads | None = None
+        self.receipt: Receipt | None = None
         gossip.on(UPDATE, self._on_update)
         gossip.on(EVAL_KIND, self._on_eval)
 
@@ -237,8 +213,14 @@ class OuterLoop:
             cfg.training.head_reannounce_s, cfg.training.head_retention,
             verify_ancestors=cfg.training.verify == "verify", trusted=frozenset(cfg.training.trusted_heads),
         )
-        self.heads.verifier = self.verify_head
-        self.heads.prefetcher = self.prefetch_inputs
+        self.receipt = Receipt(
+            peer_id=self.peer_id, store=self.store, exchange=self.exchange, availability=self.availability,
+            gossip=self.gossip, membership=self.membership, heads=self.heads, chunking=self.chunking,
+            plan_sizes=self.plan_sizes, ledger=lambda head: self._ledger(head), on_phase=self._enter,
+            trust_weights=cfg.training.verify == "trust",
+        )
+        self.heads.verifier = self.receipt.verify
+        self.heads.prefetcher = self.receipt.prefetch
         await self.heads.restore()
         self.leasing = Leasing(self.gossip, self.peer_id, self.source.ids, cfg.training.lease_s, cfg.training.lease_settle_s)
         await self.source.seed()
@@ -322,18 +304,10 @@ class OuterLoop:
             base = self.heads.canonical() if self.heads is not None else None
             if base is None or (update.base, update.round) != (base.id, base.round + 1):
                 continue  # a round already closed, or an update no merge of ours can use
+            assert self.receipt is not None
             with contextlib.suppress(FetchFailed, MissingContent, Invalid, ValueError):
-                await self._fetch_update(update)
-                await self._measure(update.artifact)
-
-    async def _measure(self, artifact: str) -> None:
-        """Measure a fetched update's norm now, so that the merge's screen need not read it twice."""
-        if artifact in self._norms:
-            return
-        norm = await asyncio.to_thread(update_norm, self.store, artifact)
-        self._norms[artifact] = norm
-        while len(self._norms) > KNOWN_NORMS:
-            self._norms.popitem(last=False)
+                await self.receipt.fetch_update(update)
+                await self.receipt.measure(update.artifact)
 
     async def _rounds(self) -> None:
         assert self.heads is not None
@@ -408,7 +382,7 @@ class OuterLoop:
         live_trainers = [p for p in self.membership.table.live()
                          if self._is_trainer_peer(p) and not self.leasing.excluded(p)]
         speeds = self._swarm_speeds(base, live_trainers)
-        steps, budget_s = self._inner_budget(settings["inner_steps"], speeds)
+        steps, budget_s = inner_budget(self.config.training.inner_budget, settings["inner_steps"], speeds, self.peer_id)
         state = RoundState(round_no, base.id, (), now_ms() + self._deadline_ms(settings["inner_steps"], budget_s))
         self._state = state
         self._answered_unusable = set()
@@ -442,7 +416,7 @@ class OuterLoop:
         self.emit("round_closed", round=round_no, updates=len(result.updates), reason=result.reason.name.lower(),
                   missing=sorted(result.missing))
         if result.updates:
-            head = await self.compute_head(base, list(result.updates), self.rule(settings), own_round=True)
+            head = await self._merge_unless_superseded(base, list(result.updates), self.rule(settings))
             if head is not None and self.heads.adopted == base.id:
                 self._enter("adopting")
                 await self.heads.add_own(head)
@@ -459,6 +433,30 @@ class OuterLoop:
                 await asyncio.wait_for(self.heads.changed.wait(), 1.0)
             except TimeoutError:
                 pass
+
+    async def _merge_unless_superseded(
+        self, base: HeadRecord, update_ids: list[str], rule: AggregationRule
+    ) -> HeadRecord | None:
+        """This round's merge, given up (None) once a verified head for ``base`` from another peer
+        is adopted: waiting on an input this peer cannot fetch must not hold the next round."""
+        assert self.receipt is not None and self.heads is not None
+        merging = asyncio.create_task(self.receipt.compute(base, update_ids, rule, own_round=True))
+        try:
+            while not merging.done():
+                self.heads.changed.clear()
+                if self.heads.adopted != base.id:
+                    merging.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await merging
+                    return None
+                changed = asyncio.ensure_future(self.heads.changed.wait())
+                try:
+                    await asyncio.wait({merging, changed}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
+            return merging.result()
+        finally:
+            merging.cancel()  # when this peer stops mid-merge
 
     async def _catching_up(self, base: HeadRecord) -> bool:
         """Wait (bounded) while a head two or more rounds ahead is being verified: training on a
@@ -486,29 +484,11 @@ class OuterLoop:
         the same shares of the data and the same time budget, and an epoch's last microshards
         are split in one round instead of trickling out over several. Other peers (first round,
         newcomers) count at the speed their heartbeats announce."""
-        measured: dict[str, float] = {}
-        for update_id in base.updates:
-            update = self.updates_by_id.get(update_id)
-            if update is not None and update.metrics.steps >= 2 and update.metrics.inner_ms > 0:
-                measured[update.peer] = update.metrics.steps * 1000 / update.metrics.inner_ms
+        merged = (self.updates_by_id.get(update_id) for update_id in base.updates)
+        measured = measured_speeds((u.peer, u.metrics.steps, u.metrics.inner_ms) for u in merged if u is not None)
         speeds = {peer: measured.get(peer) or self._peer_speed(peer) for peer in live_trainers}
         speeds[self.peer_id] = measured.get(self.peer_id) or self.speed
         return {peer: max(speed, 1e-3) for peer, speed in speeds.items()}
-
-    def _inner_budget(self, inner_steps: int, speeds: dict[str, float]) -> tuple[int, float | None]:
-        """Most inner steps this peer runs this round, and its training time budget (None: no limit).
-
-        ``inner_budget = "time"``: the budget is what H steps take the median trainer, so every
-        trainer stops at about the same moment; a peer faster than the median leases data for
-        (and may run) more steps, up to 2H, a slower one runs fewer. Updates are weighted by their
-        samples, so the merge counts each peer's work for what it was.
-        """
-        if self.config.training.inner_budget != "time":
-            return inner_steps, None
-        reference = statistics.median(speeds.values())
-        mine = speeds[self.peer_id]
-        steps = min(2 * inner_steps, math.ceil(inner_steps * max(1.0, mine / reference)))
-        return steps, inner_steps / reference
 
     def _observe_speed(self, metrics: Any) -> None:
         """Fold a round's measured inner steps per second into ``speed`` (what heartbeats announce)."""
@@ -580,7 +560,7 @@ class OuterLoop:
                  microshards=len(shards), steps=result.metrics.steps, seconds=round(result.metrics.seconds, 2),
                  budget_s=round(budget_s, 2) if budget_s is not None else None)
         with contextlib.suppress(MissingContent, Invalid, ValueError):
-            await self._measure(artifact)  # while the others' updates are still coming in
+            await self.receipt.measure(artifact)  # type: ignore[union-attr]  # while the others' updates are still coming in
 
     async def _abort_if_superseded(self, base: HeadRecord, done: asyncio.Event) -> None:
         assert self.heads is not None
@@ -650,19 +630,12 @@ class OuterLoop:
         if cached is not None and cached[0] == head.id:
             return cached[1]
         self._weights_cache = None  # the old head's tensors go before the new ones come
+        assert self.receipt is not None
         if head.momentum is not None:
-            await self._stored(head.momentum)
-        weights = await self._load(head.weights)
+            await self.receipt.stored(head.momentum)
+        weights = await self.receipt.load(head.weights)
         self._weights_cache = (head.id, weights)
         return weights
-
-    async def _stored(self, manifest_id: str) -> None:
-        """Make sure an artifact is whole in the store, fetching what is missing from peers."""
-        manifest = await asyncio.to_thread(self.store.get_manifest, manifest_id)
-        missing = [] if manifest is None else await asyncio.to_thread(self.store.missing, [c.cid for c in manifest.chunks])
-        if manifest is None or missing:
-            await self.exchange.fetch(manifest_id)
-            self.availability.add_held(manifest_id)
 
     async def _retain(self, head: HeadRecord) -> None:
         """Pin what the swarm needs of the adopted ``head``; GC collects the rest.
@@ -676,17 +649,17 @@ class OuterLoop:
         assert self.heads is not None
         cfg = self.config.store
         chain = list(itertools.islice(self.heads.index.ancestors(head.id), max(cfg.keep_update_rounds, 2)))
-        pins: dict[str, list[str]] = {"head": _state_ids(chain[0]), "head-parent": []}
+        pins: dict[str, list[str]] = {"head": state_ids(chain[0]), "head-parent": []}
         if len(chain) > 1:
-            pins["head-parent"] = _state_ids(chain[1])
+            pins["head-parent"] = state_ids(chain[1])
         updates: list[str] = []
         for kept in chain[: cfg.keep_update_rounds]:
             for update_id in kept.updates:
-                update = self.updates_by_id.get(update_id) or await asyncio.to_thread(self._stored_update, update_id)
+                update = self.updates_by_id.get(update_id) or await asyncio.to_thread(self.receipt.stored_update, update_id)  # type: ignore[union-attr]
                 updates.extend([update_id, update.artifact] if update is not None else [update_id])
         pins["updates"] = updates
         if cfg.checkpoint_every and head.round and head.round % cfg.checkpoint_every == 0 and cfg.keep_checkpoints:
-            pins[f"checkpoint-{head.round:012d}"] = _state_ids(head)
+            pins[f"checkpoint-{head.round:012d}"] = state_ids(head)
         await asyncio.to_thread(self._pin_all, pins, cfg.keep_checkpoints)
 
     def _pin_all(self, pins: dict[str, list[str]], keep_checkpoints: int) -> None:
@@ -699,214 +672,6 @@ class OuterLoop:
         checkpoints = sorted(name for name in names if name.startswith("checkpoint-"))
         for name in checkpoints[: max(len(checkpoints) - keep_checkpoints, 0)]:
             self.store.unpin(name)
-
-    def _stored_update(self, update_id: str) -> UpdateRecord | None:
-        raw = self.store.get_record(update_id)
-        return None if raw is None else self._parse_update(raw)
-
-    def _parse_update(self, raw: bytes) -> UpdateRecord | None:
-        """The update a stored or fetched signed record carries; None for anything else."""
-        try:
-            record = self.gossip.validate_stored(raw)
-        except Invalid:
-            return None
-        if record.kind != UPDATE or record.body.peer != record.author:
-            return None
-        return record.body  # type: ignore[no-any-return]
-
-    async def _load(self, manifest_id: str) -> dict[str, torch.Tensor]:
-        try:
-            return await asyncio.to_thread(load_artifact, self.store, manifest_id)
-        except MissingContent:
-            await self.exchange.fetch(manifest_id)
-            self.availability.add_held(manifest_id)
-            return await asyncio.to_thread(load_artifact, self.store, manifest_id)
-
-    async def _update_record(self, update_id: str) -> UpdateRecord | None:
-        raw = await asyncio.to_thread(self.store.get_record, update_id)
-        if raw is None:
-            raw = await self.exchange.fetch_record(update_id)
-        return None if raw is None else self._parse_update(raw)
-
-    async def _fetch_update(self, update: UpdateRecord) -> None:
-        """Fetch an update's artifact; FetchFailed early once its author is dead and no one else holds it.
-
-        Without the early end a peer killed right after publishing would hold every merge of
-        its round for the exchange's whole stall timeout.
-        """
-        # Always through the exchange: a fetch of this artifact may be half done right now,
-        # and joining it is what waits for the remaining chunks. The fetch itself is shielded
-        # in the exchange; cancelling ``waiter`` only ends our wait.
-        waiter = asyncio.ensure_future(self.exchange.fetch(update.artifact, hints=(update.peer,)))
-        try:
-            while True:
-                done, _ = await asyncio.wait({waiter}, timeout=0.5)
-                if done:
-                    waiter.result()
-                    return
-                holders = [p for p in self.availability.providers(update.artifact).full if p != self.peer_id]
-                if update.peer != self.peer_id and not self.membership.table.is_live(update.peer) and not holders:
-                    raise FetchFailed(f"{update.artifact}: its author left and no one else holds it")
-        finally:
-            waiter.cancel()
-
-    async def _ready_update(self, update: UpdateRecord) -> None:
-        """Have an update's artifact in the store for the merge. FetchFailed when unavailable,
-        UnboundArtifact when its artifact was made for another update. Bytes that do not
-        parse are left for the merge's screen, which excludes the update as undecodable."""
-        try:
-            await self._fetch_update(update)
-        except (MissingContent, Invalid, ValueError) as exc:
-            log.warning("update_undecodable", artifact=update.artifact, error=str(exc)[:200])
-            return
-        manifest = await asyncio.to_thread(self.store.get_manifest, update.artifact)
-        if manifest is not None and manifest.binding != update_binding(update.peer, update.base, update.round):
-            raise UnboundArtifact(update.artifact)
-
-    async def compute_head(
-        self,
-        base: HeadRecord,
-        update_ids: list[str],
-        rule: AggregationRule,
-        absent: frozenset[str] = frozenset(),
-        strict: bool = False,
-        own_round: bool = False,
-    ) -> HeadRecord | None:
-        """The head that merging ``update_ids`` onto ``base`` under ``rule`` gives: a pure function of them.
-
-        An update whose record or artifact cannot be had is excluded as ``unavailable``; that is
-        the merger's observation, not a function of the inputs, so a verifier takes the head's
-        word for it (``absent``) and, with ``strict``, raises FetchFailed for any other input it
-        cannot get rather than compute a different head. ``own_round``: this is the round loop's
-        merge, whose phases (fetching, merging) the round's view shows.
-
-        The merge streams from the store (``merge_from_store``): the parent's weights and
-        momentum and every update are read a slice at a time and the new weights and momentum
-        written as they are computed, so memory does not grow with the model or the swarm.
-        """
-        records: dict[str, UpdateRecord] = {}
-        dropped: list[tuple[str, str]] = []
-        for update_id in sorted(set(update_ids)):
-            update = None if update_id in absent else await self._update_record(update_id)
-            if update is None and strict and update_id not in absent:
-                raise FetchFailed(f"update record {update_id} is unavailable")
-            if update is None:
-                dropped.append((update_id, UNAVAILABLE))
-            elif (update.base, update.round) != (base.id, base.round + 1):
-                dropped.append((update_id, "wrong_base"))
-            else:
-                records[update_id] = update
-        ledger = self._ledger(base)
-        if own_round:
-            self._enter("fetching")
-        while True:
-            # Select as a verifier will: without the updates found unavailable, whose shards stay free.
-            selection = select_updates(ledger, records)
-            inputs: list[StoredUpdate] = []
-            for update_id in selection.included:
-                update = records[update_id]
-                try:
-                    await self._ready_update(update)
-                except UnboundArtifact:
-                    # A function of the inputs (the record and the artifact's manifest): a
-                    # verifier finds the same, and its shards stay free for an honest peer.
-                    dropped.append((update_id, UNBOUND))
-                    del records[update_id]
-                    break
-                except FetchFailed as exc:
-                    if strict:
-                        raise
-                    log.warning("update_unavailable", update=update_id, error=str(exc)[:200])
-                    dropped.append((update_id, UNAVAILABLE))
-                    del records[update_id]
-                    break
-                samples, _ = credit(update, self.plan_sizes)
-                inputs.append(StoredUpdate(update_id, samples, update.artifact))
-            else:
-                break
-        for state_id in _state_ids(base):
-            await self._stored(state_id)
-        bound = reference_norm(self.heads.index.ancestors(base.id))  # type: ignore[union-attr]
-        if own_round:
-            self._enter("merging")
-        result = await asyncio.to_thread(
-            merge_from_store, self.store, base.weights, base.momentum, inputs, rule,
-            reference_norm=bound, chunking=self.chunking,
-            norms={u.artifact: self._norms[u.artifact] for u in inputs if u.artifact in self._norms},
-        )
-        if result is None:
-            return None
-        included = [records[i] for i in result.included]
-        credited = [credit(u, self.plan_sizes) for u in included]
-        samples = sum(c[0] for c in credited)
-        tokens = sum(c[1] for c in credited)
-        head = HeadRecord(
-            parent=base.id, round=base.round + 1, epoch=ledger.epoch,
-            updates=result.included,
-            excluded=tuple(sorted((*dropped, *selection.excluded, *result.excluded))),
-            rule=rule, weights=result.weights_id, momentum=result.momentum_id,
-            samples_total=base.samples_total + samples, tokens_total=base.tokens_total + tokens,
-            samples=samples, tokens=tokens,
-            microshards=tuple(sorted({s for u in included for s in u.microshards})),
-            eval=None, workload=base.workload, dataset=base.dataset, rollback=self.heads.marker_for(base),  # type: ignore[union-attr]
-            update_norm=result.median_norm,
-        )
-        self.availability.add_held(result.weights_id)
-        self.availability.add_held(result.momentum_id)
-        self._computed[_inputs_key(head)] = head.id
-        while len(self._computed) > COMPUTED_HEADS:
-            self._computed.popitem(last=False)
-        return head
-
-    async def prefetch_inputs(self, heads: list[HeadRecord]) -> None:
-        """Fetch the update records and artifacts ``heads`` merged, a few at a time, ahead of the
-        recomputes that need them; what cannot be had now is left for the recompute to report."""
-        gate = asyncio.Semaphore(PREFETCH_PARALLEL)
-
-        async def one(update_id: str) -> None:
-            async with gate:
-                update = await self._update_record(update_id)
-                if update is not None:
-                    with contextlib.suppress(FetchFailed, MissingContent):
-                        await self._fetch_update(update)
-
-        async with asyncio.TaskGroup() as tasks:
-            for head in heads:
-                for update_id in head.updates:
-                    tasks.create_task(one(update_id))
-
-    async def verify_head(self, head: HeadRecord) -> str | None:
-        """None if ``head`` is what its inputs give; otherwise why it is rejected."""
-        assert self.heads is not None
-        parent = self.heads.index.get(head.parent) if head.parent else None
-        if parent is None:
-            return "unknown_parent"
-        problem = rule_problem(head.rule)
-        if problem is not None:
-            return problem
-        if self.config.training.verify == "trust":
-            try:
-                await self._load(head.weights)
-                if head.momentum is not None:
-                    await self._load(head.momentum)
-            except (FetchFailed, MissingContent):
-                return "weights_unavailable"
-            return None
-        if self._computed.get(_inputs_key(head)) == head.id:
-            # This peer merged the same inputs onto the same parent itself and got this very head.
-            self.verifications["matched_own_merge"] += 1
-            return None
-        self.verifications["recomputed"] += 1
-        inputs = [*head.updates, *(update_id for update_id, _ in head.excluded)]
-        absent = frozenset(update_id for update_id, reason in head.excluded if reason == UNAVAILABLE)
-        try:
-            recomputed = await self.compute_head(parent, inputs, head.rule, absent, strict=True)
-        except (FetchFailed, MissingContent) as exc:
-            log.info("verify_inputs_unavailable", head=head.id, error=str(exc)[:200])
-            return "inputs_unavailable"
-        if recomputed is None or recomputed.id != head.id:
-            return "recompute_mismatch"
-        return None
 
     def _evaluate_soon(self, head: HeadRecord) -> None:
         """Ask the evaluator for ``head``'s validation loss; a newer head asked for replaces it."""
@@ -935,8 +700,11 @@ class OuterLoop:
                 self.eval_seconds += time.monotonic() - started
 
     async def _evaluate(self, head: HeadRecord) -> None:
+        # The round's cached weights when they are this head's; otherwise read, and not cached
+        # in their place: the round may have moved on to another head already.
+        cached = self._weights_cache
         try:
-            weights = await self._ensure_state(head)
+            weights = cached[1] if cached is not None and cached[0] == head.id else await self.receipt.load(head.weights)  # type: ignore[union-attr]
         except (FetchFailed, MissingContent):
             return
         metrics = await self.trainer.evaluate(weights)

@@ -79,6 +79,7 @@ SCHEMAS: dict[str, Schema] = {
         "phase_seconds": counts(NUMBER),
         "eval_seconds": NUMBER,
         "verifications": counts(),
+        "merges": COUNT,
         "last_error": nullable(STRING),
         "round_failures": COUNT,
         "microshards_repaired": COUNT,

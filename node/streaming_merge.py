@@ -336,6 +336,8 @@ def update_norm(store: ContentStore, artifact_id: str) -> float:
         raise
     except ValueError as error:
         raise Invalid("undecodable", str(error)) from error
+    finally:
+        _SCRATCH.buffers.clear()  # the caller's thread lives on; its buffers need not
 
 
 def _screen(

@@ -1,10 +1,12 @@
-"""The round close rule: wait for every live expected peer's update, or for the deadline, never longer."""
+"""The rules of a round every peer computes alike: when it closes (every live expected peer's
+update, or the deadline, never longer), how long it waits, and each peer's inner budget."""
 
 from __future__ import annotations
 
 import enum
+import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from protocol.updates import UpdateRecord
@@ -136,3 +138,26 @@ def adaptive_deadline_ms(
         return max_ms
     wanted = statistics.median(inner_durations_ms) * factor + margin_ms
     return int(min(max(wanted, min_ms), max_ms))
+
+
+def measured_speeds(merged: Iterable[tuple[str, int, int]]) -> dict[str, float]:
+    """Inner steps per second of inner time, by peer, from the (peer, steps, inner_ms) of the
+    updates merged into a head: what every peer holding that head computes alike. Updates of
+    fewer than two steps measure too little to count."""
+    return {peer: steps * 1000 / inner_ms for peer, steps, inner_ms in merged if steps >= 2 and inner_ms > 0}
+
+
+def inner_budget(mode: str, inner_steps: int, speeds: Mapping[str, float], peer: str) -> tuple[int, float | None]:
+    """Most inner steps ``peer`` runs in a round, and its training time budget (None: no limit).
+
+    ``mode == "time"``: the budget is what ``inner_steps`` take the median trainer, so every
+    trainer stops at about the same moment; a peer faster than the median leases data for (and
+    may run) more steps, up to twice as many, a slower one runs fewer. ``"steps"``: every peer
+    runs ``inner_steps``.
+    """
+    if mode != "time":
+        return inner_steps, None
+    reference = statistics.median(speeds.values())
+    steps = min(2 * inner_steps, math.ceil(inner_steps * max(1.0, speeds[peer] / reference)))
+    return steps, inner_steps / reference
+

@@ -306,7 +306,7 @@ async def _forge_ancestors(outer: Any) -> None:
             real_ledger = outer._ledger
             outer._ledger = lambda head: real_ledger(base) if head.id == forged_parent.id else real_ledger(head)
             try:
-                head = await outer.compute_head(forged_parent, [record.id], outer.rule())
+                head = await outer.receipt.compute(forged_parent, [record.id], outer.rule())
             finally:
                 del outer._ledger
             if head is None:

@@ -329,7 +329,7 @@ def merge_from_store(store_dir: str, inputs_json: str, out_json: str) -> None:
         assert result is not None
         weights_id = store_artifact(store, result.weights)
         momentum_id = store_artifact(store, result.momentum)
-        # Built as OuterLoop.compute_head builds a head from a merge.
+        # Built as Receipt.compute builds a head from a merge.
         head = HeadRecord(
             parent=content_id(b"parent head"), round=8, epoch=1, updates=result.included,
             excluded=result.excluded, rule=merge_rule, weights=weights_id, momentum=momentum_id,

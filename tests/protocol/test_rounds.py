@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from protocol.cid import content_id
 from protocol.identity import SigningKey
-from protocol.rounds import CloseReason, Offer, RoundState, adaptive_deadline_ms
+from protocol.rounds import CloseReason, Offer, RoundState, adaptive_deadline_ms, inner_budget, measured_speeds
 from protocol.updates import InnerMetrics, UpdateRecord
 
 PEERS = [SigningKey(bytes([i + 20]) * 32).peer_id for i in range(5)]
@@ -109,3 +109,20 @@ def test_adaptive_deadline_follows_the_median_within_bounds() -> None:
     assert adaptive_deadline_ms([1]) == 30_000
     assert adaptive_deadline_ms([10**9]) == 3_600_000
     assert adaptive_deadline_ms([], max_ms=42_000) == 42_000
+
+
+def test_steps_mode_gives_every_peer_the_same_steps_and_no_time_limit() -> None:
+    assert inner_budget("steps", 40, {"a": 1.0, "b": 9.0}, "b") == (40, None)
+
+
+def test_time_mode_budgets_what_the_median_peer_takes_and_caps_fast_peers_at_twice_the_steps() -> None:
+    speeds = {"slow": 2.0, "median": 4.0, "fast": 100.0}
+    assert inner_budget("time", 40, speeds, "median") == (40, 10.0)
+    assert inner_budget("time", 40, speeds, "slow") == (40, 10.0)  # fewer steps happen by the clock
+    assert inner_budget("time", 40, speeds, "fast") == (80, 10.0)
+    assert inner_budget("time", 40, {"a": 4.0, "b": 6.0}, "b") == (48, 8.0)
+
+
+def test_measured_speeds_count_updates_of_two_steps_or_more_only() -> None:
+    merged = [("a", 20, 4000), ("b", 1, 100), ("c", 10, 0), ("d", 2, 500)]
+    assert measured_speeds(merged) == {"a": 5.0, "d": 4.0}
