@@ -6,6 +6,7 @@ import math
 import random
 import tracemalloc
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ def rule(name: str, outlier: float = 3.0) -> AggregationRule:
     return outer_rule(name, 0.7, 0.9, True, 0.25, outlier, clip_tau=0.0, clip_iters=3)
 
 
-def state(shapes: dict[str, tuple[int, ...]], seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+def state(shapes: Mapping[str, tuple[int, ...]], seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return {name: torch.randn(shape, generator=generator) * scale for name, shape in shapes.items()}
 
@@ -267,9 +268,10 @@ def test_float32_rounds_under_every_codec_merge_alike(tmp_path: Path, nesterov: 
     shapes = {"embed": (40, 130), "scale": (), "empty": (0, 3), "head": (3, 1501)}
     weights_id = store_artifact(store, state(shapes, 0), FP32, chunking)
     momentum_id = store_artifact(store, state(shapes, 1, 0.01), FP32, chunking) if with_momentum else None
+    codecs: tuple[Codec, ...] = (FP32, BF16, INT8, Int8Codec(100), Int8Codec(7))
     updates = [
         StoredUpdate(f"b3:{i:064x}", 50 + 7 * i, store_artifact(store, state(shapes, 10 + i, 0.01), codec, chunking))
-        for i, codec in enumerate((FP32, BF16, INT8, Int8Codec(100), Int8Codec(7)))
+        for i, codec in enumerate(codecs)
     ]
     merge_rule = outer_rule("mean", 0.7, 0.9, nesterov, 0.0, 0.0)
     expected = reference(store, weights_id, momentum_id, updates, merge_rule, None, chunking)
