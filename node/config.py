@@ -345,6 +345,12 @@ class TrainingSection:
         " idles waiting for the slowest.",
     )
     codec: Literal["fp32", "bf16", "int8"] = setting("int8", "Encoding of the pseudo-gradients a peer publishes.")
+    inner_state_every_s: float = setting(
+        60.0,
+        "Seconds between saves of the inner optimizer state (kept for a restart) after a round; 0 saves"
+        " after every round. AdamW's state is twice the model: at a round's end it is written at most this often.",
+        check=_non_negative,
+    )
     lease_s: float = setting(120.0, "Lifetime of a lease; renewed while training takes longer.", check=_positive)
     lease_settle_s: float = setting(
         0.5, "Seconds to wait for rival claims before training on what a peer won.", check=_non_negative

@@ -184,7 +184,9 @@ class Node:
         )
         await self.exchange.start()
         self.starting = "starting the outer loop"
-        trainer = Trainer(workload, cfg.workload.device, self.data_dir, cfg.workload.seed)
+        trainer = Trainer(
+            workload, cfg.workload.device, self.data_dir, cfg.workload.seed, cfg.training.inner_state_every_s
+        )
         self.outer = OuterLoop(
             cfg, self.key.peer_id, trainer, self.store, self.exchange, self.availability, self.gossip, self.membership
         )

@@ -32,7 +32,7 @@ from node.leasing import Leasing
 from node.logs import Repeats, get_logger
 from node.membership import Membership
 from node.merge import outer_rule
-from node.receipt import UNBOUND, Receipt, state_ids
+from node.receipt import UNAVAILABLE, UNBOUND, Receipt, state_ids
 from node.microshards import MicroshardSource, MicroshardUnavailable
 from node.store import ContentStore
 from node.trainer import Trainer
@@ -319,6 +319,7 @@ class OuterLoop:
                 if base.id != handled:
                     # Hooks run on every adoption (a rollback re-adopts an old head); evaluation once per head.
                     handled = base.id
+                    self._enter("loading")
                     await self._ensure_state(base)
                     await self._retain(base)
                     if self.leasing is not None:
@@ -417,7 +418,8 @@ class OuterLoop:
                   missing=sorted(result.missing))
         if result.updates:
             head = await self._merge_unless_superseded(base, list(result.updates), self.rule(settings))
-            if head is not None and self.heads.adopted == base.id:
+            if head is not None and base.id in (self.heads.adopted, self.heads.canonical().parent):
+                # Ours, or a sibling of the head adopted meanwhile: fork choice keeps the heavier.
                 self._enter("adopting")
                 await self.heads.add_own(head)
             if head is not None:
@@ -437,14 +439,15 @@ class OuterLoop:
     async def _merge_unless_superseded(
         self, base: HeadRecord, update_ids: list[str], rule: AggregationRule
     ) -> HeadRecord | None:
-        """This round's merge, given up (None) once a verified head for ``base`` from another peer
-        is adopted: waiting on an input this peer cannot fetch must not hold the next round."""
+        """This round's merge, given up (None) once the swarm adopted a head that makes it moot:
+        waiting on an input this peer cannot fetch must not hold the next round. A sibling head
+        that left out some of these updates does not: this merge may make the heavier head."""
         assert self.receipt is not None and self.heads is not None
         merging = asyncio.create_task(self.receipt.compute(base, update_ids, rule, own_round=True))
         try:
             while not merging.done():
                 self.heads.changed.clear()
-                if self.heads.adopted != base.id:
+                if self._superseded(base, update_ids):
                     merging.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await merging
@@ -457,6 +460,17 @@ class OuterLoop:
             return merging.result()
         finally:
             merging.cancel()  # when this peer stops mid-merge
+
+    def _superseded(self, base: HeadRecord, update_ids: list[str]) -> bool:
+        """Whether the adopted head leaves nothing for a merge of ``update_ids`` onto ``base`` to add."""
+        assert self.heads is not None
+        adopted = self.heads.canonical()
+        if adopted.id == base.id:
+            return False
+        if adopted.parent != base.id:
+            return True  # the swarm is past this round, or on another branch
+        settled = {*adopted.updates, *(u for u, reason in adopted.excluded if reason != UNAVAILABLE)}
+        return set(update_ids) <= settled
 
     async def _catching_up(self, base: HeadRecord) -> bool:
         """Wait (bounded) while a head two or more rounds ahead is being verified: training on a

@@ -34,10 +34,16 @@ class InnerResult:
 class Trainer:
     """Owns the peer's model copy and inner optimizer; every torch call runs off the event loop."""
 
-    def __init__(self, workload: Workload, device: str, data_dir: Path, seed: int) -> None:
+    def __init__(
+        self, workload: Workload, device: str, data_dir: Path, seed: int, inner_state_every_s: float = 0.0
+    ) -> None:
+        """``inner_state_every_s``: the inner optimizer state is saved after a round when this long
+        has passed since the last save (0: after every round); the first round always saves."""
         self.workload = workload
         self.device = device
         self._state_path = data_dir / INNER_STATE_FILE
+        self._save_every_s = inner_state_every_s
+        self._saved_at: float | None = None
         self._seed = seed
         self._stop = threading.Event()
         self._lock = asyncio.Lock()
@@ -142,7 +148,9 @@ class Trainer:
                 name: torch.sub(base[name], local[name].detach().to("cpu", torch.float32)).contiguous()
                 for name in base
             }
-        self._save_inner_state()
+        if self._saved_at is None or time.monotonic() - self._saved_at >= self._save_every_s:
+            self._save_inner_state()
+            self._saved_at = time.monotonic()
         return InnerResult(metrics, delta)
 
     def _save_inner_state(self) -> None:
@@ -154,7 +162,8 @@ class Trainer:
         return await asyncio.to_thread(self._evaluate, weights)
 
     def _evaluate(self, weights: Mapping[str, torch.Tensor]) -> EvalMetrics:
-        model = self.workload.init_model(self._seed, self.device)
+        empty = getattr(self.workload, "empty_model", None)  # optional: skips a seeded fill to be overwritten
+        model = empty(self.device) if callable(empty) else self.workload.init_model(self._seed, self.device)
         with torch.no_grad():
             model.load_state_dict(weights)
         return self.workload.evaluate(model, "val", self.device)

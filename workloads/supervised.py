@@ -168,6 +168,14 @@ class SupervisedWorkload(ABC):
                 param.requires_grad_(not self.is_frozen(name))
         return model.to(target)
 
+    def empty_model(self, device: str = "cpu") -> torch.nn.Module:
+        """The model with uninitialised parameters, for weights about to be loaded into it
+        (evaluating a head): ``init_model`` without the seeded fill, which at 100M parameters
+        costs seconds."""
+        with torch.device("meta"):
+            model = self.build_model()
+        return model.to_empty(device=resolve_device(device))
+
     def parameter_count(self) -> int:
         return sum(_numel(p.shape) for p in self._schema)
 

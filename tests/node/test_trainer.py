@@ -215,3 +215,38 @@ def test_a_failing_round_is_reported_then_cleared(tmp_path):
     assert error == "RuntimeError: inner loop exploded"
     assert not saved_after_failure, "a failed round must not overwrite the inner state"
     assert error_after_success is None
+
+
+def test_evaluation_loads_the_weights_into_an_empty_model_and_gives_the_seeded_models_loss(tmp_path):
+    workload = charlm()
+    weights = workload.init_model(7, "cpu").state_dict()
+
+    async def main() -> float:
+        trainer = await prepared(workload, tmp_path)
+        return (await trainer.evaluate(weights)).loss
+
+    model = workload.init_model(0, "cpu")
+    with torch.no_grad():
+        model.load_state_dict(weights)
+    assert run(main()) == workload.evaluate(model, "val", "cpu").loss
+
+
+def test_the_inner_state_is_saved_after_the_first_round_then_at_most_as_often_as_configured(tmp_path):
+    workload = Tiny()
+    data = [workload.microshard_bytes(0)]
+
+    async def rounds(data_dir: Path, every_s: float) -> list[int]:
+        data_dir.mkdir()
+        trainer = Trainer(workload, "cpu", data_dir, 0, inner_state_every_s=every_s)
+        await trainer.prepare()
+        base = trainer.initial_weights()
+        saved = []
+        for seed in range(3):
+            await trainer.train_round(base, data, 2, seed=seed)
+            saved.append((data_dir / INNER_STATE_FILE).stat().st_mtime_ns)
+        return saved
+
+    rare = run(rounds(tmp_path / "rare", 3600.0))
+    every = run(rounds(tmp_path / "every", 0.0))
+    assert rare[0] == rare[1] == rare[2], "saved again within the interval"
+    assert every[0] < every[1] < every[2], "not saved after every round"
