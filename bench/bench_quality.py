@@ -3,7 +3,8 @@
 Run from the repository root:
 
     python -m bench.bench_quality [--quick] [--codec int8] [--H 50] [--rounds 20] \
-        [--outer-lr 0.7] [--outer-momentum 0.9] [--seeds 0,1,2,3 --jobs 2] [--out FILE.json]
+        [--outer-lr 0.7] [--outer-momentum 0.9] [--seeds 0,1,2,3 --jobs 2] [--overlap 0,5,12,25] \
+        [--skip-dp] [--out FILE.json]
     python -m bench.bench_quality --byzantine --quick --H 10 --rounds 12 --jobs 2 --threads 1
 
 Both methods start from the same initial weights and see the same examples in the same order,
@@ -26,6 +27,18 @@ with the order of the last minibatches, as much as the gap being measured. ``--j
   ``Workload.train``), i.e. batch ``workers x batch_size``. The mean loss over that batch has
   the gradient of the average of the workers' gradients: what an all-reduce of per-worker
   gradients gives every step.
+
+* Overlapped outer step (``--overlap K``, Streaming DiLoCo's eager updates, what the daemon's
+  ``diloco.overlap`` does): after a worker publishes its pseudo-gradient for round ``r``
+  (against ``G_{r-1}``), it does not wait for the merge. It trains on round ``r+1``'s data from
+  its own weights at publish ``L_pub`` while the merge runs, and when the merged ``G_r`` arrives,
+  ``K`` of its ``H`` inner steps later, it rebases at that step boundary,
+  ``local = G_r + (local - L_pub)``, runs the remaining ``H - K`` steps and publishes
+  ``G_r - local`` (one AdamW state throughout). Round 0 has nothing to overlap with; ``K >= H``
+  rebases after the last step. ``--overlap 0,2,5`` runs DiLoCo once per value on the same seeds
+  and slices and judges each against the run without overlap (always run, ``K = 0``, the code
+  path above bit for bit): its final val loss, mean over seeds, within 1% of that run's. With
+  ``--skip-dp`` only the DiLoCo runs are made.
 
 Each round every worker gets its own disjoint slice of microshards (drawn without replacement
 from a seeded permutation of the training split, a fresh permutation per epoch); DP sees the
@@ -59,7 +72,7 @@ import platform
 import statistics
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -158,10 +171,53 @@ class Scenario:
     attack: str = "clean"  # a key of ATTACKS: what worker 0's update is replaced by
     tail_every: int = 0  # every this many rounds only workers 0 and 1 deliver; 0: never
     chain_bound: bool = True  # pass the merge the chain's reference norm
+    overlap: int = 0  # inner steps of round r+1 run before round r's merge is rebased in; 0: none
+
+    @property
+    def plain(self) -> bool:
+        """The honest mean-rule merge of the DiLoCo-vs-DP comparison (with or without overlap)."""
+        return replace(self, overlap=0) == Scenario()
 
     @property
     def label(self) -> str:
+        if self.plain:
+            return f"overlap {self.overlap}" if self.overlap else "diloco"
         return f"{self.rule}, {self.attack}{'' if self.chain_bound else ', no chain bound'}"
+
+
+class RebaseAt:
+    """A ``should_stop`` hook for ``Workload.train`` that never stops it: at the step boundary
+    after ``at`` inner steps it moves the model onto the newly merged global weights, keeping
+    what it has trained since it published: ``local = merged + (local - published)``.
+
+    ``train`` calls ``should_stop`` once before each step (call ``i`` when ``i`` steps are done),
+    so the rebase lands exactly between steps ``at`` and ``at + 1``. Doing it inside one call of
+    ``H`` steps rather than as two calls (``at`` steps, rebase, ``H - at`` steps) is what keeps it
+    faithful: ``train`` builds its minibatch sampler per call from ``seed`` alone
+    (``_batches(examples, batch_size, seed)``), so a second call would replay the first call's
+    minibatches instead of continuing the round's order. The lr schedule (``state.steps +
+    done``) and the AdamW state would be continuous either way. With ``at >= H`` ``train`` never
+    reaches that boundary and the caller rebases after it returns (``apply``)."""
+
+    def __init__(
+        self, model: torch.nn.Module, merged: dict[str, torch.Tensor], published: dict[str, torch.Tensor], at: int
+    ) -> None:
+        self.model, self.merged, self.published, self.at = model, merged, published, at
+        self.calls = 0
+        self.done = False
+
+    def __call__(self) -> bool:
+        if self.calls == self.at:
+            self.apply()
+        self.calls += 1
+        return False
+
+    def apply(self) -> None:
+        assert not self.done
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                param.copy_(self.merged[name] + (param - self.published[name]))
+        self.done = True
 
 
 def train_seed(seed: int, round_index: int, worker: int) -> int:
@@ -190,7 +246,10 @@ def run_diloco(
 ) -> Run:
     run = Run(f"DiLoCo ({args.codec}, outer lr {args.outer_lr:g}, mom {args.outer_momentum:g}"
               f"{', nesterov' if args.outer_momentum > 0 else ''}"
-              f"{'' if scenario == Scenario() else '; ' + scenario.label})")
+              f"{'' if scenario.plain else '; ' + scenario.label}"
+              f"{f'; overlap {scenario.overlap} of H={args.H}' if scenario.overlap else ''})")
+    if scenario.overlap and scenario.tail_every:
+        raise SystemExit("overlap with epoch tails is not simulated (a worker that skips a round has no publish)")
     codec = CODECS[args.codec]
     rule = outer_rule(scenario.rule, args.outer_lr, args.outer_momentum, args.outer_momentum > 0, 0.2, 10.0)
     factor = ATTACKS[scenario.attack]
@@ -199,6 +258,8 @@ def run_diloco(
     momentum: dict[str, torch.Tensor] | None = None
     models = [workload.init_model(args.seed) for _ in range(args.workers)]
     states = [workload.new_inner_state(m) for m in models]
+    # With overlap: each worker's weights when it published its last pseudo-gradient (L_pub).
+    published: list[dict[str, torch.Tensor] | None] = [None] * args.workers
     started = time.perf_counter()
     evaluator = workload.init_model(args.seed)
     run.curve.append((0, 0, workload.evaluate(evaluator, "val").loss))
@@ -210,16 +271,27 @@ def run_diloco(
         for k, (model, state) in enumerate(zip(models, states)):
             if tail and k >= 2:
                 continue
-            with torch.no_grad():
-                model.load_state_dict(global_weights)
-            metrics = workload.train(
-                model, state, [shard_bytes[i] for i in round_slices_[k]], args.H, seed=train_seed(args.seed, r, k)
-            )
+            shards = [shard_bytes[i] for i in round_slices_[k]]
+            last_publish = published[k]
+            if last_publish is None:  # no overlap, or round 0: start the round from the global weights
+                with torch.no_grad():
+                    model.load_state_dict(global_weights)
+                metrics = workload.train(model, state, shards, args.H, seed=train_seed(args.seed, r, k))
+            else:  # go on from the weights at publish; round r-1's merge (global_weights) lands after K steps
+                rebase = RebaseAt(model, global_weights, last_publish, scenario.overlap)
+                metrics = workload.train(
+                    model, state, shards, args.H, should_stop=rebase, seed=train_seed(args.seed, r, k)
+                )
+                assert rebase.calls == metrics.steps == args.H and not metrics.stopped_early
+                if not rebase.done:  # K >= H: every step ran from the stale weights
+                    rebase.apply()
             losses.append(metrics.loss_last)
             run.samples += metrics.examples
             with torch.no_grad():
                 local = model.state_dict()
                 delta = {n: torch.sub(global_weights[n], local[n].detach().float()).contiguous() for n in global_weights}
+            if scenario.overlap:
+                published[k] = weights_of(model)
             if k == 0 and factor is not None:
                 delta = {n: torch.mul(t, factor) for n, t in delta.items()}
             decoded, wire = wire_roundtrip(delta, codec)
@@ -229,7 +301,7 @@ def run_diloco(
         result = merge(global_weights, momentum, updates, rule, reference_norm=reference)
         excluded = {update_id for update_id, _ in result.excluded} if result else {u.update_id for u in updates}
         honest_excluded = excluded - ({"worker-000"} if factor is not None else set())
-        if honest_excluded and scenario == Scenario():
+        if honest_excluded and scenario.plain:
             raise SystemExit(f"round {r}: the merge excluded updates: {result.excluded if result else 'all'}")
         run.honest_excluded += len(honest_excluded)
         run.attacks_merged += int(factor is not None and "worker-000" not in excluded)
@@ -245,7 +317,7 @@ def run_diloco(
                 evaluator.load_state_dict(global_weights)
             loss = workload.evaluate(evaluator, "val").loss
             run.curve.append((r + 1, run.samples, loss))
-            what = "diloco" if scenario == Scenario() else scenario.label
+            what = scenario.label
             print(f"  seed {args.seed} {what} round {r + 1:3d}/{len(slices)}  samples {run.samples:7d}  val {loss:.4f}"
                   f"  ({time.perf_counter() - started:6.1f} s)", flush=True)
     run.seconds = time.perf_counter() - started
@@ -414,6 +486,46 @@ def byzantine(args: argparse.Namespace, options: dict[str, Any]) -> int:
     return 0
 
 
+OVERLAP_TARGET = 0.01  # overlapped final val loss (mean over seeds) within 1% of the same run without overlap
+
+
+def overlap_verdict(
+    runs: dict[int, dict[str, Run]], seeds: Sequence[int], overlaps: Sequence[int], H: int
+) -> dict[str, Any]:
+    """Each overlap's final val loss against the run without it, per seed and mean over seeds; printed and returned."""
+    base = {seed: runs[seed]["diloco"].final_loss for seed in seeds}
+    dp = {seed: runs[seed]["dp"].final_loss for seed in seeds} if "dp" in runs[seeds[0]] else None
+    print()
+    print(f"Overlapped outer step (H={H}): final val loss and gap to the same run without overlap (K=0)")
+    print(f"{'K':>4} {'K/H':>5}  " + "  ".join(f"{'seed ' + str(seed):>17}" for seed in seeds)
+          + f"  {'mean':>17}  {'gap range':>17}" + ("  vs DP (mean)" if dp else "") + "  target")
+    by_value: dict[str, Any] = {}
+    for k in overlaps:
+        key = "diloco" if k == 0 else f"diloco_overlap_{k}"
+        losses = {seed: runs[seed][key].final_loss for seed in seeds}
+        gaps = {seed: (losses[seed] - base[seed]) / base[seed] for seed in seeds}
+        mean_loss, mean_gap = statistics.fmean(losses.values()), statistics.fmean(gaps.values())
+        met = mean_gap <= OVERLAP_TARGET
+        vs_dp = statistics.fmean((losses[s] - dp[s]) / dp[s] for s in seeds) if dp else None
+        cells = "  ".join(f"{losses[s]:.4f} ({gaps[s]:+.2%})" for s in seeds)
+        print(f"{k:>4} {k / H:5.0%}  {cells}  {mean_loss:.4f} ({mean_gap:+.2%})"
+              f"  {f'{min(gaps.values()):+.2%}..{max(gaps.values()):+.2%}':>17}"
+              + (f"  {vs_dp:>+12.2%}" if vs_dp is not None else "")
+              + ("" if k == 0 else f"  {'MET' if met else 'MISSED'}"))
+        by_value[str(k)] = {
+            "final_val_loss_by_seed": {str(s): v for s, v in losses.items()},
+            "gap_vs_no_overlap_by_seed": {str(s): v for s, v in gaps.items()},
+            "final_val_loss_mean": mean_loss,
+            "gap_vs_no_overlap_mean": mean_gap,
+            **({"gap_vs_dp_mean": vs_dp} if vs_dp is not None else {}),
+            "met": met,
+        }
+    print(f"target: overlap within {OVERLAP_TARGET:.0%} of the same run without it (final val loss, mean over"
+          f" {len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
+    return {"H": H, "values": list(overlaps), "target": {"loss_within": OVERLAP_TARGET,
+            "met": all(v["met"] for v in by_value.values())}, "by_value": by_value}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (< 1 min)")
@@ -432,7 +544,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="run both methods at each of these seeds and judge the mean gap (overrides --seed)")
     parser.add_argument("--jobs", type=int, default=1, help="runs (method x seed) in parallel, one process each")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
-    parser.add_argument("--skip-dp", action="store_true", help="run DiLoCo only (no baseline, no verdict)")
+    parser.add_argument("--skip-dp", action="store_true", help="run DiLoCo only (no DP baseline, no DP verdict)")
+    parser.add_argument("--overlap", type=str, default="0", metavar="K[,K,...]",
+                        help="overlapped outer step: round r's merge is rebased in after K of round r+1's inner"
+                             " steps (0: none); a list runs DiLoCo once per value, K=0 always among them, and"
+                             " judges each against K=0 (final val loss within 1%%)")
     parser.add_argument("--skip-diloco", action="store_true", help="run the data-parallel baseline only (no verdict)")
     parser.add_argument("--byzantine", action="store_true",
                         help="DiLoCo under each rule, clean and with one attacker (x100, sign flip); no DP")
@@ -450,8 +566,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.rounds = args.rounds if args.rounds is not None else (3 if args.quick else 20)
     args.eval_every = args.eval_every or max(1, args.rounds // 10)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    overlaps = sorted({0} | {int(k) for k in args.overlap.split(",")})
+    if overlaps[0] < 0:
+        raise SystemExit("--overlap takes inner step counts >= 0")
     if args.byzantine:
+        if overlaps != [0]:
+            raise SystemExit("--overlap is not simulated with --byzantine")
         return byzantine(args, options)
+    if overlaps != [0] and args.skip_diloco:
+        raise SystemExit("--overlap needs the DiLoCo runs (drop --skip-diloco)")
     methods = [m for m, skip in (("dp", args.skip_dp), ("diloco", args.skip_diloco)) if not skip]
 
     workload, slices = setup(args, options)
@@ -466,22 +589,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{args.workers} workers x {args.rounds} rounds x H={args.H} x batch {batch_size} = {total_samples:,} samples"
           f" ({total_samples / split_examples:.2f} epochs of {split_examples:,}); {per_worker:.1f} microshards"
           f" per worker per round (>= H x batch examples each); torch {torch.__version__}, {args.threads} threads"
-          f" per run; seeds {seeds}, {args.jobs} job(s)", flush=True)
+          f" per run; seeds {seeds}, {args.jobs} job(s)"
+          f"{f'; overlap K = {overlaps} of H={args.H}' if overlaps != [0] else ''}", flush=True)
 
     wall = time.perf_counter()
-    tasks = [(method, seed) for seed in seeds for method in methods]
-    finished = run_all(args, options, [(method, seed, Scenario()) for method, seed in tasks])
+    # Run keys: "dp", "diloco" (no overlap) and "diloco_overlap_K".
+    tasks = [(method if method == "dp" or k == 0 else f"diloco_overlap_{k}", seed, Scenario(overlap=k))
+             for seed in seeds for method in methods for k in (overlaps if method == "diloco" else [0])]
+    finished = run_all(args, options, [("dp" if key == "dp" else "diloco", seed, scenario)
+                                       for key, seed, scenario in tasks])
     runs: dict[int, dict[str, Run]] = {seed: {} for seed in seeds}
-    for (method, seed), run in zip(tasks, finished, strict=True):
-        runs[seed][method] = run
+    for (key, seed, _), run in zip(tasks, finished, strict=True):
+        runs[seed][key] = run
     wall = time.perf_counter() - wall
 
     print()
-    print(f"{'seed':>4} {'method':<58} {'val loss':>9} {'samples':>9} {'sent/wkr':>10} {'recv/wkr':>10}"
+    print(f"{'seed':>4} {'method':<72} {'val loss':>9} {'samples':>9} {'sent/wkr':>10} {'recv/wkr':>10}"
           f" {'total/wkr':>10} {'time':>8}")
     for seed in seeds:
         for r in runs[seed].values():
-            print(f"{seed:>4} {r.name:<58} {r.final_loss:9.4f} {r.samples:9,} {human(r.bytes_sent):>10}"
+            print(f"{seed:>4} {r.name:<72} {r.final_loss:9.4f} {r.samples:9,} {human(r.bytes_sent):>10}"
                   f" {human(r.bytes_received):>10} {human(r.bytes_total):>10} {r.seconds:7.1f}s")
     report: dict[str, Any] = {
         "bench": "quality",
@@ -500,6 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "nesterov": args.outer_momentum > 0,
         "dp_lr": args.dp_lr if args.dp_lr is not None else workload.settings()["lr"],
         "seeds": seeds,
+        "overlaps": overlaps,
         "threads": args.threads,
         "torch": torch.__version__,
         "machine": platform.machine(),
@@ -538,6 +666,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "bytes_met": bytes_ok, "met": loss_ok and bytes_ok}}
         if len(seeds) > 1:
             report["loss_gap_by_seed"] = {str(seed): g for seed, g in gaps.items()}
+    if len(overlaps) > 1:
+        report["overlap"] = overlap_verdict(runs, seeds, overlaps, args.H)
     print(f"wall time {wall:.1f} s")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
