@@ -408,6 +408,12 @@ class DilocoSection:
         check=_non_negative,
     )
     clip_iters: int = setting(3, "Iterations of centered_clip, 1 to 32.", check=_clip_iters)
+    overlap: bool = setting(
+        False,
+        "Overlap the outer step with training: once a round closes, train the next round's microshards from the"
+        " local weights while the merge runs, then rebase that progress onto the merged head"
+        " (local = head + (local - local at publish)). Heads and verification are unchanged.",
+    )
 
 
 def _is_loopback(host: str) -> bool:

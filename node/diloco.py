@@ -14,10 +14,11 @@ import asyncio
 import contextlib
 import itertools
 import math
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from node.merge import outer_rule
 from node.receipt import UNAVAILABLE, UNBOUND, Receipt, state_ids
 from node.microshards import MicroshardSource, MicroshardUnavailable
 from node.store import ContentStore
-from node.trainer import Trainer
+from node.trainer import InnerResult, Trainer
 from protocol import canonical
 from protocol.chunking import FixedChunking
 from protocol.codecs import BF16, FP32, INT8, Codec
@@ -78,6 +79,22 @@ class RoundView:
     expected: list[str] | None = None
     waiting_for: list[str] | None = None
     deadline_in_s: float | None = None
+
+
+@dataclass
+class Ahead:
+    """A round trained ahead (``diloco.overlap``): begun when the round before it closed, on
+    shards claimed then, from the local weights; rebased onto its base head once adopted."""
+
+    after: str  # the base of the round being merged: the base head must be its child
+    round: int
+    epoch: int
+    steps: int
+    budget_s: float | None
+    shards: tuple[str, ...] = ()
+    claimed: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    task: asyncio.Task[InnerResult | None] | None = None
 
 
 class OuterLoop:
@@ -127,6 +144,8 @@ class OuterLoop:
         self._catch_up_since = 0.0
         self._arrived = asyncio.Event()
         self._weights_cache: tuple[str, dict[str, torch.Tensor]] | None = None  # the canonical head's only
+        self._ahead: Ahead | None = None
+        self.overlap: Counter[str] = Counter()  # rounds trained ahead: used, or abandoned and why
         self.source: MicroshardSource | None = None
         self.plan_sizes: dict[str, tuple[int, int]] = {}
         self.emit: EventSink = _ignore  # the daemon points this at its event bus
@@ -289,12 +308,16 @@ class OuterLoop:
 
     async def run(self) -> None:
         """The rounds, and the fetchers that pull the round's updates in as they are announced."""
-        async with asyncio.TaskGroup() as tasks:
-            for _ in range(EARLY_FETCHERS):
-                tasks.create_task(self._fetch_early())
-            if self.config.training.evaluate:
-                tasks.create_task(self._evaluator())
-            tasks.create_task(self._rounds())
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for _ in range(EARLY_FETCHERS):
+                    tasks.create_task(self._fetch_early())
+                if self.config.training.evaluate:
+                    tasks.create_task(self._evaluator())
+                tasks.create_task(self._rounds())
+        finally:
+            if self._ahead is not None:  # its training thread stops at the next step boundary
+                self.trainer.abandon(self._ahead.cancel)
 
     async def _fetch_early(self) -> None:
         """Fetch updates of the round being trained as their records arrive, so that when the
@@ -371,9 +394,21 @@ class OuterLoop:
         await self.heads.changed.wait()
 
     async def _round(self, base: HeadRecord) -> None:
-        assert self.heads is not None and self.leasing is not None and self.source is not None
         if await self._catching_up(base):
             return
+        # A round trained ahead is this one's when it was begun on a head of which ``base`` is the child.
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and (ahead.after, ahead.round) != (base.parent, base.round + 1):
+            await self._abandon(ahead, "other_base")
+            ahead = None
+        try:
+            await self._run_round(base, ahead)
+        finally:
+            if ahead is not None and ahead.task is not None and not ahead.task.done():
+                await self._abandon(ahead, "round_failed")  # never leave the trainer waiting for a base
+
+    async def _run_round(self, base: HeadRecord, ahead: Ahead | None) -> None:
+        assert self.heads is not None and self.leasing is not None and self.source is not None
         cfg = self.config.training
         round_no = base.round + 1
         settings = self.round_settings(round_no)
@@ -399,12 +434,24 @@ class OuterLoop:
             previous = self.updates_by_id.get(update_id)
             if previous is not None and self.membership.table.is_live(previous.peer):
                 state.expect(previous.peer)
+        if ahead is not None:
+            await ahead.claimed.wait()
         shards = await self.leasing.claim(
             ledger.epoch, round_no, ledger.remaining, wanted, speeds[self.peer_id], total_speed, live_trainers
         )
         self.view.leased = len(shards)
+        if ahead is not None and (not ahead.shards or ahead.epoch != ledger.epoch or frozenset(ahead.shards) != shards):
+            # Nothing was claimed ahead, the head left some of its shards out of the pool, or a rival
+            # won some: its data is not all ours to train on. What is held is trained from the head.
+            reason = "nothing_claimed" if not ahead.shards else "epoch_moved" if ahead.epoch != ledger.epoch else "shards_lost"
+            await self._abandon(ahead, reason)
+            ahead = None
+        published = False
         if shards and self.heads.adopted == base.id:
-            await self._train_and_publish(base, ledger.epoch, sorted(shards), weights, steps, budget_s)
+            if ahead is not None:
+                published = await self._finish_ahead(base, ahead, weights)
+            else:
+                published = await self._train_and_publish(base, ledger.epoch, sorted(shards), weights, steps, budget_s)
         await self._wait_for_close(base, state, claim_window_ms)
         self.leasing.release_own()
         self._state = None
@@ -416,6 +463,8 @@ class OuterLoop:
                  missing=sorted(result.missing))
         self.emit("round_closed", round=round_no, updates=len(result.updates), reason=result.reason.name.lower(),
                   missing=sorted(result.missing))
+        if result.updates and published and self.config.diloco.overlap:
+            self._start_ahead(base, ledger, list(result.updates), steps, budget_s, wanted, speeds, live_trainers)
         if result.updates:
             head = await self._merge_unless_superseded(base, list(result.updates), self.rule(settings))
             if head is not None and base.id in (self.heads.adopted, self.heads.canonical().parent):
@@ -518,7 +567,8 @@ class OuterLoop:
         weights: dict[str, torch.Tensor],
         max_steps: int,
         budget_s: float | None,
-    ) -> None:
+    ) -> bool:
+        """Train the round on ``shards`` from ``base`` and publish the update; whether it was published."""
         assert self.source is not None and self.leasing is not None
         self._enter("training")
         try:
@@ -526,29 +576,39 @@ class OuterLoop:
         except MicroshardUnavailable as exc:
             log.warning("microshards_unavailable", error=str(exc))
             self.leasing.back_off()
-            return
-        examples = sum(self.source.by_id[s].source.examples for s in shards)
-        settings = self.current_settings
-        steps = max(1, min(max_steps, math.ceil(examples / max(self._batch_size(), 1))))
+            return False
+        steps = self._steps_for(shards, max_steps)
         seed = int.from_bytes(canonical.encode([base.id, self.peer_id])[-8:], "big") % (2**31)
         done = asyncio.Event()
         watcher = asyncio.create_task(self._abort_if_superseded(base, done))
         renewer = asyncio.create_task(self.leasing.renew_while(done))
         try:
-            result = await self.trainer.train_round(weights, data, steps, seed, time_budget_s=budget_s)
+            result = await self.trainer.train_round(
+                weights, data, steps, seed, time_budget_s=budget_s, keep_local=self.config.diloco.overlap
+            )
         except Exception as exc:  # a workload bug must not take the peer out of the swarm
-            # The same fault round after round (a full disk) is logged once a minute.
-            if (held := self._crashes.due(f"training: {type(exc).__name__}: {exc}")) is not None:
-                log.error("training_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True, repeated=held)
-            self.round_failures += 1
-            self.leasing.back_off()
-            return
+            self._training_failed(exc)
+            return False
         finally:
             done.set()
             await asyncio.gather(watcher, renewer, return_exceptions=True)
+        return await self._publish_update(base, epoch, shards, result)
+
+    def _training_failed(self, exc: Exception) -> None:
+        # The same fault round after round (a full disk) is logged once a minute.
+        assert self.leasing is not None
+        if (held := self._crashes.due(f"training: {type(exc).__name__}: {exc}")) is not None:
+            log.error("training_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True, repeated=held)
+        self.round_failures += 1
+        self.leasing.back_off()
+
+    async def _publish_update(self, base: HeadRecord, epoch: int, shards: list[str], result: InnerResult) -> bool:
+        """Store the round's pseudo-gradient and gossip its update record; whether it was published."""
+        assert self.leasing is not None
         self.leasing.recovered()
         if self.trainer.interrupted or self.heads.adopted != base.id:  # type: ignore[union-attr]
-            return
+            return False
+        settings = self.current_settings
         self._observe_speed(result.metrics)
         if result.metrics.steps:
             self.inner_step_ms.append(result.metrics.seconds * 1000 / result.metrics.steps)
@@ -572,9 +632,118 @@ class OuterLoop:
             await self._on_update(record)
         log.info("update_published", round=update.round, loss=round(update.metrics.loss, 4), samples=update.samples,
                  microshards=len(shards), steps=result.metrics.steps, seconds=round(result.metrics.seconds, 2),
-                 budget_s=round(budget_s, 2) if budget_s is not None else None)
+                 stopped_early=result.metrics.stopped_early)
         with contextlib.suppress(MissingContent, Invalid, ValueError):
             await self.receipt.measure(artifact)  # type: ignore[union-attr]  # while the others' updates are still coming in
+        return True
+
+    def _steps_for(self, shards: list[str], max_steps: int) -> int:
+        """Inner steps for ``shards``: at most ``max_steps``, and no more than their examples fill."""
+        assert self.source is not None
+        examples = sum(self.source.by_id[s].source.examples for s in shards)
+        return max(1, min(max_steps, math.ceil(examples / max(self._batch_size(), 1))))
+
+    # ---- overlap: the next round trained while this one's head is merged -------------
+
+    def _start_ahead(
+        self,
+        base: HeadRecord,
+        ledger: EpochLedger,
+        update_ids: list[str],
+        steps: int,
+        budget_s: float | None,
+        wanted: int,
+        speeds: dict[str, float],
+        live_trainers: list[str],
+    ) -> None:
+        """Begin the round after ``base``'s child while that child is merged: claim the shards its
+        pool will most likely hold (this pool less the closed round's updates' and leases' shards,
+        or a new epoch's when that empties it) and train them from the local weights."""
+        assert self.leasing is not None
+        consumed = set(self.leasing.book.leased())
+        for update_id in update_ids:
+            update = self.updates_by_id.get(update_id)
+            if update is not None:
+                consumed.update(update.microshards)
+        free, epoch = ledger.remaining - consumed, ledger.epoch
+        if not free:
+            free, epoch = ledger.rolled().remaining, ledger.epoch + 1
+        ahead = Ahead(after=base.id, round=base.round + 2, epoch=epoch, steps=steps, budget_s=budget_s)
+        ahead.task = asyncio.create_task(self._train_ahead(ahead, base, free, wanted, speeds, live_trainers))
+        self._ahead = ahead
+
+    async def _train_ahead(
+        self,
+        ahead: Ahead,
+        base: HeadRecord,
+        free: frozenset[str],
+        wanted: int,
+        speeds: dict[str, float],
+        live_trainers: list[str],
+    ) -> InnerResult | None:
+        assert self.leasing is not None and self.source is not None
+        shards: frozenset[str] = frozenset()
+        try:
+            if ahead.cancel.is_set():
+                return None
+            shards = await self.leasing.claim_ahead(
+                ahead.epoch, ahead.round, free, wanted, speeds[self.peer_id], sum(speeds.values()), live_trainers
+            )
+            ahead.shards = tuple(sorted(shards))
+        finally:
+            ahead.claimed.set()
+        if not shards:
+            return None
+        try:
+            data = await self.source.bytes_of(list(ahead.shards))
+        except MicroshardUnavailable as exc:
+            log.warning("microshards_unavailable", error=str(exc), ahead=True)
+            return None
+        seed = int.from_bytes(canonical.encode([base.id, self.peer_id, "ahead"])[-8:], "big") % (2**31)
+        done = asyncio.Event()
+        renewer = asyncio.create_task(self.leasing.renew_while(done))
+        try:
+            return await self.trainer.train_ahead(
+                data, self._steps_for(list(ahead.shards), ahead.steps), seed, ahead.budget_s, cancel=ahead.cancel
+            )
+        finally:
+            done.set()
+            await asyncio.gather(renewer, return_exceptions=True)
+
+    async def _finish_ahead(self, base: HeadRecord, ahead: Ahead, weights: dict[str, torch.Tensor]) -> bool:
+        """Rebase the round trained ahead onto ``base`` (its base head), let it finish, publish it."""
+        assert ahead.task is not None and self.leasing is not None
+        self._enter("training")
+        self.trainer.rebase(weights)
+        done = asyncio.Event()
+        watcher = asyncio.create_task(self._abort_if_superseded(base, done))
+        renewer = asyncio.create_task(self.leasing.renew_while(done))
+        try:
+            result = await ahead.task
+        except Exception as exc:  # a workload bug must not take the peer out of the swarm
+            self._training_failed(exc)
+            self.overlap["abandoned_failed"] += 1
+            return False
+        finally:
+            done.set()
+            await asyncio.gather(watcher, renewer, return_exceptions=True)
+        if result is None:
+            self.overlap["abandoned_superseded"] += 1
+            return False
+        self.overlap["used"] += 1
+        return await self._publish_update(base, ahead.epoch, list(ahead.shards), result)
+
+    async def _abandon(self, ahead: Ahead, reason: str) -> None:
+        """Stop a round trained ahead that cannot be used; its claim is dropped (it expires)."""
+        assert self.leasing is not None
+        self.overlap[f"abandoned_{reason}"] += 1
+        self.trainer.abandon(ahead.cancel)
+        if ahead.task is not None:
+            with contextlib.suppress(Exception):
+                await ahead.task
+        if self.leasing.ahead is not None and self.leasing.ahead.round == ahead.round:
+            self.leasing.drop_ahead()
+        log.info("ahead_abandoned", round=ahead.round, reason=reason)
 
     async def _abort_if_superseded(self, base: HeadRecord, done: asyncio.Event) -> None:
         assert self.heads is not None

@@ -11,7 +11,7 @@ from node.gossip import Gossip, now_ms
 from node.logs import get_logger
 from protocol.errors import Invalid
 from protocol.kinds import LEASE
-from protocol.leases import Admission, LeaseBook, LeaseClaim, Standing, budget_for, choose_claims
+from protocol.leases import Admission, LeaseBook, LeaseClaim, Standing, budget_for, choose_claims, resolve
 from protocol.records import Record
 
 log = get_logger("leases")
@@ -38,6 +38,9 @@ class Leasing:
         self.book = LeaseBook(0, planned)
         self.rejected: Counter[str] = Counter()
         self.own: LeaseClaim | None = None
+        # Our claim for the round after the book's, made while that round's head is being merged
+        # (overlap); the book takes it in when it gets to that round (``claim``).
+        self.ahead: LeaseClaim | None = None
         # One claim per peer (its latest), for rounds at most MAX_ROUNDS_AHEAD ahead, at most MAX_PENDING_FUTURE peers.
         self._pending_future: dict[str, LeaseClaim] = {}
         self._failures_in_a_row = 0
@@ -121,6 +124,9 @@ class Leasing:
         admitted = frozenset({self._peer, *(p for p in live_peers if not self.excluded(p))})
         admission = Admission(admitted, frozenset(free))
         self.book.admit(admission)
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and (ahead.epoch, ahead.round) == (epoch, round):
+            return await self._take_ahead(ahead)
         available = free - self.book.leased()
         # Our share of the whole pool, not of what is still unclaimed: peers start a round a few
         # milliseconds apart, and shares of a shrinking remainder would leave the end of an
@@ -144,6 +150,77 @@ class Leasing:
             await self._publish(claim.renewed(claim.expires_ms, kept))
         return self.book.holdings_of(self._peer)
 
+    async def _take_ahead(self, claim: LeaseClaim) -> frozenset[str]:
+        """Hold the claim made ahead for this round, as far as the rule and admission let it:
+        shards won by a rival's higher weight, or no longer free, are yielded."""
+        try:
+            self.book.observe(claim, now_ms())
+        except Invalid as exc:  # expired while the head was merged: nothing held
+            log.info("lease_ahead_dropped", round=claim.round, reason=exc.reason)
+            return frozenset()
+        self.own = claim
+        lost = self.book.losses_of(self._peer)
+        if lost:
+            kept = frozenset(claim.microshards) - lost
+            log.info("lease_conflict", round=claim.round, lost=len(lost), kept=len(kept), ahead=True)
+            if not kept:
+                self.book.release(claim.lease_id)
+                self.own = None
+                return frozenset()
+            await self._publish(claim.renewed(claim.expires_ms, kept))
+        return self.book.holdings_of(self._peer)
+
+    async def claim_ahead(
+        self,
+        epoch: int,
+        round: int,
+        free: frozenset[str],
+        wanted: int,
+        speed: float,
+        total_speed: float,
+        live_peers: list[str],
+    ) -> frozenset[str]:
+        """Claim shards for ``(epoch, round)``, the round after the book's, before this peer gets there.
+
+        ``free`` is what this peer expects that round's pool to be. Rivals' claims for that round
+        wait with the other early claims; after the settle window the same rule as ``claim`` (on
+        the claims known so far) decides what this claim keeps. The book checks it again when the
+        round starts (``claim``), against the claims that came in meanwhile and the actual pool.
+        """
+        self.ahead = None
+        if now_ms() < self._benched_until_ms:
+            return frozenset()
+        admitted = frozenset({self._peer, *(p for p in live_peers if not self.excluded(p))})
+        admission = Admission(admitted, frozenset(free))
+        rivals = [c for c in self._pending_future.values() if (c.epoch, c.round) == (epoch, round)]
+        available = free - frozenset(resolve(rivals, now_ms(), admission))
+        budget = min(wanted, budget_for(speed, total_speed, len(free)), admission.cap)
+        chosen = choose_claims(self._peer, available, budget, frozenset(), admitted)
+        if not chosen:
+            return frozenset()
+        issued = now_ms()
+        claim = LeaseClaim.create(self._peer, epoch, round, chosen, issued, issued + self._lease_ms)
+        self.ahead = claim
+        await self._gossip.publish(LEASE, LEASE_VERSION, claim.to_wire())
+        await asyncio.sleep(self._settle_s)
+        if self.ahead is None or self.ahead.lease_id != claim.lease_id:
+            return frozenset()  # taken over by ``claim`` or dropped meanwhile
+        rivals = [c for c in self._pending_future.values() if (c.epoch, c.round) == (epoch, round)]
+        winners = resolve([claim, *rivals], now_ms(), admission)
+        kept = frozenset(shard for shard, owner in winners.items() if owner.lease_id == claim.lease_id)
+        if kept != frozenset(claim.microshards):
+            log.info("lease_conflict", round=round, lost=len(claim.microshards) - len(kept), kept=len(kept), ahead=True)
+            if not kept:
+                self.ahead = None
+                return frozenset()
+            self.ahead = claim.renewed(claim.expires_ms, kept)
+            await self._gossip.publish(LEASE, LEASE_VERSION, self.ahead.to_wire())
+        return kept
+
+    def drop_ahead(self) -> None:
+        """Forget the claim made ahead (its training was abandoned); it expires on other peers."""
+        self.ahead = None
+
     async def _publish(self, claim: LeaseClaim) -> None:
         self.book.observe(claim, now_ms())
         self.own = claim
@@ -161,6 +238,9 @@ class Leasing:
                 pass
             if self.own is not None:
                 await self._publish(self.own.renewed(now_ms() + self._lease_ms))
+            if self.ahead is not None:
+                self.ahead = self.ahead.renewed(now_ms() + self._lease_ms)
+                await self._gossip.publish(LEASE, LEASE_VERSION, self.ahead.to_wire())
 
     def release_own(self) -> None:
         if self.own is not None:

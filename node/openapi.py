@@ -80,6 +80,7 @@ SCHEMAS: dict[str, Schema] = {
         "eval_seconds": NUMBER,
         "verifications": counts(),
         "merges": COUNT,
+        "overlap": counts(),
         "last_error": nullable(STRING),
         "round_failures": COUNT,
         "microshards_repaired": COUNT,

@@ -184,6 +184,7 @@ class StatusApi:
             "eval_seconds": round(outer.eval_seconds, 2),
             "verifications": dict(outer.receipt.verifications) if outer.receipt else {},
             "merges": outer.receipt.merges if outer.receipt else 0,
+            "overlap": dict(outer.overlap),
             "last_error": outer.trainer.last_error,
             "round_failures": outer.round_failures,
             "microshards_repaired": outer.source.repaired if outer.source else 0,

@@ -3,6 +3,10 @@
 The event loop never runs torch: loading a head's weights, training H steps,
 computing the pseudo-gradient and saving the inner optimizer all happen in
 ``asyncio.to_thread``. Training stops at a step boundary when asked to.
+
+With overlap, a round may also be trained ahead of its base head
+(``train_ahead``): from the weights the model had when the last update was
+computed, rebased onto the head once it is known.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +57,12 @@ class Trainer:
         self._round_started: float | None = None
         self.last_metrics: TrainMetrics | None = None
         self.last_error: str | None = None
+        # Training ahead: the local weights when the last pseudo-gradient was taken (kept only
+        # when asked to), the head to rebase onto once it is known, and whether that happened.
+        self._published: dict[str, torch.Tensor] | None = None
+        self._onto: Mapping[str, torch.Tensor] | None = None
+        self._rebased = False
+        self._onto_known = asyncio.Event()
 
     def initial_weights(self) -> dict[str, torch.Tensor]:
         """The workload's seeded initial weights on the CPU: the same bytes on every peer."""
@@ -77,6 +87,7 @@ class Trainer:
 
     def request_stop(self) -> None:
         self._stop.set()
+        self._onto_known.set()  # a round trained ahead stops waiting for its base too
 
     @property
     def inner_seconds(self) -> float:
@@ -96,17 +107,21 @@ class Trainer:
         steps: int,
         seed: int,
         time_budget_s: float | None = None,
+        keep_local: bool = False,
     ) -> InnerResult:
         """Load ``base``, run ``steps`` inner steps on ``microshards``, return metrics and the pseudo-gradient.
 
         With ``time_budget_s``, training also ends at the first step boundary after that many
         seconds of training (``metrics.stopped_early`` then says so; ``interrupted`` stays false).
+        With ``keep_local``, the local weights it ends with are kept for ``train_ahead``.
         """
         async with self._lock:
             self._stop.clear()
             started = self._round_started = time.perf_counter()
             try:
-                result = await asyncio.to_thread(self._train, base, microshards, steps, seed, time_budget_s)
+                result = await asyncio.to_thread(
+                    self._train, base, microshards, steps, seed, time_budget_s, keep_local
+                )
             except Exception as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 raise
@@ -117,6 +132,83 @@ class Trainer:
             self.last_error = None
             return result
 
+    async def train_ahead(
+        self,
+        microshards: Sequence[bytes],
+        steps: int,
+        seed: int,
+        time_budget_s: float | None = None,
+        cancel: threading.Event | None = None,
+    ) -> InnerResult | None:
+        """Train a round whose base head is not known yet, from the local weights ``train_round``
+        kept; None when ``cancel`` is set (``abandon``) or ``request_stop`` is called before it finishes.
+
+        The progress is rebased onto the base head given to ``rebase`` (local = head + (local -
+        local at publish)) at the first step boundary after it is given, or after the last step,
+        and the pseudo-gradient is taken against that head: the update is one trained from it.
+        """
+        async with self._lock:
+            if self._published is None:
+                raise RuntimeError("train_ahead needs the local weights of a round trained with keep_local")
+            cancel = cancel or threading.Event()
+            self._stop.clear()
+            started = self._round_started = time.perf_counter()
+            try:
+                try:
+                    metrics = await asyncio.to_thread(
+                        self._continue, microshards, steps, seed, time_budget_s, cancel
+                    )
+                finally:
+                    self._inner_done_s += time.perf_counter() - started  # the wait below is not training
+                    self._round_started = None
+                while self._onto is None and not (self._stop.is_set() or cancel.is_set()):
+                    await self._onto_known.wait()
+                    self._onto_known.clear()
+                if self._stop.is_set() or cancel.is_set():
+                    self._published = None
+                    return None
+                result = await asyncio.to_thread(self._finish_ahead, metrics)
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                raise
+            finally:
+                self._onto = None
+            self.last_metrics = result.metrics
+            self.last_error = None
+            return result
+
+    def rebase(self, head: Mapping[str, torch.Tensor]) -> None:
+        """The base head of the round ``train_ahead`` trains: rebase onto it at the next step boundary."""
+        self._onto = head
+        self._onto_known.set()
+
+    def abandon(self, cancel: threading.Event) -> None:
+        """Stop the ``train_ahead`` given ``cancel`` at its next step boundary, or its wait for a base."""
+        cancel.set()
+        self._onto_known.set()
+
+    def _stopper(
+        self,
+        time_budget_s: float | None,
+        between: Callable[[], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Callable[[], bool]:
+        """The step-boundary hook: runs ``between``, then says whether to stop (asked to, or out of budget)."""
+        ends = None if time_budget_s is None else time.perf_counter() + time_budget_s
+        asked = 0
+
+        def should_stop() -> bool:
+            nonlocal asked
+            if between is not None:
+                between()
+            asked += 1
+            # The budget never stops the first step: an update of zero samples is no update.
+            if self._stop.is_set() or (cancel is not None and cancel.is_set()):
+                return True
+            return ends is not None and asked > 1 and time.perf_counter() >= ends
+
+        return should_stop
+
     def _train(
         self,
         base: Mapping[str, torch.Tensor],
@@ -124,30 +216,61 @@ class Trainer:
         steps: int,
         seed: int,
         time_budget_s: float | None = None,
+        keep_local: bool = False,
     ) -> InnerResult:
         assert self.model is not None and self.inner is not None
+        self._published = None
         with torch.no_grad():
             self.model.load_state_dict(base)
-        should_stop = self._stop.is_set
-        if time_budget_s is not None:
-            ends = time.perf_counter() + time_budget_s
-            asked = 0
-
-            def should_stop() -> bool:
-                # The budget never stops the first step: an update of zero samples is no update.
-                nonlocal asked
-                asked += 1
-                return self._stop.is_set() or (asked > 1 and time.perf_counter() >= ends)
-
         metrics = self.workload.train(
-            self.model, self.inner, microshards, steps, self.device, should_stop=should_stop, seed=seed
+            self.model, self.inner, microshards, steps, self.device,
+            should_stop=self._stopper(time_budget_s), seed=seed,
         )
+        return self._result(base, metrics, keep_local)
+
+    def _continue(
+        self, microshards: Sequence[bytes], steps: int, seed: int, time_budget_s: float | None, cancel: threading.Event
+    ) -> TrainMetrics:
+        assert self.model is not None and self.inner is not None
+        self._rebased = False
+        return self.workload.train(
+            self.model, self.inner, microshards, steps, self.device,
+            should_stop=self._stopper(time_budget_s, between=self._rebase_if_known, cancel=cancel), seed=seed,
+        )
+
+    def _rebase_if_known(self) -> None:
+        """local = head + (local - local at publish), once the head is known; in place, once."""
+        onto, published = self._onto, self._published
+        if self._rebased or onto is None or published is None:
+            return
+        assert self.model is not None
+        with torch.no_grad():
+            for name, tensor in self.model.state_dict().items():
+                target = onto[name].to(tensor.device)
+                if tensor.is_floating_point():
+                    tensor.add_(target.to(tensor.dtype) - published[name].to(tensor.dtype))
+                else:
+                    tensor.copy_(target.to(tensor.dtype))  # counters and masks: the head's
+        self._rebased = True
+        self._published = None
+
+    def _finish_ahead(self, metrics: TrainMetrics) -> InnerResult:
+        onto = self._onto
+        assert onto is not None
+        self._rebase_if_known()
+        return self._result(onto, metrics, keep_local=True)
+
+    def _result(self, base: Mapping[str, torch.Tensor], metrics: TrainMetrics, keep_local: bool) -> InnerResult:
+        """The pseudo-gradient ``base - local``; the inner optimizer state saved when due."""
+        assert self.model is not None
         with torch.no_grad():
             local = self.model.state_dict()
             delta = {
                 name: torch.sub(base[name], local[name].detach().to("cpu", torch.float32)).contiguous()
                 for name in base
             }
+            if keep_local:
+                self._published = {name: local[name].detach().clone() for name in base}
         if self._saved_at is None or time.monotonic() - self._saved_at >= self._save_every_s:
             self._save_inner_state()
             self._saved_at = time.monotonic()

@@ -52,8 +52,8 @@ def swarm(tmp_path):
 
 
 
-def start_peers(swarm: Swarm, count: int, training: str = "") -> list[Peer]:
-    peers = [swarm.add(extra_toml=TRAINING.format(training=training)) for _ in range(count)]
+def start_peers(swarm: Swarm, count: int, training: str = "", diloco: str = "") -> list[Peer]:
+    peers = [swarm.add(extra_toml=TRAINING.format(training=training) + diloco) for _ in range(count)]
     for peer in peers:
         peer.start(extra_env=ONE_THREAD)
     for peer in peers:
@@ -144,6 +144,39 @@ def test_three_peers_share_every_head_lose_loss_and_cover_epoch_zero_once(swarm)
         for peer in peers:
             row = training(peer)
             assert row["merges"] <= row["head_round"] + 1, (peer.name, row["merges"], row["verifications"])
+
+
+def test_with_overlap_peers_train_while_heads_merge_and_still_agree_cover_once_and_learn(swarm):
+    # Each peer trains the next round while the last one's head is merged, then rebases onto it:
+    # the heads are still pure functions of their parents and listed updates, so every check of
+    # the plain swarm holds.
+    peers = start_peers(swarm, 3, diloco="overlap = true\n")
+    with logs_on_failure(swarm):
+        final = ""
+        for target in (3, 6, 9):
+            final = wait_agreed(peers, target, 90, what=f"agreement at round {target}+ with overlap")
+        chains = [canonical_chain(p, final) for p in peers]
+        assert [[h.id for h in c] for c in chains[1:]] == [[h.id for h in chains[0]]] * 2
+        chain = chains[0]
+        assert [h.round for h in chain] == list(range(len(chain)))
+        planned = peers[0].get("/leases")["coverage"]["planned"]
+        epoch0 = [s for h in chain if h.parent is not None and h.epoch == 0 for s in h.microshards]
+        assert len(epoch0) == len(set(epoch0)) == planned
+        genesis_loss = min(peers[0].get(f"/heads/{chain[0].id}")["eval"].values())
+        end = wait_until(lambda: peers[0].get(f"/heads/{final}")["eval"].get(peers[0].peer_id), 20, what="final eval")
+        assert end < 0.6 * genesis_loss, f"val loss {genesis_loss:.3f} at genesis, {end:.3f} at round 9+"
+        for peer in peers:
+            row = training(peer)
+            assert row["round_failures"] == 0, (peer.name, row)
+            assert row["head_rejections"] == {}, (peer.name, row["head_rejections"])
+            # Most rounds were trained ahead and used; an abandoned one is retrained from the head.
+            used = row["overlap"].get("used", 0)
+            abandoned = sum(n for reason, n in row["overlap"].items() if reason != "used")
+            assert used >= 4 and used >= 2 * abandoned, (peer.name, row["overlap"])
+        # A round trained ahead carries the right base: no peer's update was refused for it.
+        for peer in peers:
+            rejections = training(peer)["update_rejections"]
+            assert not rejections.get("wrong_base"), (peer.name, rejections)
 
 
 def test_time_budgeted_rounds_end_together_and_merge_every_peers_samples(swarm):

@@ -250,3 +250,92 @@ def test_the_inner_state_is_saved_after_the_first_round_then_at_most_as_often_as
     every = run(rounds(tmp_path / "every", 0.0))
     assert rare[0] == rare[1] == rare[2], "saved again within the interval"
     assert every[0] < every[1] < every[2], "not saved after every round"
+
+
+def close_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    # Rebasing adds (head - local at publish) to the weights, a rounding away from loading the head.
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_round_trained_ahead_and_rebased_before_its_first_step_is_the_round_trained_from_the_head(tmp_path):
+    workload = charlm()
+    first, second = [workload.microshard_bytes(0)], [workload.microshard_bytes(1)]
+
+    async def scenario() -> tuple[InnerResult, InnerResult]:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        ahead = await prepared(workload, tmp_path / "a")
+        plain = await prepared(workload, tmp_path / "b")
+        base = ahead.initial_weights()
+        await ahead.train_round(base, first, 4, seed=1, keep_local=True)
+        await plain.train_round(base, first, 4, seed=1)
+        head = {name: tensor + 0.01 for name, tensor in base.items()}  # any head: a merge moved the weights
+        ahead.rebase(head)
+        rebased = await ahead.train_ahead(second, 5, seed=2)
+        assert rebased is not None
+        return rebased, await plain.train_round(head, second, 5, seed=2)
+
+    rebased, plain = run(scenario())
+    assert rebased.metrics.steps == plain.metrics.steps == 5
+    close_tensors(rebased.delta, plain.delta)
+
+
+def test_a_rebase_after_the_last_step_keeps_the_local_progress_against_the_head(tmp_path):
+    workload = charlm()
+    first, second = [workload.microshard_bytes(0)], [workload.microshard_bytes(1)]
+
+    async def scenario() -> tuple[InnerResult, InnerResult]:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        ahead = await prepared(workload, tmp_path / "a")
+        plain = await prepared(workload, tmp_path / "b")
+        base = ahead.initial_weights()
+        published = await ahead.train_round(base, first, 4, seed=1, keep_local=True)
+        await plain.train_round(base, first, 4, seed=1)
+        local_at_publish = {name: base[name] - published.delta[name] for name in base}
+        before = ahead.inner_seconds
+        training = asyncio.create_task(ahead.train_ahead(second, 5, seed=2))
+        while ahead.inner_seconds <= before or ahead._round_started is not None:  # every step done, waiting for the head
+            await asyncio.sleep(TICK_S)
+        await asyncio.sleep(0.1)
+        assert not training.done()
+        ahead.rebase({name: tensor * 2 for name, tensor in base.items()})
+        result = await training
+        assert result is not None
+        # The progress from the local weights, whatever head it is taken against.
+        return result, await plain.train_round(local_at_publish, second, 5, seed=2)
+
+    rebased, plain = run(scenario())
+    assert rebased.metrics.steps == 5
+    close_tensors(rebased.delta, plain.delta)
+
+
+def test_an_abandoned_round_trained_ahead_ends_without_a_result_and_frees_the_trainer(tmp_path):
+    import threading
+
+    workload = charlm()
+    data = [workload.microshard_bytes(0)]
+
+    async def scenario() -> None:
+        trainer = await prepared(workload, tmp_path)
+        base = trainer.initial_weights()
+        await trainer.train_round(base, data, 2, seed=1, keep_local=True)
+        cancel = threading.Event()
+        waiting = asyncio.create_task(trainer.train_ahead(data, 10_000, seed=2, cancel=cancel))
+        await asyncio.sleep(0.2)
+        trainer.abandon(cancel)
+        assert await asyncio.wait_for(waiting, 30) is None
+        with pytest.raises(RuntimeError):  # the local weights went with it: nothing to continue from
+            await trainer.train_ahead(data, 1, seed=3)
+        # Stopped for the daemon's shutdown while it waits for its head.
+        await trainer.train_round(base, data, 2, seed=1, keep_local=True)
+        waiting = asyncio.create_task(trainer.train_ahead(data, 1, seed=2))
+        await asyncio.sleep(0.2)
+        trainer.request_stop()
+        assert await asyncio.wait_for(waiting, 30) is None
+        result = await trainer.train_round(base, data, 2, seed=1)
+        assert result.metrics.steps == 2
+
+    run(scenario())
