@@ -10,7 +10,10 @@ share of the machine's training throughput the daemons keep.
 
 Run from the repository root:
     python -m bench.bench_round [--peers 3] [--features 8192 --hidden 12288] [--inner-steps H] \
-        [--rounds 5] [--evaluate true|false|both] [--keep]
+        [--rounds 5] [--evaluate true|false|both] [--overlap true|false|both] [--keep]
+
+With ``--overlap both`` the swarm runs twice on the same bare-loop figures, without and with
+``diloco.overlap`` (the next round trained while the last one's head is merged).
 """
 
 from __future__ import annotations
@@ -205,20 +208,22 @@ class PeerRun:
         return events
 
 
-def swarm_config(args: argparse.Namespace, steps: int, options: dict[str, Any], evaluate: bool) -> str:
+def swarm_config(args: argparse.Namespace, steps: int, options: dict[str, Any], evaluate: bool, overlap: bool) -> str:
     lines = ['[workload]', 'name = "tiny"', '', '[workload.options]']
     lines += [f"{key} = {value}" for key, value in options.items()]
     lines += ['', '[training]', f"inner_steps = {steps}", f"evaluate = {'true' if evaluate else 'false'}", '']
+    lines += ['[diloco]', f"overlap = {'true' if overlap else 'false'}", '']
     return "\n".join(lines)
 
 
-def run_swarm(args: argparse.Namespace, steps: int, options: dict[str, Any], evaluate: bool,
+def run_swarm(args: argparse.Namespace, steps: int, options: dict[str, Any], evaluate: bool, overlap: bool,
               root: Path) -> list[PeerRun]:
     """Start the daemons, sample them until ``--rounds`` heads after the first (or the deadline), stop them."""
     # Other work may change the tree while the bare loops run: the daemons run what is there now.
-    print(f"\nstarting {args.peers} daemons (evaluate={evaluate}) at commit {commit()}", flush=True)
+    print(f"\nstarting {args.peers} daemons (evaluate={evaluate}, overlap={overlap}) at commit {commit()}", flush=True)
     swarm = Swarm(root)
-    runs = [PeerRun(swarm.add(extra_toml=swarm_config(args, steps, options, evaluate))) for _ in range(args.peers)]
+    runs = [PeerRun(swarm.add(extra_toml=swarm_config(args, steps, options, evaluate, overlap)))
+            for _ in range(args.peers)]
     ends = time.monotonic() + args.deadline
     try:
         for run in runs:
@@ -247,9 +252,12 @@ def run_swarm(args: argparse.Namespace, steps: int, options: dict[str, Any], eva
 # ---------------------------------------------------------------- report
 
 
-def report_swarm(runs: list[PeerRun], args: argparse.Namespace, bare: BareResult, evaluate: bool) -> dict[str, Any]:
+def report_swarm(
+    runs: list[PeerRun], args: argparse.Namespace, bare: BareResult, evaluate: bool, overlap: bool
+) -> dict[str, Any]:
     first = args.first_round
-    print(f"\nswarm: {args.peers} daemons, evaluate={evaluate}; window: head round {first} to the last head sampled")
+    print(f"\nswarm: {args.peers} daemons, evaluate={evaluate}, overlap={overlap}; "
+          f"window: head round {first} to the last head sampled")
     totals: dict[str, float] = {}
     wall_sum = eval_sum = steps_s = step_seconds = inner_sum = 0.0
     rates = []
@@ -329,6 +337,8 @@ def main() -> None:
     parser.add_argument("--first-round", type=int, default=1, help="head round that opens the measured window")
     parser.add_argument("--bare-seconds", type=float, default=75.0, help="measured window of the bare loops")
     parser.add_argument("--evaluate", choices=("true", "false", "both"), default="true")
+    parser.add_argument("--overlap", choices=("true", "false", "both"), default="false",
+                        help="diloco.overlap in the swarm (both: one swarm run without, one with)")
     parser.add_argument("--deadline", type=float, default=1500.0, help="seconds allowed to each swarm run")
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
     parser.add_argument("--bare-loop", help=argparse.SUPPRESS)
@@ -358,15 +368,18 @@ def main() -> None:
               + ", ".join(f"{sum(r['round_s'] for r in rs) / len(rs):.1f} s" for rs in bare.rounds)
               + ", peak RSS " + ", ".join(f"{p / GIB:.2f} GiB" for p in bare.peaks)
               + f"; load average {os.getloadavg()}", flush=True)
-        figures: dict[bool, dict[str, Any]] = {}
+        figures: dict[tuple[bool, bool], dict[str, Any]] = {}
         for evaluate in ([True, False] if args.evaluate == "both" else [args.evaluate == "true"]):
-            runs = run_swarm(args, steps, options, evaluate, root / f"swarm-eval-{evaluate}")
-            figures[evaluate] = report_swarm(runs, args, bare, evaluate)
-            print(f"  load average {os.getloadavg()}", flush=True)
-            if not args.keep:
-                shutil.rmtree(root / f"swarm-eval-{evaluate}", ignore_errors=True)
+            for overlap in ([False, True] if args.overlap == "both" else [args.overlap == "true"]):
+                where = root / f"swarm-eval-{evaluate}-overlap-{overlap}"
+                runs = run_swarm(args, steps, options, evaluate, overlap, where)
+                figures[evaluate, overlap] = report_swarm(runs, args, bare, evaluate, overlap)
+                print(f"  load average {os.getloadavg()}", flush=True)
+                if not args.keep:
+                    shutil.rmtree(where, ignore_errors=True)
         print("\nratio of inner steps/s, swarm to bare loops: " + ", ".join(
-            f"evaluate={str(e).lower()} {f['ratio']:.3f}" for e, f in figures.items() if f) + " (target >= 0.85)")
+            f"evaluate={str(e).lower()} overlap={str(o).lower()} {f['ratio']:.3f}"
+            for (e, o), f in figures.items() if f) + " (target >= 0.85)")
     finally:
         if args.keep:
             print(f"kept {root}")

@@ -398,6 +398,39 @@ def test_training_goes_on_while_the_store_collects_garbage_every_second(swarm):
             assert "dataset" in ContentStore(peer.data_dir / "store").pins()
 
 
+def test_a_peer_killed_mid_merge_restarts_on_a_whole_head_and_the_others_go_on(swarm):
+    # A model wide enough (4M parameters) that a merge takes a moment to catch it in.
+    wide = "[workload.options]\nfeatures = 1024\nhidden = 4096\nmicroshards = 96\n"
+    peers = [swarm.add(extra_toml=TRAINING.format(training="round_deadline_s = 20") + "\n" + wide) for _ in range(3)]
+    for peer in peers:
+        peer.start(extra_env=ONE_THREAD)
+    for peer in peers:
+        peer.wait_healthy(60)
+    survivors, victim = peers[:2], peers[2]
+    with logs_on_failure(swarm):
+        wait_agreed(peers, 2, 120, what="three peers at round 2")
+        wait_until(lambda: training(victim).get("phase") == "merging", 120, interval=0.01, what="victim merging")
+        killed_round = training(victim)["round"]
+        victim.kill9()
+        wait_agreed(survivors, killed_round + 2, 90, what="survivors go on without the victim")
+
+        # What it restarts on is a head it held whole: a merge cut short left no adopted head behind.
+        adopted = json.loads((victim.data_dir / "heads.json").read_text())["adopted"]
+        restored = head_record(survivors[0], adopted)  # every head the victim adopted, the survivors know
+        assert restored.round >= killed_round - 1
+        assert whole_in_store(victim, restored.weights), "the victim adopted a head it did not hold whole"
+        first_life = len(victim.log())
+        victim.start(extra_env=ONE_THREAD)
+        victim.wait_healthy(60)
+        head = wait_agreed(peers, killed_round + 3, 90, what="the restarted peer catches up")
+        assert '"head_restored"' in victim.log()[first_life:]
+        chains = [canonical_chain(p, head) for p in peers]
+        assert all([h.id for h in c] == [h.id for h in chains[0]] for c in chains)
+        for peer in peers:
+            assert training(peer)["head_rejections"] == {}, peer.name
+            assert whole_in_store(peer, head_record(peer, head).weights), peer.name
+
+
 def whole_in_store(peer: Peer, manifest_id: str) -> bool:
     store = ContentStore(peer.data_dir / "store")
     manifest = store.get_manifest(manifest_id)

@@ -315,3 +315,49 @@ def test_with_norms_known_each_input_chunk_is_read_once(tmp_path: Path) -> None:
     inputs = [store.get_manifest(i) for i in (weights_id, momentum_id, *(u.artifact for u in updates))]
     expected = Counter(c.cid for m in inputs if m is not None for c in m.chunks)
     assert store.reads == expected
+
+
+def test_a_corrupt_update_chunk_at_merge_time_fails_the_merge_writes_no_head_and_a_refetch_repairs_it(
+    tmp_path: Path,
+) -> None:
+    """A chunk that rots on disk between its arrival (norm measured) and the merge: the merge
+    raises MissingContent for the round to retry, the rotten chunk is gone so that a fetch
+    replaces it, and no new weights or momentum artifact is left whole in the store."""
+    store = ContentStore(tmp_path)
+    shapes = {"layer": (50_000,), "bias": (300,)}
+    chunking = FixedChunking(1 << 14)
+    weights_id = store_artifact(store, state(shapes, 0), FP32, chunking)
+    momentum_id = store_artifact(store, state(shapes, 1, 0.01), FP32, chunking)
+    updates = [
+        StoredUpdate(f"b3:{i:064x}", 64, store_artifact(store, state(shapes, i + 2, 0.01), INT8, chunking))
+        for i in range(3)
+    ]
+    norms = known_norms(store, updates)
+    expected = reference(store, weights_id, momentum_id, updates, rule("mean"), None, chunking)
+    assert expected is not None
+    manifest = store.get_manifest(updates[1].artifact)
+    assert manifest is not None and len(manifest.chunks) > 2
+    victim = manifest.chunks[len(manifest.chunks) // 2].cid
+    original = store.get(victim)
+    assert original is not None
+    path = store._path("chunks", victim)
+    rotten = bytearray(path.read_bytes())
+    rotten[len(rotten) // 2] ^= 0xFF  # same size: only reading it whole finds out
+    path.write_bytes(bytes(rotten))
+
+    with pytest.raises(MissingContent):
+        merge_from_store(
+            store, weights_id, momentum_id, updates, rule("mean"),
+            chunking=chunking, slice_elements=SLICE, workers=2, norms=norms,
+        )
+    assert not store.has(victim)
+    for artifact in (expected.weights_id, expected.momentum_id):
+        written = store.get_manifest(artifact)
+        assert written is None or store.missing(c.cid for c in written.chunks), "a half-written head is whole"
+
+    store.put(original)  # what the exchange's refetch does
+    repaired = merge_from_store(
+        store, weights_id, momentum_id, updates, rule("mean"),
+        chunking=chunking, slice_elements=SLICE, workers=2, norms=norms,
+    )
+    assert_same_head(store, repaired, expected)
