@@ -1,4 +1,4 @@
-"""Keeps the README's generated sections (the config reference) in step with the code.
+"""Keeps the docs' generated sections (the config reference in docs/configuration.md) in step with the code.
 
 ``python -m node.docs`` rewrites them; a test fails when they drift.
 """
@@ -10,26 +10,26 @@ from pathlib import Path
 
 from node.config import config_reference
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 START = "<!-- config-reference:start -->"
 END = "<!-- config-reference:end -->"
 
 
-def render(readme: str) -> str:
-    """``readme`` with the config reference between its markers regenerated."""
-    head, start, rest = readme.partition(START)
+def render(page: str) -> str:
+    """``page`` with the config reference between its markers regenerated."""
+    head, start, rest = page.partition(START)
     _, end, tail = rest.partition(END)
     if not start or not end:
-        raise ValueError(f"README lacks the {START} … {END} markers")
+        raise ValueError(f"the page lacks the {START} … {END} markers")
     return f"{head}{START}\n{config_reference().strip()}\n{END}{tail}"
 
 
 def main() -> int:
-    text = README.read_text()
+    text = REFERENCE.read_text()
     updated = render(text)
     if updated != text:
-        README.write_text(updated)
-        print(f"updated {README}")
+        REFERENCE.write_text(updated)
+        print(f"updated {REFERENCE}")
     return 0
 
 
