@@ -61,22 +61,27 @@ def _port(value: int) -> str | None:
 
 
 def _multiaddrs(values: tuple[str, ...]) -> str | None:
+    # Parsed as libp2p parses them when the daemon starts, so a bad one fails here, in one line.
+    import multiaddr  # small and pure Python; libp2p itself is imported only by the daemon
+
     for value in values:
         if not value.startswith("/"):
             return f"{describe(value)} is not a multiaddr (it must start with \"/\")"
+        try:
+            multiaddr.Multiaddr(value)
+        except Exception as exc:  # the parser raises several types, all meaning "not a multiaddr"
+            reason = " ".join(str(getattr(exc, "message", exc)).split())
+            return f"{describe(value)} is not a valid multiaddr ({reason})"
     return None
 
 
 def _dialable(values: tuple[str, ...]) -> str | None:
     # libp2p's noise handshake checks the remote's identity, so a dial needs the peer id.
-    problem = _multiaddrs(values)
-    if problem is not None:
-        return problem
     for value in values:
         _, sep, peer = value.rpartition("/p2p/")
-        if not sep or _peer_ids((peer,)) is not None:
+        if value.startswith("/") and (not sep or "/" in peer or _peer_ids((peer,)) is not None):
             return f"{describe(value)} must end in /p2p/<peer id> (p2p-node keygen prints a peer's id)"
-    return None
+    return _multiaddrs(values)
 
 
 def _peer_ids(values: tuple[str, ...]) -> str | None:
