@@ -180,11 +180,13 @@ class PeerRun:
     peer: Peer
     samples: dict[int, Sample] = field(default_factory=dict)  # the first sample at each head round seen
     peak_rss: int = 0
+    overlap: dict[str, int] = field(default_factory=dict)  # rounds trained ahead: used, abandoned by reason
 
     def sample(self) -> None:
         status = self.peer.get("/status", timeout=5.0) or {}
         training = status.get("training") or {}
         head_round = training.get("head_round")
+        self.overlap = dict(training.get("overlap") or self.overlap)
         if head_round is None or head_round in self.samples:
             return
         self.samples[head_round] = Sample(time.monotonic(), head_round, dict(training.get("phase_seconds") or {}),
@@ -291,7 +293,8 @@ def report_swarm(
         rates.append(steps / wall)
         steps_s += steps / wall
         print(f"    {len(rounds) - 1} rounds in {wall:.1f} s ({wall / (len(rounds) - 1):.1f} s/round), "
-              f"{steps} inner steps, {steps / wall:.3f} steps/s")
+              f"{steps} inner steps, {steps / wall:.3f} steps/s"
+              + (f"; rounds trained ahead: {run.overlap}" if run.overlap else ""))
     if not wall_sum:
         return {}
     print(f"\n  share of the round loop's wall time per phase (all peers, {wall_sum:.0f} peer-seconds):")

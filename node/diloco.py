@@ -665,9 +665,7 @@ class OuterLoop:
             update = self.updates_by_id.get(update_id)
             if update is not None:
                 consumed.update(update.microshards)
-        free, epoch = ledger.remaining - consumed, ledger.epoch
-        if not free:
-            free, epoch = ledger.rolled().remaining, ledger.epoch + 1
+        epoch, free = ledger.next_pool(consumed)
         ahead = Ahead(after=base.id, round=base.round + 2, epoch=epoch, steps=steps, budget_s=budget_s)
         ahead.task = asyncio.create_task(self._train_ahead(ahead, base, free, wanted, speeds, live_trainers))
         self._ahead = ahead

@@ -110,6 +110,14 @@ class EpochLedger:
             raise Invalid("double_coverage", f"{len(inclusion.duplicate)} shards already done")
         return EpochLedger(base.epoch, self.planned, base.done | inclusion.new)
 
+    def next_pool(self, consumed: Collection[str]) -> tuple[int, frozenset[str]]:
+        """The epoch and free shards of the round after one that takes ``consumed``: what is left of
+        this epoch, or the whole plan of the next epoch when ``consumed`` finishes this one."""
+        free = self.remaining - frozenset(consumed)
+        if free:
+            return self.epoch, free
+        return self.epoch + 1, self.planned
+
     def coverage(self, leased: Collection[str] = frozenset()) -> Coverage:
         """Done, leased and free for this epoch; leases on done shards do not count."""
         held = frozenset(leased) & self.remaining

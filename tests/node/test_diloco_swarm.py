@@ -162,6 +162,12 @@ def test_with_overlap_peers_train_while_heads_merge_and_still_agree_cover_once_a
         planned = peers[0].get("/leases")["coverage"]["planned"]
         epoch0 = [s for h in chain if h.parent is not None and h.epoch == 0 for s in h.microshards]
         assert len(epoch0) == len(set(epoch0)) == planned
+        # A new epoch's first round, trained ahead, draws on the whole plan like any other round.
+        sizes = sorted(len(h.microshards) for h in chain[1:])
+        median = sizes[len(sizes) // 2]
+        firsts = [h for h, parent in zip(chain[1:], chain) if h.epoch != parent.epoch and parent.parent is not None]
+        assert firsts, "the chain never started a second epoch"
+        assert all(len(h.microshards) >= median // 2 for h in firsts), (median, [len(h.microshards) for h in firsts])
         genesis_loss = min(peers[0].get(f"/heads/{chain[0].id}")["eval"].values())
         end = wait_until(lambda: peers[0].get(f"/heads/{final}")["eval"].get(peers[0].peer_id), 20, what="final eval")
         assert end < 0.6 * genesis_loss, f"val loss {genesis_loss:.3f} at genesis, {end:.3f} at round 9+"

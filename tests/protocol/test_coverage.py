@@ -88,6 +88,15 @@ def test_epoch_rolls_over_when_every_shard_is_done() -> None:
     assert selection.included == (uid(1),)
 
 
+def test_the_pool_after_a_round_is_the_epochs_rest_or_the_next_epochs_whole_plan() -> None:
+    ledger = EpochLedger.start(PLAN).after(covers(0, SHARDS[:4]))
+    assert ledger.next_pool(SHARDS[4:8]) == (0, frozenset(SHARDS[8:]))
+    # A round that takes the epoch's last shards: the next round draws on the next epoch's whole plan.
+    assert ledger.next_pool(SHARDS[4:]) == (1, PLAN)
+    assert ledger.next_pool(SHARDS) == (1, PLAN)
+    assert ledger.next_pool(()) == (0, frozenset(SHARDS[4:]))
+
+
 def test_misnumbered_epoch_before_completion_is_refused() -> None:
     with pytest.raises(Invalid, match=WRONG_EPOCH):
         EpochLedger.start(PLAN).after(covers(1, SHARDS[:1]))
