@@ -175,10 +175,11 @@ def test_with_overlap_peers_train_while_heads_merge_and_still_agree_cover_once_a
             row = training(peer)
             assert row["round_failures"] == 0, (peer.name, row)
             assert row["head_rejections"] == {}, (peer.name, row["head_rejections"])
-            # Most rounds were trained ahead and used; an abandoned one is retrained from the head.
-            used = row["overlap"].get("used", 0)
-            abandoned = sum(n for reason, n in row["overlap"].items() if reason != "used")
-            assert used >= 4 and used >= 2 * abandoned, (peer.name, row["overlap"])
+            # Rounds trained ahead were used; one abandoned (an epoch's tail left nothing to claim
+            # ahead, a rival won its shards) is retrained from the head. None failed.
+            assert row["overlap"].get("used", 0) >= 4, (peer.name, row["overlap"])
+            failed = {r for r in row["overlap"] if r in ("abandoned_failed", "abandoned_round_failed")}
+            assert not failed, (peer.name, row["overlap"])
         # A round trained ahead carries the right base: no peer's update was refused for it.
         for peer in peers:
             rejections = training(peer)["update_rejections"]
