@@ -121,28 +121,51 @@ class Leasing:
         head chain counts each shard once), and a flood holds nothing past its cap.
         """
         self.start_round(epoch, round)
-        admitted = frozenset({self._peer, *(p for p in live_peers if not self.excluded(p))})
-        admission = Admission(admitted, frozenset(free))
+        admission = self._admission(free, live_peers)
         self.book.admit(admission)
         ahead, self.ahead = self.ahead, None
         if ahead is not None and (ahead.epoch, ahead.round) == (epoch, round):
             return await self._take_ahead(ahead)
-        available = free - self.book.leased()
+        claim = self._draft(epoch, round, free, free - self.book.leased(), admission, wanted, speed, total_speed)
+        if claim is None:
+            return frozenset()
+        await self._publish(claim)
+        await asyncio.sleep(self._settle_s)
+        return await self._yield_losses(claim)
+
+    def _admission(self, free: frozenset[str], live_peers: list[str]) -> Admission:
+        """Whose claims count on ``free``: this peer and the live peers not excluded for strikes."""
+        admitted = frozenset({self._peer, *(p for p in live_peers if not self.excluded(p))})
+        return Admission(admitted, frozenset(free))
+
+    def _draft(
+        self,
+        epoch: int,
+        round: int,
+        free: frozenset[str],
+        available: frozenset[str],
+        admission: Admission,
+        wanted: int,
+        speed: float,
+        total_speed: float,
+    ) -> LeaseClaim | None:
+        """A new claim on ``available`` shards of the pool ``free``, or None when there is nothing to claim."""
         # Our share of the whole pool, not of what is still unclaimed: peers start a round a few
         # milliseconds apart, and shares of a shrinking remainder would leave the end of an
         # epoch to trickle out over several short rounds. Within the cap, or others would cut it.
         budget = min(wanted, budget_for(speed, total_speed, len(free)), admission.cap)
-        chosen = choose_claims(self._peer, available, budget, frozenset(), admitted)
+        chosen = choose_claims(self._peer, available, budget, frozenset(), admission.peers)
         if not chosen:
-            return frozenset()
+            return None
         issued = now_ms()
-        claim = LeaseClaim.create(self._peer, epoch, round, chosen, issued, issued + self._lease_ms)
-        await self._publish(claim)
-        await asyncio.sleep(self._settle_s)
+        return LeaseClaim.create(self._peer, epoch, round, chosen, issued, issued + self._lease_ms)
+
+    async def _yield_losses(self, claim: LeaseClaim, ahead: bool = False) -> frozenset[str]:
+        """Yield the shards of our ``claim`` the book gives to others; what we hold."""
         lost = self.book.losses_of(self._peer)
         if lost:
             kept = frozenset(claim.microshards) - lost
-            log.info("lease_conflict", round=round, lost=len(lost), kept=len(kept))
+            log.info("lease_conflict", round=claim.round, lost=len(lost), kept=len(kept), ahead=ahead)
             if not kept:
                 self.book.release(claim.lease_id)
                 self.own = None
@@ -159,16 +182,7 @@ class Leasing:
             log.info("lease_ahead_dropped", round=claim.round, reason=exc.reason)
             return frozenset()
         self.own = claim
-        lost = self.book.losses_of(self._peer)
-        if lost:
-            kept = frozenset(claim.microshards) - lost
-            log.info("lease_conflict", round=claim.round, lost=len(lost), kept=len(kept), ahead=True)
-            if not kept:
-                self.book.release(claim.lease_id)
-                self.own = None
-                return frozenset()
-            await self._publish(claim.renewed(claim.expires_ms, kept))
-        return self.book.holdings_of(self._peer)
+        return await self._yield_losses(claim, ahead=True)
 
     async def claim_ahead(
         self,
@@ -190,16 +204,12 @@ class Leasing:
         self.ahead = None
         if now_ms() < self._benched_until_ms:
             return frozenset()
-        admitted = frozenset({self._peer, *(p for p in live_peers if not self.excluded(p))})
-        admission = Admission(admitted, frozenset(free))
+        admission = self._admission(free, live_peers)
         rivals = [c for c in self._pending_future.values() if (c.epoch, c.round) == (epoch, round)]
         available = free - frozenset(resolve(rivals, now_ms(), admission))
-        budget = min(wanted, budget_for(speed, total_speed, len(free)), admission.cap)
-        chosen = choose_claims(self._peer, available, budget, frozenset(), admitted)
-        if not chosen:
+        claim = self._draft(epoch, round, free, available, admission, wanted, speed, total_speed)
+        if claim is None:
             return frozenset()
-        issued = now_ms()
-        claim = LeaseClaim.create(self._peer, epoch, round, chosen, issued, issued + self._lease_ms)
         self.ahead = claim
         await self._gossip.publish(LEASE, LEASE_VERSION, claim.to_wire())
         await asyncio.sleep(self._settle_s)
