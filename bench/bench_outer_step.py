@@ -250,13 +250,11 @@ def child(args: argparse.Namespace) -> None:
                 result = merge_from_store(
                     store, spec["weights"], spec["momentum"], updates, RULE, chunking=CHUNKING, norms=norms
                 )
-                assert result is not None
                 return [result.weights_id, result.momentum_id]
             weights = load_artifact(store, spec["weights"])
             momentum = load_artifact(store, spec["momentum"])
             inputs = [UpdateInput(u.update_id, u.samples, load_artifact(store, u.artifact)) for u in updates]
             merged = merge(weights, momentum, inputs, RULE)
-            assert merged is not None
             return [store_artifact(store, t, FP32, CHUNKING) for t in (merged.weights, merged.momentum)]
 
         times = []

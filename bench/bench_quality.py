@@ -79,7 +79,7 @@ from typing import Any
 import torch
 
 from node.artifacts import decode_state_dict, encode_state_dict
-from node.merge import UpdateInput, merge, outer_rule
+from node.merge import MergeResult, NothingMerged, UpdateInput, merge, outer_rule
 from protocol.codecs import BF16, FP32, INT8, Codec
 from protocol.manifest import join_chunks
 from workloads.base import seeded_generator
@@ -298,7 +298,10 @@ def run_diloco(
             wires.append(wire)
             updates.append(UpdateInput(f"worker-{k:03d}", metrics.examples, decoded))
         reference = statistics.median(median_norms[-NORM_WINDOW:]) if median_norms and scenario.chain_bound else None
-        result = merge(global_weights, momentum, updates, rule, reference_norm=reference)
+        try:
+            result: MergeResult | None = merge(global_weights, momentum, updates, rule, reference_norm=reference)
+        except NothingMerged:
+            result = None
         excluded = {update_id for update_id, _ in result.excluded} if result else {u.update_id for u in updates}
         honest_excluded = excluded - ({"worker-000"} if factor is not None else set())
         if honest_excluded and scenario.plain:

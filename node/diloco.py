@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ from node.heads import Heads
 from node.leasing import Leasing
 from node.logs import Repeats, get_logger
 from node.membership import Membership
-from node.merge import outer_rule
+from node.merge import NothingMerged, outer_rule
 from node.receipt import UNAVAILABLE, UNBOUND, Receipt, state_ids
 from node.microshards import MicroshardSource, MicroshardUnavailable
 from node.store import ContentStore
@@ -54,6 +54,7 @@ log = get_logger("diloco")
 UPDATE_VERSION = 1
 CODECS: dict[str, Codec] = {"fp32": FP32, "bf16": BF16, "int8": INT8}
 MAX_BUFFERED_ROUNDS = 4
+MAX_SET_ASIDE = 4096  # update ids kept out of their round's retries
 SYNC_MAX_S = 120.0
 EARLY_FETCHERS = 2  # updates fetched at once as they are announced, during the round
 EARLY_FETCH_QUEUE = 256  # announced updates waiting for an early fetch; beyond, the merge fetches them
@@ -135,6 +136,8 @@ class OuterLoop:
         self.started = time.monotonic()
         self.speed = 1.0
         self.round_failures = 0
+        self.rounds_without_head = 0  # closed rounds whose every update the merge left out
+        self._set_aside_ids: dict[str, int] = {}  # update id -> round: left out of every retry of it
         self._crashes = Repeats()  # the same local fault, logged once a minute
         self.current_settings: dict[str, Any] = {}
         self._state: RoundState | None = None
@@ -264,6 +267,9 @@ class OuterLoop:
         # head's worth per round, and rounds ahead of ours only from peers we hear as live.
         buffered = self.updates.get(update.round, {})
         if record.id in buffered:
+            return
+        if record.id in self._set_aside_ids:
+            self.update_rejections["set_aside"] += 1
             return
         if update.round > current + 1 and update.peer != self.peer_id and not self.membership.table.is_live(update.peer):
             self.update_rejections["ahead_not_live"] += 1
@@ -466,7 +472,11 @@ class OuterLoop:
         if result.updates and published and self.config.diloco.overlap:
             self._start_ahead(base, ledger, list(result.updates), steps, budget_s, wanted, speeds, live_trainers)
         if result.updates:
-            head = await self._merge_unless_superseded(base, list(result.updates), self.rule(settings))
+            try:
+                head = await self._merge_unless_superseded(base, list(result.updates), self.rule(settings))
+            except NothingMerged as exc:
+                head = None
+                self._set_aside(round_no, exc.excluded)
             if head is not None and base.id in (self.heads.adopted, self.heads.canonical().parent):
                 # Ours, or a sibling of the head adopted meanwhile: fork choice keeps the heavier.
                 self._enter("adopting")
@@ -785,7 +795,31 @@ class OuterLoop:
             except TimeoutError:
                 pass
 
+    def _set_aside(self, round_no: int, excluded: Sequence[tuple[str, str]]) -> None:
+        """Every update of the round was left out of its merge: keep them out of its retries.
+
+        Otherwise the retry closes on the same updates and merges nothing again, for ever, and
+        the shards they hold are never trained by anyone else: a peer that wins an epoch's last
+        shards and answers with an update no merge can use would stall the swarm. Their authors
+        are struck, so their leases are released now and, struck again, ignored for a while.
+        """
+        assert self.leasing is not None
+        self.rounds_without_head += 1
+        buffered = self.updates.get(round_no, {})
+        authors = set()
+        for update_id, reason in excluded:
+            self._set_aside_ids[update_id] = round_no
+            update = buffered.pop(update_id, None) or self.updates_by_id.get(update_id)
+            if update is not None and (reason in UNUSABLE or reason == UNAVAILABLE):
+                authors.add(update.peer)
+        while len(self._set_aside_ids) > MAX_SET_ASIDE:
+            del self._set_aside_ids[next(iter(self._set_aside_ids))]
+        self.leasing.drop_unfinished(authors)
+        log.warning("round_merged_nothing", round=round_no, excluded=dict(excluded), struck=sorted(authors))
+
     def _forget_rounds(self, closed_round: int) -> None:
+        for update_id in [i for i, r in self._set_aside_ids.items() if r < closed_round]:
+            del self._set_aside_ids[update_id]
         for round_no in [r for r in self.updates if r < closed_round]:
             del self.updates[round_no]
         keep = {i for updates in self.updates.values() for i in updates}

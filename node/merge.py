@@ -35,6 +35,14 @@ class UpdateInput:
     delta: Tensors | None  # None: the payload did not decode
 
 
+class NothingMerged(Exception):
+    """Every update of a merge was excluded: the round has no head. ``excluded`` says why, per update."""
+
+    def __init__(self, excluded: Sequence[tuple[str, str]]) -> None:
+        self.excluded = tuple(sorted(excluded))
+        super().__init__(f"every update was excluded: {', '.join(f'{u} ({why})' for u, why in self.excluded) or 'none given'}")
+
+
 @dataclass(frozen=True)
 class MergeResult:
     """The merged weights and momentum, which updates went in, which did not and why, and their norms."""
@@ -302,8 +310,8 @@ def merge(
     rule: AggregationRule,
     *,
     reference_norm: float | None = None,
-) -> MergeResult | None:
-    """Screen, aggregate and step; None when no update survives screening (the round is empty).
+) -> MergeResult:
+    """Screen, aggregate and step; NothingMerged when no update survives screening.
 
     ``reference_norm`` is a norm the caller derives from the chain alone (recent heads'
     ``median_norm``), so that the rule's ``outlier_factor`` bounds updates in rounds too small
@@ -315,7 +323,7 @@ def merge(
     outlier_factor = float(rule.get("outlier_factor", 0.0) or 0.0)
     kept, excluded, norms = _screen(updates, reference, outlier_factor, reference_norm)
     if not kept:
-        return None
+        raise NothingMerged(excluded)
     with torch.no_grad():
         gradient = aggregate(kept, list(reference), rule)
         new_weights, new_momentum = outer_step(reference, momentum, gradient, rule)

@@ -214,6 +214,8 @@ class NodeMetrics:
         out.counter("inner_seconds_total", "Seconds spent in inner-loop training.", round(outer.trainer.inner_seconds, 3))
         out.gauge("utilisation", "Share of wall time spent training (0..1).", round(outer.utilisation(), 4))
         out.counter("round_failures_total", "Rounds this peer gave up on.", outer.round_failures)
+        out.counter("rounds_without_head_total", "Closed rounds whose every update the merge left out.",
+                    outer.rounds_without_head)
         out.family(
             "update_rejections_total", "counter", "Pseudo-gradient updates rejected, by reason.",
             _by("reason", outer.update_rejections),

@@ -83,6 +83,7 @@ SCHEMAS: dict[str, Schema] = {
         "overlap": counts(),
         "last_error": nullable(STRING),
         "round_failures": COUNT,
+        "rounds_without_head": COUNT,
         "microshards_repaired": COUNT,
         "update_rejections": counts(),
         "head_rejections": counts(),

@@ -22,7 +22,7 @@ from node.gossip import Gossip
 from node.heads import Heads
 from node.logs import get_logger
 from node.membership import Membership
-from node.merge import rule_problem
+from node.merge import NothingMerged, rule_problem
 from node.store import ContentStore
 from node.streaming_merge import StoredUpdate, merge_from_store, update_norm
 from protocol import canonical
@@ -112,8 +112,9 @@ class Receipt:
         absent: frozenset[str] = frozenset(),
         strict: bool = False,
         own_round: bool = False,
-    ) -> HeadRecord | None:
-        """The head that merging ``update_ids`` onto ``base`` under ``rule`` gives: a pure function of them.
+    ) -> HeadRecord:
+        """The head that merging ``update_ids`` onto ``base`` under ``rule`` gives: a pure function of
+        them. NothingMerged, naming every update and why it was left out, when none can go in.
 
         An update whose record or artifact cannot be had is excluded as ``unavailable``; that is
         the merger's observation, not a function of the inputs, so a verifier takes the head's
@@ -146,7 +147,7 @@ class Receipt:
         absent: frozenset[str],
         strict: bool,
         own_round: bool,
-    ) -> HeadRecord | None:
+    ) -> HeadRecord:
         records: dict[str, UpdateRecord] = {}
         dropped: list[tuple[str, str]] = []
         for update_id in sorted(set(update_ids)):
@@ -193,13 +194,14 @@ class Receipt:
         if own_round:
             self._on_phase("merging")
         self.merges += 1
-        result = await asyncio.to_thread(
-            merge_from_store, self.store, base.weights, base.momentum, inputs, rule,
-            reference_norm=bound, chunking=self.chunking,
-            norms={u.artifact: self._norms[u.artifact] for u in inputs if u.artifact in self._norms},
-        )
-        if result is None:
-            return None
+        try:
+            result = await asyncio.to_thread(
+                merge_from_store, self.store, base.weights, base.momentum, inputs, rule,
+                reference_norm=bound, chunking=self.chunking,
+                norms={u.artifact: self._norms[u.artifact] for u in inputs if u.artifact in self._norms},
+            )
+        except NothingMerged as exc:
+            raise NothingMerged([*dropped, *selection.excluded, *exc.excluded]) from None
         included = [records[i] for i in result.included]
         credited = [credit(u, self.plan_sizes) for u in included]
         samples = sum(c[0] for c in credited)
@@ -255,7 +257,9 @@ class Receipt:
         except (FetchFailed, MissingContent) as exc:
             log.info("verify_inputs_unavailable", head=head.id, error=str(exc)[:200])
             return "inputs_unavailable"
-        if recomputed is None or recomputed.id != head.id:
+        except NothingMerged:
+            return "recompute_mismatch"  # its inputs give no head at all
+        if recomputed.id != head.id:
             return "recompute_mismatch"
         return None
 

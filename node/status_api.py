@@ -187,6 +187,7 @@ class StatusApi:
             "overlap": dict(outer.overlap),
             "last_error": outer.trainer.last_error,
             "round_failures": outer.round_failures,
+            "rounds_without_head": outer.rounds_without_head,
             "microshards_repaired": outer.source.repaired if outer.source else 0,
             "update_rejections": dict(outer.update_rejections),
             "head_rejections": dict(outer.heads.rejected),

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from node.artifacts import MissingContent, decode_state_dict, load_artifact, store_artifact, tensor_sources
-from node.merge import _LEAF, UpdateInput, _median_of, aggregate, merge, outlier_bound, outer_step
+from node.merge import _LEAF, NothingMerged, UpdateInput, _median_of, aggregate, merge, outlier_bound, outer_step
 from node.merge import _SLICE as NORM_PART
 from node.store import ContentStore
 from protocol.chunking import Chunking, FixedChunking, split
@@ -485,7 +485,7 @@ def merge_from_store(
     slice_elements: int = SLICE_ELEMENTS,
     workers: int | None = None,
     norms: Mapping[str, float] | None = None,
-) -> StoredMerge | None:
+) -> StoredMerge:
     """``merge`` then ``store_artifact`` (FP32, ``chunking``) of the weights and momentum, streamed.
 
     ``updates`` are (update id, samples, artifact manifest id). A first pass measures each
@@ -501,7 +501,7 @@ def merge_from_store(
     clips whole-update distances, so under it this loads every update in full and calls
     ``merge`` (memory N x 4P, as ``merge`` needs; ``norms`` unused).
 
-    None when no update survives screening. MissingContent when the parent weights or
+    NothingMerged when no update survives screening. MissingContent when the parent weights or
     momentum, or a screened update's chunk, cannot be read.
     """
     if reference_norm is not None and not (math.isfinite(reference_norm) and reference_norm >= 0):
@@ -526,7 +526,7 @@ def merge_from_store(
             store, reference, updates, outlier_factor, reference_norm, norms or {}, pool
         )
         if not kept:
-            return None
+            raise NothingMerged(excluded)
         weights_out, momentum_out = _stream_merge(
             store, weights, momentum, kept, rule, chunking, slice_elements, pool, threads
         )
@@ -736,7 +736,7 @@ def _merge_loaded(
     rule: AggregationRule,
     reference_norm: float | None,
     chunking: Chunking,
-) -> StoredMerge | None:
+) -> StoredMerge:
     """The whole-update path: load everything, ``merge``, store the results."""
     weights = load_artifact(store, weights_id)
     momentum = None if momentum_id is None else load_artifact(store, momentum_id)
@@ -748,8 +748,6 @@ def _merge_loaded(
             delta = None
         inputs.append(UpdateInput(update.update_id, update.samples, delta))
     result = merge(weights, momentum, inputs, rule, reference_norm=reference_norm)
-    if result is None:
-        return None
     return StoredMerge(
         weights_id=store_artifact(store, result.weights, FP32, chunking),
         momentum_id=store_artifact(store, result.momentum, FP32, chunking),

@@ -192,10 +192,11 @@ def adopted_heads(log: str) -> set[str]:
 
 
 class AdversarialSwarm:
-    """Three honest daemons and one hostile daemon whose mode changes from phase to phase."""
+    """Honest daemons (three unless told) and one hostile daemon whose mode changes from phase to phase."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, honest: int = HONEST_PEERS) -> None:
         self.root = root
+        self.honest_count = honest
         self.swarm = Swarm(root, swarm="adversarial")
         self.honest: list[Daemon] = []
         self.hostile: Daemon | None = None
@@ -205,7 +206,7 @@ class AdversarialSwarm:
     # ---- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        for _ in range(HONEST_PEERS):
+        for _ in range(self.honest_count):
             self.honest.append(self._add(Daemon))
         hostile = self.hostile = self._add(Daemon, HOSTILE_TRAINING)
         self.mode_file.write_text("honest")
@@ -230,10 +231,16 @@ class AdversarialSwarm:
         return daemon
 
     def close(self) -> None:
-        """Stop every daemon this swarm started, and delete their data."""
+        """Stop every daemon this swarm started, and delete their data; with ``P2P_TEST_KEEP_LOGS``
+        set to a directory, the daemons' logs are copied there first, to read after a failed run."""
         for peer in self.swarm.peers:
             if isinstance(peer, Daemon):
                 peer.stop()
+        if keep := os.environ.get("P2P_TEST_KEEP_LOGS"):
+            for peer in self.swarm.peers:
+                if peer.log_path.exists():
+                    Path(keep).mkdir(parents=True, exist_ok=True)
+                    shutil.copy(peer.log_path, Path(keep) / f"adversarial-{peer.name}.log")
         shutil.rmtree(self.root, ignore_errors=True)
 
     # ---- views -----------------------------------------------------------------------
@@ -255,6 +262,13 @@ class AdversarialSwarm:
             rows.append(f"{peer.name} alive={peer.process is not None and peer.process.poll() is None} "
                         f"round={row.get('head_round')} head={(row.get('head') or '')[-8:]} phase={row.get('phase')}")
         return "; ".join(rows)
+
+    def lagging_logs(self, lines: int = 40) -> str:
+        """The last log lines of each honest peer not on the head most of them hold."""
+        heads = [training(p).get("head") for p in self.honest]
+        common = max(set(heads), key=heads.count)
+        return "\n".join(f"===== {p.name} (last {lines} log lines)\n" + "\n".join(p.log().splitlines()[-lines:])
+                         for p, head in zip(self.honest, heads) if head != common)
 
     def logs(self, tail: int = 3000) -> str:
         return "\n".join(f"===== {p.name}\n{p.log()[-tail:]}" for p in self.swarm.peers)
@@ -302,7 +316,7 @@ class AdversarialSwarm:
                 run.agreed = wait_until(lambda: self.agreed(start_round + rounds) or self._any_crashed(), PHASE_TIMEOUT_S,
                            interval=0.2, what=f"{mode}: honest peers agree {rounds} rounds on")
             except AssertionError as exc:
-                run.timed_out = f"{exc}; {self.describe()}"
+                run.timed_out = f"{exc}; {self.describe()}\n{self.lagging_logs()}"
             # Each peer's own loss of its head: an evaluation is published shortly after adoption.
             judged = run.agreed if isinstance(run.agreed, str) else None
             with contextlib.suppress(AssertionError):

@@ -29,6 +29,7 @@ MODES = (
     "x100",
     "sign_flip",
     "nan",
+    "tail_nan",  # honest, except NaN for a round cut short by the end of its epoch
     "lease_flood",
     "record_flood",
     "forged_ancestors",
@@ -126,19 +127,36 @@ def _patch_training() -> None:
     update names the current head as its base (stale_base)."""
     from node.trainer import Trainer
 
+    from node.diloco import OuterLoop
+
     original = Trainer.train_round
+    original_round = OuterLoop._train_and_publish
+    holds_tail = False
+
+    async def train_and_publish(self: OuterLoop, base: Any, epoch: int, shards: list[str], weights: Any,
+                                max_steps: int, *args: Any) -> bool:
+        nonlocal holds_tail
+        holds_tail = mode() == "tail_nan" and self._steps_for(shards, max_steps) < max_steps
+        if holds_tail:
+            report("tail_nan", round=base.round + 1, microshards=len(shards),
+                   holds_all=self._ledger(base).remaining <= frozenset(shards))
+        try:
+            return await original_round(self, base, epoch, shards, weights, max_steps, *args)
+        finally:
+            holds_tail = False
 
     async def train_round(self: Trainer, weights: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         now = mode()
         if now == "stale_base":
             weights = self.initial_weights()
         result = await original(self, weights, *args, **kwargs)
-        factor = DELTA_SCALES.get(now)
+        factor = DELTA_SCALES.get("nan" if holds_tail else now)
         if factor is None:
             return result
         return dataclasses.replace(result, delta={name: t * factor for name, t in result.delta.items()})
 
     Trainer.train_round = train_round  # type: ignore[method-assign]
+    OuterLoop._train_and_publish = train_and_publish  # type: ignore[method-assign]
 
 
 # ---------------------------------------------------------------- leases
@@ -250,6 +268,7 @@ async def _forge_ancestors(outer: Any) -> None:
     it is only served to peers that ask for it by id."""
     from node.artifacts import store_artifact
     from node.diloco import UPDATE_VERSION
+    from node.merge import NothingMerged
     from protocol import canonical
     from protocol.codecs import FP32
     from protocol.kinds import UPDATE
@@ -307,11 +326,11 @@ async def _forge_ancestors(outer: Any) -> None:
             outer._ledger = lambda head: real_ledger(base) if head.id == forged_parent.id else real_ledger(head)
             try:
                 head = await outer.receipt.compute(forged_parent, [record.id], outer.rule())
-            finally:
-                del outer._ledger
-            if head is None:
+            except NothingMerged:
                 report("forge_failed", base=base.id, why="merge gave no head")
                 continue
+            finally:
+                del outer._ledger
             await outer.heads.publish(head)
             report("forged", base=base.id, base_round=base.round, parent=forged_parent.id, head=head.id,
                    round=head.round, update=record.id)

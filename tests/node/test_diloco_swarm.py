@@ -176,8 +176,9 @@ def test_with_overlap_peers_train_while_heads_merge_and_still_agree_cover_once_a
             assert row["round_failures"] == 0, (peer.name, row)
             assert row["head_rejections"] == {}, (peer.name, row["head_rejections"])
             # Rounds trained ahead were used; one abandoned (an epoch's tail left nothing to claim
-            # ahead, a rival won its shards) is retrained from the head. None failed.
-            assert row["overlap"].get("used", 0) >= 4, (peer.name, row["overlap"])
+            # ahead, a rival won its shards) is retrained from the head. None failed. Epochs of the
+            # tiny workload last two or three rounds, so their tails are frequent.
+            assert row["overlap"].get("used", 0) >= 2, (peer.name, row["overlap"])
             failed = {r for r in row["overlap"] if r in ("abandoned_failed", "abandoned_round_failed")}
             assert not failed, (peer.name, row["overlap"])
         # A round trained ahead carries the right base: no peer's update was refused for it.

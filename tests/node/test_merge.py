@@ -16,7 +16,7 @@ import torch
 
 from node.artifacts import load_artifact, read_stream, store_artifact
 from node.config import ConfigError, load_config
-from node.merge import MAX_CLIP_ITERS, UpdateInput, merge, outer_rule, rule_problem
+from node.merge import MAX_CLIP_ITERS, NothingMerged, UpdateInput, merge, outer_rule, rule_problem
 from node.store import ContentStore
 from protocol.cid import content_id
 from protocol.codecs import BF16, FP32, INT8
@@ -164,7 +164,9 @@ def test_bad_updates_are_excluded_with_their_reason_in_any_input_order():
 def test_a_round_whose_every_update_is_excluded_merges_to_nothing():
     weights = tensors(0)
     nan = constant(float("nan"), weights)
-    assert merge(weights, None, updates(nan, None), rule()) is None
+    with pytest.raises(NothingMerged) as nothing:
+        merge(weights, None, updates(nan, None), rule())
+    assert [reason for _, reason in nothing.value.excluded] == sorted(["non_finite", "undecodable"])
 
 
 @pytest.mark.parametrize("name", ALL_RULES)
@@ -187,7 +189,9 @@ def test_a_hundredfold_update_in_a_round_of_one_or_two_is_excluded_against_the_c
     assert alone is not None and alone.included == (pair[0].update_id,)
     for name_ in weights:
         assert torch.equal(bounded.weights[name_], alone.weights[name_])
-    assert merge(weights, None, pair[1:], screened, reference_norm=reference) is None
+    with pytest.raises(NothingMerged) as nothing:
+        merge(weights, None, pair[1:], screened, reference_norm=reference)
+    assert nothing.value.excluded == ((pair[1].update_id, "norm_outlier"),)
     # outlier_factor 0 turns every norm bound off, the chain's included.
     assert merge(weights, None, pair, rule(name), reference_norm=reference).excluded == ()  # type: ignore[union-attr]
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from node.artifacts import MissingContent, encode_state_dict, load_artifact, store_artifact
-from node.merge import UpdateInput, _square_sum, merge, outer_rule
+from node.merge import NothingMerged, UpdateInput, _square_sum, merge, outer_rule
 from node.store import ContentStore
 from node.streaming_merge import StoredMerge, StoredUpdate, merge_from_store, part_square_sum, update_norm
 from protocol.chunking import Chunking, ContentDefinedChunking, FixedChunking
@@ -45,7 +45,7 @@ def reference(
     merge_rule: AggregationRule,
     reference_norm: float | None,
     chunking: Chunking,
-) -> StoredMerge | None:
+) -> StoredMerge:
     """What the daemon does today: decode every update in full, merge, encode the results."""
     inputs = []
     for update in updates:
@@ -56,8 +56,6 @@ def reference(
         inputs.append(UpdateInput(update.update_id, update.samples, delta))
     momentum = None if momentum_id is None else load_artifact(store, momentum_id)
     result = merge(load_artifact(store, weights_id), momentum, inputs, merge_rule, reference_norm=reference_norm)
-    if result is None:
-        return None
     return StoredMerge(
         weights_id=encode_state_dict(result.weights, FP32, chunking).manifest.artifact_id,
         momentum_id=encode_state_dict(result.momentum, FP32, chunking).manifest.artifact_id,
@@ -161,7 +159,9 @@ def test_a_round_with_nothing_usable_merges_nothing(tmp_path: Path) -> None:
     store = ContentStore(tmp_path)
     weights_id = store_artifact(store, state(SHAPES, 0))
     updates = [StoredUpdate(f"b3:{'01' * 32}", 64, f"b3:{'ef' * 32}")]
-    assert merge_from_store(store, weights_id, None, updates, rule("mean")) is None
+    with pytest.raises(NothingMerged) as nothing:
+        merge_from_store(store, weights_id, None, updates, rule("mean"))
+    assert nothing.value.excluded == ((updates[0].update_id, "undecodable"),)
 
 
 def test_missing_parent_state_is_reported_for_fetching(tmp_path: Path) -> None:
