@@ -242,6 +242,7 @@ class OuterLoop:
             trust_weights=cfg.training.verify == "trust",
         )
         self.heads.verifier = self.receipt.verify
+        self.heads.authors_of = self.receipt.authors
         self.heads.prefetcher = self.receipt.prefetch
         await self.heads.restore()
         self.leasing = Leasing(self.gossip, self.peer_id, self.source.ids, cfg.training.lease_s, cfg.training.lease_settle_s)

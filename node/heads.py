@@ -28,6 +28,10 @@ STATE_FILE = "heads.json"
 MAX_BACKFILL = 10_000
 MAX_ROLLBACKS = 1024  # operator rollbacks remembered (and saved); the earliest issued go first
 MAX_PENALISED = 4096  # authors whose rejected heads are counted; the oldest is forgotten first
+MAX_REJECTED_IDS = 4096  # heads remembered as invalid; the oldest is forgotten first
+# Rejections that may not hold later: the inputs or ancestors could not be had this time.
+TRANSIENT = frozenset({"inputs_unavailable", "unknown_parent", "ancestor_inputs_unavailable", "weights_unavailable",
+                       "ancestor_weights_unavailable"})
 MAX_EVAL_REPORTS = 1024  # peers' evaluations kept per head; a head's evaluators are its swarm's peers
 
 Verifier = Callable[[HeadRecord], Awaitable[str | None]]  # None: valid; else the reason it is not
@@ -58,6 +62,9 @@ class Heads:
         self._verify_ancestors = verify_ancestors
         self._trusted = trusted
         self.verifier: Verifier | None = None
+        # The peers whose updates a head merged, from the update records this peer holds: what
+        # the fork choice weighs. Called in a thread; empty when the records are not here.
+        self.authors_of: Callable[[HeadRecord], frozenset[str]] = lambda head: frozenset()
         self.prefetcher: Callable[[list[HeadRecord]], Awaitable[None]] | None = None
         self._heard: dict[str, int] = {}  # round of each head waiting for its verdict, from unpenalised authors
         self.emit: Callable[..., None] = lambda kind, **data: None  # the daemon's event bus
@@ -69,6 +76,7 @@ class Heads:
         self.eval: dict[str, dict[str, Any]] = {}  # validation loss by head, then by peer: heads in the index only
         self.rollbacks: dict[str, RollbackRecord] = {}
         self._verifying: set[str] = set()
+        self._rejected_ids: dict[str, None] = {}  # heads found invalid: their re-announcements are not verified again
         self._candidates: asyncio.Queue[tuple[HeadRecord, str]] = asyncio.Queue(256)
         self._lock = asyncio.Lock()
         gossip.on(HEAD, self._on_head)
@@ -106,7 +114,7 @@ class Heads:
             current = await asyncio.to_thread(self._load_body, current.parent) if current.parent else None
         for head in reversed(chain):
             try:
-                self.index.add(head)
+                self.index.add(head, await asyncio.to_thread(self.authors_of, head))
             except Invalid as exc:
                 log.warning("restore_failed", head=head.id, reason=exc.reason)
                 return
@@ -123,8 +131,9 @@ class Heads:
     async def add_own(self, head: HeadRecord) -> None:
         """A head this peer computed itself: no verification needed."""
         await asyncio.to_thread(self._put_body, head)
+        authors = await asyncio.to_thread(self.authors_of, head)
         async with self._lock:
-            self.index.add(head)
+            self.index.add(head, authors)
         await self.publish(head)
         await self._reconsider()
 
@@ -155,10 +164,11 @@ class Heads:
                 head, author = self._candidates.get_nowait()
                 pending[head.id] = (head, author)
             # Best first: a peer far behind verifies the swarm's tip, not every head on the way to
-            # it, and a head that would not become canonical is not worth a recompute.
+            # it. A head of a lower round is verified too: the fork choice weighs a branch by its
+            # authors, so a lone peer's longer branch may be adopted first and the swarm's after.
             head, author = pending.pop(min(pending.values(), key=lambda item: fork_rank(item[0]))[0].id)
             try:
-                if head.id not in self.index and fork_rank(head) < fork_rank(self.canonical()):
+                if head.id not in self.index and head.round > self.index.root.round:
                     await self._accept(head, author)
             except Exception as exc:
                 # A fault of this peer's (a full disk, an I/O error), not of the head: it is not
@@ -179,6 +189,9 @@ class Heads:
         # so the gossip loop never waits on it.
         head: HeadRecord = record.body
         if head.id in self.index or head.id in self._verifying:
+            return
+        if head.id in self._rejected_ids:
+            self.rejected["rejected_before"] += 1
             return
         try:
             self._candidates.put_nowait((head, record.author))
@@ -246,9 +259,10 @@ class Heads:
 
     async def _add_verified(self, head: HeadRecord, tip: HeadRecord, author: str) -> bool:
         """Link a verified head into the index and store its body; False (rejected) on a bad link."""
+        authors = await asyncio.to_thread(self.authors_of, head)
         async with self._lock:
             try:
-                self.index.add(head)
+                self.index.add(head, authors)
             except Invalid as exc:
                 self._reject(tip, author, exc.reason)
                 return False
@@ -258,6 +272,10 @@ class Heads:
     def _reject(self, head: HeadRecord, author: str, reason: str) -> None:
         """Count, penalise and report a head this peer will not adopt."""
         self.rejected[reason] += 1
+        if reason not in TRANSIENT:
+            self._rejected_ids[head.id] = None
+            while len(self._rejected_ids) > MAX_REJECTED_IDS:
+                del self._rejected_ids[next(iter(self._rejected_ids))]
         self.penalties[author] += 1
         while len(self.penalties) > MAX_PENALISED:
             del self.penalties[next(iter(self.penalties))]
@@ -287,10 +305,11 @@ class Heads:
         ancestors, missing = await self._unknown_ancestors(head)
         if missing is not None:
             return missing
+        authors = [await asyncio.to_thread(self.authors_of, h) for h in [*ancestors, head]]
         async with self._lock:
-            for ancestor in [*ancestors, head]:
+            for ancestor, merged in zip([*ancestors, head], authors, strict=True):
                 try:
-                    self.index.add(ancestor)
+                    self.index.add(ancestor, merged)
                 except Invalid as exc:
                     return f"{ancestor.id} ({exc.reason})"
                 await asyncio.to_thread(self._put_body, ancestor)

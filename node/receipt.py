@@ -35,6 +35,7 @@ from protocol.updates import UpdateRecord, credit, update_binding
 
 log = get_logger("diloco")
 
+UPDATE_AUTHORS = 8192  # update records' authors remembered for the fork choice, the oldest forgotten first
 PREFETCH_PARALLEL = 8  # update inputs of unknown ancestors fetched at once ahead of their recompute
 KNOWN_NORMS = 512  # norms of fetched update artifacts, measured while the round trains
 JOIN_OWN_MERGE_S = 10.0  # longest a verification waits for this peer's own merge of the same inputs
@@ -103,6 +104,7 @@ class Receipt:
         self._computed: OrderedDict[tuple[Any, ...], str] = OrderedDict()
         self._merging: dict[tuple[Any, ...], asyncio.Future[None]] = {}  # own rounds' merges in progress
         self._norms: OrderedDict[str, float] = OrderedDict()  # by artifact id: content-addressed, so exact
+        self._update_authors: dict[str, str] = {}  # update record id -> its author: the fork choice's input
 
     async def compute(
         self,
@@ -319,20 +321,34 @@ class Receipt:
         raw = await asyncio.to_thread(self.store.get_record, update_id)
         if raw is None:
             raw = await self.exchange.fetch_record(update_id)
-        return None if raw is None else self._parse_update(raw)
+        return None if raw is None else self._parse_update(raw, update_id)
 
     def stored_update(self, update_id: str) -> UpdateRecord | None:
         raw = self.store.get_record(update_id)
-        return None if raw is None else self._parse_update(raw)
+        return None if raw is None else self._parse_update(raw, update_id)
 
-    def _parse_update(self, raw: bytes) -> UpdateRecord | None:
+    def authors(self, head: HeadRecord) -> frozenset[str]:
+        """The peers whose updates ``head`` merged, from the signed update records seen or stored here."""
+        found = set()
+        for update_id in head.updates:
+            peer = self._update_authors.get(update_id)
+            if peer is None and (update := self.stored_update(update_id)) is not None:
+                peer = update.peer
+            if peer is not None:
+                found.add(peer)
+        return frozenset(found)
+
+    def _parse_update(self, raw: bytes, update_id: str) -> UpdateRecord | None:
         """The update a stored or fetched signed record carries; None for anything else."""
         try:
             record = self.gossip.validate_stored(raw)
         except Invalid:
             return None
-        if record.kind != UPDATE or record.body.peer != record.author:
+        if record.kind != UPDATE or record.body.peer != record.author or record.id != update_id:
             return None
+        self._update_authors[update_id] = record.author
+        while len(self._update_authors) > UPDATE_AUTHORS:
+            del self._update_authors[next(iter(self._update_authors))]
         return record.body  # type: ignore[no-any-return]
 
     async def measure(self, artifact: str) -> None:

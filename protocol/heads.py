@@ -317,18 +317,71 @@ def _under_rollback(heads: Mapping[str, HeadRecord], rollback: RollbackRecord) -
     return [heads[head_id_] for head_id_, ok in verdict.items() if ok]
 
 
-def choose_head(heads: Iterable[HeadRecord], rollback: RollbackRecord | None = None) -> str | None:
+def choose_head(
+    heads: Iterable[HeadRecord],
+    rollback: RollbackRecord | None = None,
+    authors: Mapping[str, frozenset[str]] | None = None,
+) -> str | None:
     """The canonical head id among ``heads`` (already validated), or None when there is none.
 
-    Highest round wins, then most cumulative samples, then smallest id. Under
-    a rollback only its target and heads built on the target under that
-    rollback compete; every other head is ignored while the rollback is in
-    force, including heads built on the target before it (they lack its
-    marker). None when the target is not among ``heads``.
+    Of two branches, the one whose heads since their last common head merged updates from more
+    distinct authors (``authors``: head id -> the peers whose updates it merged) wins; then the
+    highest round, then most cumulative samples, then smallest id. Rounds and samples cost a
+    lone peer nothing to make (a head needs no training to verify), so they only break ties: a
+    peer that forks off alone, cut off or hostile, cannot outrun the swarm with a longer chain
+    of its own updates. The branches' tips are taken best round first, and a tip replaces the
+    best so far only when it wins.
+
+    Under a rollback only its target and heads built on the target under that rollback
+    compete; every other head is ignored while the rollback is in force, including heads built
+    on the target before it (they lack its marker). None when the target is not among ``heads``.
     """
     by_id = {head.id: head for head in heads}
     candidates = list(by_id.values()) if rollback is None else _under_rollback(by_id, rollback)
-    return min(candidates, key=fork_rank).id if candidates else None
+    if not candidates:
+        return None
+    parents = {head.parent for head in candidates}
+    tips = sorted((head for head in candidates if head.id not in parents), key=fork_rank)
+    best, best_line = tips[0], _line(tips[0], by_id)
+    for rival in tips[1:]:
+        if _outweighs(rival, best, best_line, by_id, authors or {}):
+            best, best_line = rival, _line(rival, by_id)
+    return best.id
+
+
+def _line(head: HeadRecord, by_id: Mapping[str, HeadRecord]) -> list[str]:
+    """``head``'s id and its known ancestors' ids, newest first."""
+    line = []
+    current: HeadRecord | None = head
+    while current is not None:
+        line.append(current.id)
+        current = by_id.get(current.parent) if current.parent is not None else None
+    return line
+
+
+def _outweighs(
+    rival: HeadRecord,
+    best: HeadRecord,
+    best_line: list[str],
+    by_id: Mapping[str, HeadRecord],
+    authors: Mapping[str, frozenset[str]],
+) -> bool:
+    """Whether ``rival``'s branch beats ``best``'s: more distinct authors since their last common head, then ``fork_rank``."""
+    on_best = set(best_line)
+    rival_authors: set[str] = set()
+    current: HeadRecord | None = rival
+    while current is not None and current.id not in on_best:
+        rival_authors |= authors.get(current.id, frozenset())
+        current = by_id.get(current.parent) if current.parent is not None else None
+    common = current.id if current is not None else None
+    best_authors: set[str] = set()
+    for head_id_ in best_line:
+        if head_id_ == common:
+            break
+        best_authors |= authors.get(head_id_, frozenset())
+    if len(rival_authors) != len(best_authors):
+        return len(rival_authors) > len(best_authors)
+    return fork_rank(rival) < fork_rank(best)
 
 
 class HeadIndex:
@@ -337,6 +390,7 @@ class HeadIndex:
     def __init__(self, root: HeadRecord) -> None:
         self.root = root
         self._heads: dict[str, HeadRecord] = {root.id: root}
+        self._authors: dict[str, frozenset[str]] = {}  # head id -> the peers whose updates it merged
         self._rollbacks: dict[str, RollbackRecord] = {}
 
     @property
@@ -348,8 +402,9 @@ class HeadIndex:
         """Take a validated operator rollback into account; the latest one is in force."""
         self._rollbacks[rollback.id] = rollback
 
-    def add(self, head: HeadRecord) -> bool:
-        """Add a validated head; False if known, Invalid if its parent is unknown or the link is bad."""
+    def add(self, head: HeadRecord, authors: frozenset[str] = frozenset()) -> bool:
+        """Add a validated head, with the peers whose updates it merged (what the fork choice
+        weighs; empty when unknown); False if known, Invalid if its parent is unknown or the link is bad."""
         if head.id in self._heads:
             return False
         parent = self._heads.get(head.parent) if head.parent is not None else None
@@ -357,7 +412,13 @@ class HeadIndex:
             raise Invalid("unknown_parent", str(head.parent))
         check_child(parent, head, self._rollbacks)
         self._heads[head.id] = head
+        if authors:
+            self._authors[head.id] = authors
         return True
+
+    def authors(self, head_id_: str) -> frozenset[str]:
+        """The peers whose updates the head merged, as far as this peer knows."""
+        return self._authors.get(head_id_, frozenset())
 
     def get(self, head_id_: str) -> HeadRecord | None:
         return self._heads.get(head_id_)
@@ -374,7 +435,7 @@ class HeadIndex:
 
     def tip(self) -> str | None:
         """The canonical head id, per ``choose_head`` under the rollback in force."""
-        return choose_head(self._heads.values(), self.rollback)
+        return choose_head(self._heads.values(), self.rollback, self._authors)
 
     def ancestors(self, head_id_: str) -> Iterator[HeadRecord]:
         """The head itself, then its parent, and so on back to the root."""
@@ -416,5 +477,6 @@ class HeadIndex:
         dropped = tuple(sorted(set(self._heads) - kept))
         for head_id_ in dropped:
             del self._heads[head_id_]
+            self._authors.pop(head_id_, None)
         self.root = new_root
         return dropped

@@ -117,18 +117,19 @@ def test_heads_heard_are_verified_best_first_and_rejections_counted(tmp_path):
             runner = asyncio.create_task(heads.run())
             try:
                 # Queued together: the forged head (more samples) ranks first and is rejected,
-                # then the honest one; the low one is outranked by then and never recomputed.
+                # then the honest one, then the low one: valid, linked, and outranked.
                 await hear(low, honest, forged)
                 await asyncio.wait_for(settled(), 10)
-                assert verified == [forged.id, honest.id]
+                assert verified == [forged.id, honest.id, low.id]
                 assert heads.adopted == honest.id
                 assert heads.rejected == {"recompute_mismatch": 1}
                 assert heads.penalties[author.peer_id] == 1
-                assert forged.id not in heads.index and low.id not in heads.index
+                assert forged.id not in heads.index and low.id in heads.index
                 await hear(next_round, forged)
                 await asyncio.wait_for(settled(), 10)
                 assert heads.adopted == next_round.id
-                assert verified[2:] == [next_round.id]  # the forged head now ranks below the tip
+                assert verified[3:] == [next_round.id]  # the forged head is not recomputed twice
+                assert heads.rejected == {"recompute_mismatch": 1, "rejected_before": 1}
             finally:
                 runner.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

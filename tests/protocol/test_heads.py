@@ -269,6 +269,64 @@ def test_fork_choice_is_a_total_order(hs: list[HeadRecord]) -> None:
     assert choose_head(list(reversed(hs))) == best
 
 
+def lone_fork() -> tuple[list[HeadRecord], dict[str, frozenset[str]], HeadRecord, HeadRecord]:
+    """A swarm of three trains on from ``a``; a fourth peer forks off alone and makes twice the rounds."""
+    a = child(GENESIS, tag=b"a")
+    authors = {a.id: frozenset({"p1", "p2", "p3", "p4"})}
+    swarm, lone = [a], [a]
+    for n in range(3):
+        swarm.append(child(swarm[-1], 30, tag=b"swarm%d" % n, epoch=1))
+        authors[swarm[-1].id] = frozenset({"p1", "p2", "p3"})
+    for n in range(6):
+        lone.append(child(lone[-1], 20, tag=b"lone%d" % n))
+        authors[lone[-1].id] = frozenset({"p4"})
+    return [GENESIS, *swarm, *lone[1:]], authors, swarm[-1], lone[-1]
+
+
+def test_a_lone_peers_longer_branch_loses_to_the_swarms_branch_with_more_authors() -> None:
+    heads_, authors, swarm_tip, lone_tip = lone_fork()
+    assert lone_tip.round > swarm_tip.round and lone_tip.samples_total > swarm_tip.samples_total
+    assert choose_head(heads_, authors=authors) == swarm_tip.id
+    assert choose_head(heads_) == lone_tip.id  # with no authors known, rounds decide
+    # The branches' authors since their last common head count, not the chain's: the swarm's
+    # branch of one head with two authors still beats the lone one.
+    short = child(heads_[1], 1, tag=b"short")
+    assert choose_head([GENESIS, heads_[1], short, *heads_[5:]],
+                       authors={**authors, short.id: frozenset({"p1", "p2"})}) == short.id
+
+
+@settings(max_examples=50)
+@given(st.permutations(lone_fork()[0]))
+def test_the_author_weighted_fork_choice_is_independent_of_input_order(order: list[HeadRecord]) -> None:
+    _, authors, swarm_tip, _ = lone_fork()
+    assert choose_head(order, authors=authors) == swarm_tip.id
+
+
+def test_with_as_many_authors_the_higher_round_wins_as_before() -> None:
+    a = child(GENESIS)
+    b1, b2 = child(a, 10, b"1"), child(a, 30, b"2")
+    c = child(b1, 1)
+    authors = {h.id: frozenset({"p1", "p2"}) for h in (a, b1, b2, c)}
+    assert choose_head([GENESIS, a, b1, b2, c], authors=authors) == c.id  # extends: more rounds
+    assert choose_head([GENESIS, a, b1, b2], authors=authors) == b2.id  # siblings: more samples
+    # A sibling that merged a third author's update beats the longer branch of two.
+    b3 = child(a, 5, b"3")
+    authors[b3.id] = frozenset({"p1", "p2", "p3"})
+    assert choose_head([GENESIS, a, b1, b2, b3, c], authors=authors) == b3.id
+
+
+def test_index_weighs_branches_by_the_authors_it_was_given_and_forgets_them_with_the_heads() -> None:
+    heads_, authors, swarm_tip, lone_tip = lone_fork()
+    index = HeadIndex(GENESIS)
+    for head in heads_[1:]:
+        index.add(head, authors[head.id])
+    assert index.tip() == swarm_tip.id
+    assert index.authors(lone_tip.id) == {"p4"}
+    dropped = index.prune(2)
+    assert lone_tip.id in dropped and index.authors(lone_tip.id) == frozenset()
+    assert index.tip() == swarm_tip.id
+
+
 def test_rollback_pins_the_target_and_only_its_new_branch_competes() -> None:
     a = child(GENESIS)
     b = child(a)
