@@ -324,13 +324,15 @@ def choose_head(
 ) -> str | None:
     """The canonical head id among ``heads`` (already validated), or None when there is none.
 
-    Of two branches, the one whose heads since their last common head merged updates from more
-    distinct authors (``authors``: head id -> the peers whose updates it merged) wins; then the
-    highest round, then most cumulative samples, then smallest id. Rounds and samples cost a
-    lone peer nothing to make (a head needs no training to verify), so they only break ties: a
-    peer that forks off alone, cut off or hostile, cannot outrun the swarm with a longer chain
-    of its own updates. The branches' tips are taken best round first, and a tip replaces the
-    best so far only when it wins.
+    Of two branches, the one whose heads since their last common head weigh more wins, a head
+    weighing the number of distinct peers whose updates it merged (``authors``: head id -> those
+    peers); then the highest round, then most cumulative samples, then smallest id. Rounds and
+    samples cost a lone peer little to make (a head needs no training to verify), so they only
+    break ties: a peer that forks off alone, cut off or hostile, adds one per head where the
+    swarm adds one per trainer, and a sibling head with one more author than the swarm's does
+    not outweigh the rounds the swarm built since. Weights add up along a branch, so this is a
+    total order; the tips are taken best round first, and a tip replaces the best so far only
+    when it wins.
 
     Under a rollback only its target and heads built on the target under that rollback
     compete; every other head is ignored while the rollback is in force, including heads built
@@ -366,21 +368,21 @@ def _outweighs(
     by_id: Mapping[str, HeadRecord],
     authors: Mapping[str, frozenset[str]],
 ) -> bool:
-    """Whether ``rival``'s branch beats ``best``'s: more distinct authors since their last common head, then ``fork_rank``."""
+    """Whether ``rival``'s branch beats ``best``'s: more weight since their last common head, then ``fork_rank``."""
     on_best = set(best_line)
-    rival_authors: set[str] = set()
+    rival_weight = 0
     current: HeadRecord | None = rival
     while current is not None and current.id not in on_best:
-        rival_authors |= authors.get(current.id, frozenset())
+        rival_weight += len(authors.get(current.id, ()))
         current = by_id.get(current.parent) if current.parent is not None else None
     common = current.id if current is not None else None
-    best_authors: set[str] = set()
+    best_weight = 0
     for head_id_ in best_line:
         if head_id_ == common:
             break
-        best_authors |= authors.get(head_id_, frozenset())
-    if len(rival_authors) != len(best_authors):
-        return len(rival_authors) > len(best_authors)
+        best_weight += len(authors.get(head_id_, ()))
+    if rival_weight != best_weight:
+        return rival_weight > best_weight
     return fork_rank(rival) < fork_rank(best)
 
 

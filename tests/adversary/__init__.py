@@ -291,7 +291,8 @@ class AdversarialSwarm:
             peer.wait_healthy(90)
 
     @contextlib.contextmanager
-    def phase(self, mode: str, rounds: int = PHASE_ROUNDS, hostile_mode: str | None = None) -> Iterator[PhaseRun]:
+    def phase(self, mode: str, rounds: int = PHASE_ROUNDS, hostile_mode: str | None = None,
+              timeout_s: float = PHASE_TIMEOUT_S) -> Iterator[PhaseRun]:
         """Switch the hostile peer to ``hostile_mode`` (default ``mode``; "clean" and "honest": it trains
         honestly) and run ``rounds`` rounds from the agreed head while the block runs; ``PhaseRun.result``
         then holds what the honest peers showed."""
@@ -313,7 +314,7 @@ class AdversarialSwarm:
         try:
             yield run
             try:
-                run.agreed = wait_until(lambda: self.agreed(start_round + rounds) or self._any_crashed(), PHASE_TIMEOUT_S,
+                run.agreed = wait_until(lambda: self.agreed(start_round + rounds) or self._any_crashed(), timeout_s,
                            interval=0.2, what=f"{mode}: honest peers agree {rounds} rounds on")
             except AssertionError as exc:
                 run.timed_out = f"{exc}; {self.describe()}\n{self.lagging_logs()}"

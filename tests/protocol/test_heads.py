@@ -286,13 +286,21 @@ def lone_fork() -> tuple[list[HeadRecord], dict[str, frozenset[str]], HeadRecord
 def test_a_lone_peers_longer_branch_loses_to_the_swarms_branch_with_more_authors() -> None:
     heads_, authors, swarm_tip, lone_tip = lone_fork()
     assert lone_tip.round > swarm_tip.round and lone_tip.samples_total > swarm_tip.samples_total
-    assert choose_head(heads_, authors=authors) == swarm_tip.id
+    assert choose_head(heads_, authors=authors) == swarm_tip.id  # 3 x 3 authors against 6 x 1
     assert choose_head(heads_) == lone_tip.id  # with no authors known, rounds decide
-    # The branches' authors since their last common head count, not the chain's: the swarm's
-    # branch of one head with two authors still beats the lone one.
-    short = child(heads_[1], 1, tag=b"short")
-    assert choose_head([GENESIS, heads_[1], short, *heads_[5:]],
-                       authors={**authors, short.id: frozenset({"p1", "p2"})}) == short.id
+    # Only the branches since their last common head weigh: a head the swarm makes on the lone
+    # branch's tip extends it, and that branch is the heavier one now.
+    joined = child(lone_tip, 1, tag=b"joined")
+    assert choose_head([*heads_, joined], authors={**authors, joined.id: frozenset({"p1", "p2", "p3", "p4"})}) == joined.id
+
+
+def test_a_sibling_with_one_more_author_does_not_outweigh_the_rounds_built_since() -> None:
+    heads_, authors, swarm_tip, _ = lone_fork()
+    a = heads_[1]
+    late = child(a, 50, tag=b"late")  # merged every author of round 2, and a fifth
+    authors[late.id] = frozenset({"p1", "p2", "p3", "p4", "p5"})
+    assert choose_head([GENESIS, *heads_[1:5], late], authors=authors) == swarm_tip.id  # 9 against 5
+    assert choose_head([GENESIS, a, heads_[2], late], authors=authors) == late.id  # 5 against 3
 
 
 @settings(max_examples=50)
@@ -309,10 +317,11 @@ def test_with_as_many_authors_the_higher_round_wins_as_before() -> None:
     authors = {h.id: frozenset({"p1", "p2"}) for h in (a, b1, b2, c)}
     assert choose_head([GENESIS, a, b1, b2, c], authors=authors) == c.id  # extends: more rounds
     assert choose_head([GENESIS, a, b1, b2], authors=authors) == b2.id  # siblings: more samples
-    # A sibling that merged a third author's update beats the longer branch of two.
+    # A sibling that merged a third author's update beats one with more samples and two.
     b3 = child(a, 5, b"3")
     authors[b3.id] = frozenset({"p1", "p2", "p3"})
-    assert choose_head([GENESIS, a, b1, b2, b3, c], authors=authors) == b3.id
+    assert choose_head([GENESIS, a, b1, b2, b3], authors=authors) == b3.id
+    assert choose_head([GENESIS, a, b1, b2, b3, c], authors=authors) == c.id  # 2 + 2 against 3
 
 
 def test_index_weighs_branches_by_the_authors_it_was_given_and_forgets_them_with_the_heads() -> None:
