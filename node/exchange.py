@@ -524,7 +524,9 @@ class Exchange:
         if self._journal is not None:
             await asyncio.to_thread(self._journal.add, manifest_id)
         try:
-            manifest = await self._manifest(manifest_id, hints, progress)
+            manifest, server = await self._manifest(manifest_id, hints, progress)
+            if server is not None:
+                hints = (*hints, server)  # it has the manifest: most likely the chunks too
             full, partial = self._candidates(manifest_id, hints)
             run = _FetchRun(self, manifest, progress, self._fan_out(frozenset([*full, *partial])))
             progress.fan_out = run.fan_out
@@ -601,22 +603,30 @@ class Exchange:
         partial = [p for p in providers.partial if p != self.self_peer and p in connected]
         return list(dict.fromkeys(full)), partial
 
-    async def _manifest(self, manifest_id: str, hints: tuple[str, ...], progress: FetchProgress) -> Manifest:
+    async def _manifest(
+        self, manifest_id: str, hints: tuple[str, ...], progress: FetchProgress
+    ) -> tuple[Manifest, str | None]:
+        """The artifact's manifest, and the peer that served it (None: it was here already)."""
         manifest = await asyncio.to_thread(self.store.get_manifest, manifest_id)
         if manifest is not None:
-            return manifest
+            return manifest, None
         deadline = time.monotonic() + self.settings.stall_timeout_s
         tried: set[str] = set()
         while time.monotonic() < deadline:
             full, partial = self._candidates(manifest_id, hints)
-            for peer in [p for p in (*full, *partial) if p not in tried]:
+            untried = [p for p in (*full, *partial) if p not in tried]
+            if not untried:
+                # No announced holder left to ask: a peer back from a freeze or a partition has
+                # not heard the announcements yet. Each connected peer is asked once.
+                untried = [p for p in self.bridge.connected_peers() if p not in tried and p != self.self_peer]
+            for peer in untried:
                 tried.add(peer)
                 try:
                     data = await self._get_one(peer, "manifest", manifest_id)
                     if data is None:
                         continue
                     await asyncio.to_thread(self.store.put_manifest, data, manifest_id)
-                    return parse_manifest(data)
+                    return parse_manifest(data), peer
                 except (Invalid, _Drop) as exc:
                     reason = exc.reason
                     progress.dropped[peer] = f"manifest: {reason}"
@@ -646,6 +656,11 @@ class Exchange:
         try:
             return await self.bridge.open_stream(peer, wire.PROTOCOL_ID, self.settings.request_timeout_s)
         except (BridgeError, TimeoutError) as exc:
+            # A connection the other side dropped while this peer was frozen can look established
+            # here and take every new stream into a handshake that never ends: cut it, so the
+            # next request dials afresh (a no-op when there was no connection).
+            with contextlib.suppress(BridgeError, TimeoutError):
+                await self.bridge.disconnect(peer)
             raise _Drop(f"cannot open stream: {str(exc)[:120]}") from None
 
     async def _run(self, run: _FetchRun, hints: tuple[str, ...]) -> None:

@@ -194,8 +194,26 @@ async def _guarded_push(self: Pubsub, msg_forwarder: Any, msg: Any) -> None:
         record_fault(self.host, "pubsub-message", str(msg_forwarder), error)
 
 
+# Blacklisting a peer (the gossip rate ban does) tears its pubsub stream down in a task that
+# resets the stream and then deletes the peer's entry. The peer's stream dying meanwhile (it
+# does: the reset ends it, and so does its disconnecting) removes the entry first, and the
+# delete's KeyError ends the pubsub service and with it the host: a flooding peer got an
+# honest daemon stopped that way. The entry goes if it is still there.
+async def _teardown_if_connected(self: Pubsub, peer_id: Any) -> None:
+    stream = self.peers.get(peer_id)
+    if stream is not None:
+        try:
+            await stream.reset()
+        except Exception:  # noqa: BLE001 - it is being dropped either way
+            pass
+        self.peers.pop(peer_id, None)
+    self._forget_all_subscriptions(peer_id)
+
+
 def guard_inbound_streams() -> None:
     """Contain every exception a remote peer's bytes raise in py-libp2p's inbound stream
-    handlers and pubsub message processing (see above). Idempotent."""
+    handlers and pubsub message processing, and the race in tearing down a banned peer's
+    pubsub stream (see above). Idempotent."""
     BasicHost._swarm_stream_handler = _guarded_dispatch  # type: ignore[method-assign]
     Pubsub.push_msg = _guarded_push  # type: ignore[method-assign]
+    Pubsub._teardown_if_connected = _teardown_if_connected  # type: ignore[method-assign]

@@ -172,3 +172,47 @@ def test_a_libp2p_release_other_than_the_pinned_one_is_warned_about_once(
     libp2p_bridge.tune_transport()
     warnings = [r.getMessage() for r in caplog.records if "0.9.0" in r.getMessage()]
     assert len(warnings) == 1 and "0.8.1" in warnings[0], warnings
+
+
+def test_banning_a_peer_whose_pubsub_stream_dies_meanwhile_leaves_the_host_running() -> None:
+    # The ban (a blacklist) tears the peer's pubsub stream down: it resets the stream, then drops
+    # the peer's entry. Here the stream's end is handled while the reset runs, as when the peer
+    # disconnects at that moment; the entry is gone before the teardown reaches it, which ended
+    # the pubsub service and the host before the teardown was guarded.
+    async def scenario() -> None:
+        victim, flooder = bridge(), bridge()
+        for node in (victim, flooder):
+            await node.start()
+        try:
+            await victim.subscribe(TOPIC)
+            await flooder.subscribe(TOPIC)
+            peer = await victim.connect(flooder.listen_addrs()[0], timeout=10)
+            pubsub = victim._pubsub
+            assert pubsub is not None
+            await until(lambda: any(p.to_base58() == peer for p in pubsub.peers), "the pubsub stream", victim)
+            target = next(p for p in pubsub.peers if p.to_base58() == peer)
+            stream = pubsub.peers[target]
+            real_reset = stream.reset
+
+            async def reset_while_the_stream_dies() -> None:
+                pubsub._handle_dead_peer(target)
+                await real_reset()
+
+            stream.reset = reset_while_the_stream_dies
+
+            def ban() -> None:
+                pubsub.add_to_blacklist(target)
+
+            await victim.call(_sync, ban, timeout=5)
+            await until(lambda: target not in pubsub.peers, "the teardown", victim)
+            await asyncio.sleep(0.5)
+            assert not victim.done.done(), victim.done.exception()
+        finally:
+            for node in (flooder, victim):
+                await node.stop()
+
+    asyncio.run(scenario())
+
+
+async def _sync(fn: Callable[[], None]) -> None:
+    fn()
