@@ -28,6 +28,7 @@ STATE_FILE = "heads.json"
 MAX_BACKFILL = 10_000
 MAX_ROLLBACKS = 1024  # operator rollbacks remembered (and saved); the earliest issued go first
 MAX_PENALISED = 4096  # authors whose rejected heads are counted; the oldest is forgotten first
+MAX_PENDING_VERIFY = 512  # heads heard and waiting for verification; the least promising go first
 MAX_REJECTED_IDS = 4096  # heads remembered as invalid; the oldest is forgotten first
 # Rejections that may not hold later: the inputs or ancestors could not be had this time.
 TRANSIENT = frozenset({"inputs_unavailable", "unknown_parent", "ancestor_inputs_unavailable", "weights_unavailable",
@@ -154,6 +155,10 @@ class Heads:
             if head is not None and head.parent is not None:
                 await self.publish(head)
 
+    def _verify_order(self, item: tuple[HeadRecord, str]) -> tuple[bool, tuple[int, int, str]]:
+        head, author = item
+        return self.penalties.get(author, 0) > 0, fork_rank(head)
+
     async def _verify_loop(self) -> None:
         pending: dict[str, tuple[HeadRecord, str]] = {}
         while True:
@@ -163,10 +168,21 @@ class Heads:
             while not self._candidates.empty():
                 head, author = self._candidates.get_nowait()
                 pending[head.id] = (head, author)
+            while len(pending) > MAX_PENDING_VERIFY:
+                # Heads arrive faster than they are verified: the least promising wait no more
+                # (the same rank as below; a head dropped is verified when it is announced again).
+                worst = max(pending.values(), key=self._verify_order)[0].id
+                del pending[worst]
+                self._verifying.discard(worst)
+                self._heard.pop(worst, None)
+                self.rejected["verify_backlog_full"] += 1
             # Best first: a peer far behind verifies the swarm's tip, not every head on the way to
             # it. A head of a lower round is verified too: the fork choice weighs a branch by its
             # authors, so a lone peer's longer branch may be adopted first and the swarm's after.
-            head, author = pending.pop(min(pending.values(), key=lambda item: fork_rank(item[0]))[0].id)
+            # Heads of authors with a head rejected come last: a peer on a branch of its own
+            # announces a head of a higher round every round, and each can take a fetch timeout
+            # to fail, which would starve the verification of the swarm's heads.
+            head, author = pending.pop(min(pending.values(), key=self._verify_order)[0].id)
             try:
                 if head.id not in self.index and head.round > self.index.root.round:
                     await self._accept(head, author)
