@@ -2,7 +2,7 @@
 # One image for every peer: `docker run p2p-node:local` starts a peer with
 # /etc/p2p-node/node.toml (configs/compose/standalone.toml); docker-compose.yml runs a swarm.
 #
-# torch: by default the CPU build of the version pinned in constraints-cpu.txt (torch==2.13.0),
+# torch: by default the CPU build pinned in constraints-cpu.txt (torch==2.13.0+cpu),
 # from PyTorch's CPU wheel index. (PyPI's plain `torch` wheel for Linux x86_64 is the CUDA
 # build with several GB of nvidia-* dependencies, so the default does not come from PyPI.)
 # Another torch, e.g. a CUDA build:
