@@ -656,11 +656,6 @@ class Exchange:
         try:
             return await self.bridge.open_stream(peer, wire.PROTOCOL_ID, self.settings.request_timeout_s)
         except (BridgeError, TimeoutError) as exc:
-            # A connection the other side dropped while this peer was frozen can look established
-            # here and take every new stream into a handshake that never ends: cut it, so the
-            # next request dials afresh (a no-op when there was no connection).
-            with contextlib.suppress(BridgeError, TimeoutError):
-                await self.bridge.disconnect(peer)
             raise _Drop(f"cannot open stream: {str(exc)[:120]}") from None
 
     async def _run(self, run: _FetchRun, hints: tuple[str, ...]) -> None:
