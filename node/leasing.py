@@ -126,6 +126,8 @@ class Leasing:
         ahead, self.ahead = self.ahead, None
         if ahead is not None and (ahead.epoch, ahead.round) == (epoch, round):
             return await self._take_ahead(ahead)
+        if now_ms() < self._benched_until_ms:
+            return frozenset()  # backed off (``back_off``): the shards go to peers that can train them
         claim = self._draft(epoch, round, free, free - self.book.leased(), admission, wanted, speed, total_speed)
         if claim is None:
             return frozenset()

@@ -233,3 +233,24 @@ def test_claims_for_rounds_ahead_stay_bounded_and_are_counted() -> None:
                 await hostile.stop()
 
     asyncio.run(main())
+
+
+def test_a_peer_backed_off_claims_nothing_until_its_pause_ends() -> None:
+    # A peer that cannot train (its workload fails, its data cannot be had) backs off: its claims
+    # would win the shards it is home to every round and never finish them.
+    async def main() -> None:
+        async with swarm(2) as nodes:
+            a, b = nodes
+            await wait_for(lambda: a.live_trainers() == [b.peer] and b.live_trainers() == [a.peer], 20,
+                           "the two peers seeing each other live")
+            pause = b.leasing.back_off()
+            held = await honest_round(nodes, 1, {a.peer, b.peer})
+            assert held[b.peer] == frozenset() and held[a.peer], held
+            assert b.peer not in {c.peer for c in a.leasing.book.owners().values()}
+            for node in nodes:
+                node.leasing.release_own()
+            await asyncio.sleep(pause)
+            held = await honest_round(nodes, 2, {a.peer, b.peer})
+            assert held[b.peer] and held[a.peer] and not held[a.peer] & held[b.peer], held
+
+    asyncio.run(main())
