@@ -28,6 +28,7 @@ HOSTILE_TRAINING = 'codec = "fp32"'
 WARM_UP_ROUND = 2  # the swarm trains this far before the first phase
 PHASE_ROUNDS = 5  # rounds each phase runs
 PHASE_TIMEOUT_S = 45.0
+SETTLE_AFTER_S = 30.0  # for the honest peers to hold one head again after a phase
 EXAMPLES_PER_MICROSHARD = TinyConfig().examples_per_microshard
 # A phase's validation loss may exceed the clean phase's by this much (absolute, relative):
 # runs with a fourth trainer or another round layout differ by a few hundredths on tiny.
@@ -322,9 +323,10 @@ class AdversarialSwarm:
             judged = run.agreed if isinstance(run.agreed, str) else None
             if judged is not None:
                 # The agreed head is the newest, and a heavier sibling of it may still be on its
-                # way to some: the chains are read once the peers hold one head again.
+                # way to some, each side building on its own until it has verified the other's:
+                # the chains are read once the peers hold one head again.
                 with contextlib.suppress(AssertionError):
-                    wait_until(lambda: self.agreed(0), 10, interval=0.1, what="agreement after the phase")
+                    wait_until(lambda: self.agreed(0), SETTLE_AFTER_S, interval=0.1, what="agreement after the phase")
             with contextlib.suppress(AssertionError):
                 wait_until(lambda: all(self._own_loss(p, judged) is not None for p in self.honest if p.alive), 10,
                            what="own evaluations")
