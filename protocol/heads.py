@@ -331,8 +331,7 @@ def choose_head(
     break ties: a peer that forks off alone, cut off or hostile, adds one per head where the
     swarm adds one per trainer, and a sibling head with one more author than the swarm's does
     not outweigh the rounds the swarm built since. Weights add up along a branch, so this is a
-    total order; the tips are taken best round first, and a tip replaces the best so far only
-    when it wins.
+    total order.
 
     Under a rollback only its target and heads built on the target under that rollback
     compete; every other head is ignored while the rollback is in force, including heads built
@@ -342,48 +341,26 @@ def choose_head(
     candidates = list(by_id.values()) if rollback is None else _under_rollback(by_id, rollback)
     if not candidates:
         return None
-    parents = {head.parent for head in candidates}
-    tips = sorted((head for head in candidates if head.id not in parents), key=fork_rank)
-    best, best_line = tips[0], _line(tips[0], by_id)
-    for rival in tips[1:]:
-        if _outweighs(rival, best, best_line, by_id, authors or {}):
-            best, best_line = rival, _line(rival, by_id)
-    return best.id
+    # Branch weights since the last common head differ as the weights summed from the oldest
+    # known head do (the common part is the same on both sides): one sum per head compares them.
+    weight = _weights(by_id, authors or {})
+    return min(candidates, key=lambda head: (-weight[head.id], fork_rank(head))).id
 
 
-def _line(head: HeadRecord, by_id: Mapping[str, HeadRecord]) -> list[str]:
-    """``head``'s id and its known ancestors' ids, newest first."""
-    line = []
-    current: HeadRecord | None = head
-    while current is not None:
-        line.append(current.id)
-        current = by_id.get(current.parent) if current.parent is not None else None
-    return line
-
-
-def _outweighs(
-    rival: HeadRecord,
-    best: HeadRecord,
-    best_line: list[str],
-    by_id: Mapping[str, HeadRecord],
-    authors: Mapping[str, frozenset[str]],
-) -> bool:
-    """Whether ``rival``'s branch beats ``best``'s: more weight since their last common head, then ``fork_rank``."""
-    on_best = set(best_line)
-    rival_weight = 0
-    current: HeadRecord | None = rival
-    while current is not None and current.id not in on_best:
-        rival_weight += len(authors.get(current.id, ()))
-        current = by_id.get(current.parent) if current.parent is not None else None
-    common = current.id if current is not None else None
-    best_weight = 0
-    for head_id_ in best_line:
-        if head_id_ == common:
-            break
-        best_weight += len(authors.get(head_id_, ()))
-    if rival_weight != best_weight:
-        return rival_weight > best_weight
-    return fork_rank(rival) < fork_rank(best)
+def _weights(by_id: Mapping[str, HeadRecord], authors: Mapping[str, frozenset[str]]) -> dict[str, int]:
+    """Each head's weight summed with its known ancestors': the distinct authors each merged."""
+    weight: dict[str, int] = {}
+    for head in by_id.values():
+        unweighed: list[HeadRecord] = []
+        current: HeadRecord | None = head
+        while current is not None and current.id not in weight:
+            unweighed.append(current)
+            current = by_id.get(current.parent) if current.parent is not None else None
+        total = weight[current.id] if current is not None else 0
+        for ancestor in reversed(unweighed):
+            total += len(authors.get(ancestor.id, ()))
+            weight[ancestor.id] = total
+    return weight
 
 
 class HeadIndex:
