@@ -142,7 +142,7 @@ class OuterLoop:
         self.current_settings: dict[str, Any] = {}
         self._state: RoundState | None = None
         self._catch_up_base: str | None = None
-        self._answered_unusable: set[str] = set()  # peers whose update this round has the wrong base
+        self._on_other_base: set[str] = set()  # peers whose update this round has the wrong base
         self._early: asyncio.Queue[UpdateRecord] = asyncio.Queue(EARLY_FETCH_QUEUE)
         self._catch_up_since = 0.0
         self._arrived = asyncio.Event()
@@ -303,7 +303,7 @@ class OuterLoop:
         if offer == Offer.WRONG_BASE and not self._state.counted(update.peer):
             # Its author trained this round on another base: the update it owes will not come,
             # and waiting for it until the deadline would only stall the round.
-            self._answered_unusable.add(update.peer)
+            self._on_other_base.add(update.peer)
         self._arrived.set()
 
     async def _on_eval(self, record: Record) -> None:
@@ -428,7 +428,7 @@ class OuterLoop:
         steps, budget_s = inner_budget(self.config.training.inner_budget, settings["inner_steps"], speeds, self.peer_id)
         state = RoundState(round_no, base.id, (), now_ms() + self._deadline_ms(settings["inner_steps"], budget_s))
         self._state = state
-        self._answered_unusable = set()
+        self._on_other_base = set()
         for update_id, update in self.updates.get(round_no, {}).items():
             self._offer(update_id, update)
         weights = await self._ensure_state(base)
@@ -465,7 +465,11 @@ class OuterLoop:
         if self.heads.adopted != base.id:
             return
         result = state.close(now_ms())
-        self.leasing.drop_unfinished(result.missing)
+        # A peer that trained on a sibling of the base is not struck while the round has others'
+        # updates to merge; when it has none, it is, or a peer holding the last shards could keep
+        # answering on a head of its own and the epoch would never end.
+        elsewhere = self._on_other_base & result.missing if result.updates else set()
+        self.leasing.drop_unfinished(result.missing - elsewhere, elsewhere)
         log.info("round_closed", round=round_no, updates=len(result.updates), reason=result.reason.name.lower(),
                  missing=sorted(result.missing))
         self.emit("round_closed", round=round_no, updates=len(result.updates), reason=result.reason.name.lower(),
@@ -779,7 +783,7 @@ class OuterLoop:
                 alive = peer == self.peer_id or self.membership.table.is_live(peer)
                 # A peer whose leases kept ending without a usable update is not waited for.
                 struck = peer != self.peer_id and self.leasing.excluded(peer)
-                unusable = peer in self._answered_unusable
+                unusable = peer in self._on_other_base
                 state.set_live(peer, alive and not no_claim and not struck and not unusable)
             if state.should_close(now_ms()):
                 return

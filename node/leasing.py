@@ -277,8 +277,14 @@ class Leasing:
         """A round trained fine: the next failure backs off from the shortest pause again."""
         self._failures_in_a_row = 0
 
-    def drop_unfinished(self, peers: Iterable[str]) -> None:
+    def drop_unfinished(self, peers: Iterable[str], elsewhere: Iterable[str] = ()) -> None:
         """Forget this round's leases of ``peers``, whose updates the round closed without, and strike them.
+
+        ``elsewhere`` are holders that answered on another head of the same round (a sibling of
+        this round's base): their leases are forgotten too, but they are not struck. They trained;
+        the swarm had two heads for a moment, and the fork choice settles which counts. Striking
+        them would, after a few such rounds, stop each side waiting for the other, and every
+        round after would fork again.
 
         Without this a peer that claimed and then failed keeps its shards for
         the whole lease lifetime whenever the round is retried on the same base
@@ -292,10 +298,10 @@ class Leasing:
         named = set(peers) - {self._peer}
         holders = self.participants()
         self._closed = True
-        for peer in (named & holders) - self._struck:
+        for peer in (named & holders) - self._struck - set(elsewhere):
             self._strike(peer)
         self._answered = (self._answered | holders) - self._struck
-        for peer in named:
+        for peer in named | set(elsewhere):
             for claim in self.book.leases_of(peer):
                 if claim.round == self.book.round:
                     self.book.release(claim.lease_id)

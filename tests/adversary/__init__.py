@@ -328,14 +328,14 @@ class AdversarialSwarm:
                 with contextlib.suppress(AssertionError):
                     wait_until(lambda: self.agreed(0), SETTLE_AFTER_S, interval=0.1, what="agreement after the phase")
             with contextlib.suppress(AssertionError):
-                wait_until(lambda: all(self._own_loss(p, judged) is not None for p in self.honest if p.alive), 10,
+                wait_until(lambda: all(self._judged_loss(p, judged) is not None for p in self.honest if p.alive), 10,
                            what="own evaluations")
             run.result = PhaseResult(
                 mode=mode, base=start_head, start_losses=start_losses, seconds=time.monotonic() - started,
                 crashed=[p.name for p in self.honest if not p.alive],
                 silent=[p.name for p in self.honest if p.alive and p.get("/status", timeout=10) is None],
                 chains={p.name: canonical_chain(p) for p in self.honest if p.alive},
-                losses={p.name: self._own_loss(p, judged) for p in self.honest if p.alive},
+                losses={p.name: self._judged_loss(p, judged) for p in self.honest if p.alive},
                 rss_growth={p.name: p.rss_bytes() - rss[p.name] for p in self.honest if p.alive},
                 store_growth={p.name: p.store_bytes() - store[p.name] for p in self.honest if p.alive},
                 adopted={p.name: adopted_heads(p.log_since(offsets[p.name])) for p in self.honest},
@@ -348,6 +348,12 @@ class AdversarialSwarm:
 
     def _any_crashed(self) -> bool:
         return any(not p.alive for p in self.honest)
+
+    def _judged_loss(self, peer: Daemon, judged: str | None) -> float | None:
+        """``peer``'s own loss of the agreed head, or of the head it holds now where it moved on to a
+        heavier sibling before evaluating the agreed one (a peer evaluates only its canonical head)."""
+        loss = self._own_loss(peer, judged)
+        return loss if loss is not None or judged is None else self._own_loss(peer)
 
     def _own_loss(self, peer: Daemon, head: str | None = None) -> float | None:
         """``peer``'s own validation loss of ``head`` (default: its canonical head): the swarm moves on

@@ -254,3 +254,30 @@ def test_a_peer_backed_off_claims_nothing_until_its_pause_ends() -> None:
             assert held[b.peer] and held[a.peer] and not held[a.peer] & held[b.peer], held
 
     asyncio.run(main())
+
+
+def test_a_holder_that_answered_on_a_sibling_head_is_released_but_not_struck() -> None:
+    """Two honest peers on sibling heads of one round each close it without the other's update:
+    their leases go, but neither is struck, so they keep waiting for each other once the fork
+    choice has them on one head again. A holder that sent nothing is struck as before."""
+    async def main() -> None:
+        async with swarm(3) as nodes:
+            a, b, c = nodes
+            everyone = {n.peer for n in nodes}
+            await wait_for(lambda: all(set(n.live_trainers()) == everyone - {n.peer} for n in nodes), 20,
+                           "peers seeing each other live")
+            for round_no in range(1, STRIKES_TO_EXCLUDE + 1):
+                held = await honest_round(nodes, round_no, everyone)
+                assert all(held.values()), f"round {round_no}: a peer claimed nothing: {held}"
+                for node in nodes:
+                    node.leasing.release_own()
+                # a's round: b answered on a sibling head, c sent nothing.
+                a.leasing.drop_unfinished([c.peer], elsewhere=[b.peer])
+                assert not {claim.peer for claim in a.leasing.book.owners().values()} & {b.peer, c.peer}
+                b.leasing.drop_unfinished([], elsewhere=[a.peer, c.peer])
+                c.leasing.drop_unfinished([], elsewhere=[a.peer, b.peer])
+            assert not a.leasing.excluded(b.peer)
+            assert a.leasing.excluded(c.peer)
+            assert not b.leasing.excluded(a.peer) and not b.leasing.excluded(c.peer)
+
+    asyncio.run(main())

@@ -134,6 +134,7 @@ def test_full_frames_fill_whole_noise_messages(monkeypatch) -> None:
     partial = [size for size in sizes if size < NOISE_MAX_PLAINTEXT]
     # Both ends encrypt here (one process). The payload and its 4-byte length went out as 16
     # full messages and one short tail; credit updates are bare 12-byte yamux headers. Frames
-    # of 256 KiB would add a 68-byte message to each of the four full frames.
+    # of 256 KiB would add a 68-byte message to each of the four full frames. The hosts' own
+    # protocols (identify, ping) may write a few hundred bytes meanwhile: those are not counted.
     assert full >= PAYLOAD // NOISE_MAX_PLAINTEXT
-    assert len([size for size in partial if size > 12]) <= 1, partial[:20]
+    assert len([size for size in partial if 12 < size < 200]) <= 1, partial[:20]
