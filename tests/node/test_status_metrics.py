@@ -9,9 +9,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from node.exchange import FetchProgress
-from node.metrics import Exposition, FetchDurations, Histogram
+from node.metrics import FetchDurations, Histogram, counter, gauge, histogram
 from tests.swarm_harness import Swarm, shared_swarm, training_swarm
 
 # ---------------------------------------------------------------- a strict reader of the format
@@ -88,48 +91,62 @@ def values(families: dict[str, Family], name: str) -> dict[tuple[tuple[str, str]
     return {tuple(sorted(labels.items())): value for _, labels, value in families[f"p2p_node_{name}"].samples}
 
 
-# ---------------------------------------------------------------- the format on its own
+# ---------------------------------------------------------------- the families on their own
+
+
+@dataclass
+class Families:
+    """A collector of fixed families, to render some on their own."""
+
+    families: tuple[Metric, ...]
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
+
+
+def exposition(*families: Metric) -> str:
+    return generate_latest(Families(families)).decode()
 
 
 def test_labels_and_help_survive_escaping() -> None:
     nasty = 'back\\slash "quoted"\nnew line'
-    out = Exposition()
-    out.family("odd", "counter", "Help with a \\ and a\nnewline.", [({"reason": nasty}, 3), ({"reason": "x"}, 0)])
-    out.gauge("unknown", "Not measured yet.", None)
-    out.gauge("ratio", "A float.", 0.25)
-    out.gauge("broken", "Not a number.", math.nan)
-    families = parse_strictly(out.text())
-    assert families["p2p_node_odd"].help == "Help with a \\ and a\nnewline."
-    assert values(families, "odd") == {(("reason", nasty),): 3.0, (("reason", "x"),): 0.0}
-    assert families["p2p_node_unknown"].samples == [] and values(families, "ratio") == {(): 0.25}
+    text = exposition(
+        counter("odd_total", "Help with a \\ and a\nnewline.", labels=["reason"], rows=[([nasty], 3), (["x"], 0)]),
+        gauge("unknown", "Not measured yet.", None),
+        gauge("ratio", "A float.", 0.25),
+        gauge("broken", "Not a number.", math.nan),
+    )
+    families = parse_strictly(text)
+    assert families["p2p_node_odd_total"].help == "Help with a \\ and a\nnewline."
+    assert values(families, "odd_total") == {(("reason", nasty),): 3.0, (("reason", "x"),): 0.0}
+    assert families["p2p_node_unknown"].type == "gauge" and families["p2p_node_unknown"].samples == []
+    assert values(families, "ratio") == {(): 0.25}
     assert math.isnan(values(families, "broken")[()])
 
-    # The reference parser (prometheus_client comes with libp2p) reads the same values.
-    parser = pytest.importorskip("prometheus_client.parser")
-    parsed = {f.name: f for f in parser.text_string_to_metric_families(out.text())}
+    # The reference parser reads the same values (it names a counter's family without its _total).
+    parsed = {f.name: f for f in text_string_to_metric_families(text)}
     assert {s.labels["reason"]: s.value for s in parsed["p2p_node_odd"].samples} == {nasty: 3.0, "x": 0.0}
 
 
-def test_a_family_is_written_once() -> None:
-    out = Exposition()
-    out.counter("twice_total", "Once.", 1)
-    with pytest.raises(ValueError, match="twice"):
-        out.counter("twice_total", "Twice.", 1)
+def test_a_counter_keeps_its_total_name() -> None:
+    families = parse_strictly(exposition(counter("events_dropped_total", "Missed.", 4)))
+    assert list(families) == ["p2p_node_events_dropped_total"]
+    assert families["p2p_node_events_dropped_total"].type == "counter"
+    assert families["p2p_node_events_dropped_total"].samples == [("p2p_node_events_dropped_total", {}, 4.0)]
 
 
 def test_histogram_buckets_are_cumulative_with_sum_and_count() -> None:
     hist = Histogram((0.1, 1.0, 10.0))
     for seconds in (0.05, 0.1, 0.7, 3.0, 500.0):
         hist.observe(seconds)
-    out = Exposition()
-    out.histogram("wait_seconds", "Waits.", {(("outcome", "done"),): hist})
-    families = parse_strictly(out.text())
+    families = parse_strictly(exposition(histogram("wait_seconds", "Waits.", "outcome", {"done": hist})))
     samples = {(n, labels.get("le")): v for n, labels, v in families["p2p_node_wait_seconds"].samples}
     assert samples == {
         ("p2p_node_wait_seconds_bucket", "0.1"): 2, ("p2p_node_wait_seconds_bucket", "1.0"): 3,
         ("p2p_node_wait_seconds_bucket", "10.0"): 4, ("p2p_node_wait_seconds_bucket", "+Inf"): 5,
         ("p2p_node_wait_seconds_sum", None): pytest.approx(503.85), ("p2p_node_wait_seconds_count", None): 5,
     }
+    assert {labels["outcome"] for _, labels, _ in families["p2p_node_wait_seconds"].samples} == {"done"}
 
 
 def test_fetch_durations_count_each_ended_fetch_once() -> None:
@@ -139,7 +156,7 @@ def test_fetch_durations_count_each_ended_fetch_once() -> None:
     running = FetchProgress("b3:" + "c" * 64, state="fetching", started=100.0)
     for _ in range(3):  # every scrape sees the same table
         durations.update([done, failed, running])
-    by_outcome = {dict(key)["outcome"]: hist for key, hist in durations.by_outcome.items()}
+    by_outcome = durations.by_outcome
     assert (by_outcome["done"].count, by_outcome["done"].sum) == (1, pytest.approx(0.3))
     assert (by_outcome["failed"].count, by_outcome["failed"].sum) == (1, pytest.approx(7.0))
     # The same manifest fetched again is a new fetch.
@@ -208,3 +225,70 @@ def test_metrics_of_a_training_daemon(swarm: Swarm) -> None:
         if name.endswith("_count")
     }
     assert counts["done"] > 0, text
+
+
+# Every family /metrics exposes, as its TYPE line names it, with its type and label names ("le" aside).
+FAMILIES = {
+    "info": ("gauge", {"peer_id", "name", "swarm", "role", "workload"}),
+    "uptime_seconds": ("gauge", set()),
+    "round": ("gauge", set()),
+    "head_round": ("gauge", set()),
+    "epoch": ("gauge", set()),
+    "validation_loss": ("gauge", set()),
+    "validation_loss_round": ("gauge", set()),
+    "samples_total": ("counter", set()),
+    "samples_per_second": ("gauge", set()),
+    "inner_seconds_total": ("counter", set()),
+    "utilisation": ("gauge", set()),
+    "round_failures_total": ("counter", set()),
+    "rounds_without_head_total": ("counter", set()),
+    "update_rejections_total": ("counter", {"reason"}),
+    "head_rejections_total": ("counter", {"reason"}),
+    "heads_known": ("gauge", set()),
+    "peers": ("gauge", {"state"}),
+    "peers_connected": ("gauge", set()),
+    "libp2p_stream_faults_total": ("counter", {"reason"}),
+    "peer_head_round": ("gauge", {"peer"}),
+    "gossip_records_accepted_total": ("counter", {"kind"}),
+    "gossip_records_published_total": ("counter", {"kind"}),
+    "gossip_records_rejected_total": ("counter", {"reason"}),
+    "gossip_publish_failures_total": ("counter", set()),
+    "gossip_handler_errors_total": ("counter", set()),
+    "gossip_rate_limited_total": ("counter", set()),
+    "gossip_publishers_banned_total": ("counter", set()),
+    "gossip_dropped_queue_full_total": ("counter", set()),
+    "exchange_bytes_total": ("counter", {"direction"}),
+    "exchange_chunks_total": ("counter", {"direction"}),
+    "exchange_content_bytes_total": ("counter", {"direction", "kind"}),
+    "exchange_requests_served_total": ("counter", set()),
+    "exchange_bad_requests_total": ("counter", set()),
+    "exchange_busy_refusals_total": ("counter", set()),
+    "exchange_rejected_chunks_total": ("counter", {"peer"}),
+    "exchange_timeouts_total": ("counter", {"peer"}),
+    "fetches_in_flight": ("gauge", set()),
+    "fetch_duration_seconds": ("histogram", {"outcome"}),
+    "events_dropped_total": ("counter", set()),
+}
+
+
+@pytest.mark.slow
+def test_every_family_keeps_its_name_type_and_labels(swarm: Swarm) -> None:
+    with urllib.request.urlopen(swarm.peers[0].url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    exposed = {name.removeprefix("p2p_node_"): family for name, family in parse_strictly(text).items()}
+    assert {name: family.type for name, family in exposed.items()} == {name: kind for name, (kind, _) in FAMILIES.items()}
+    for name, (_, labels) in FAMILIES.items():
+        for sample, sample_labels, _ in exposed[name].samples:
+            assert set(sample_labels) - {"le"} == labels, (name, sample, sample_labels)
+    # Counter samples keep the family's _total name (prometheus_client adds it to a name given without one).
+    for name, family in exposed.items():
+        if family.type == "counter":
+            assert {sample for sample, _, _ in family.samples} <= {f"p2p_node_{name}"}, name
+
+    # The reference parser reads the same families; it names a counter's family without its _total.
+    parsed = {family.name: family for family in text_string_to_metric_families(text)}
+    assert len(parsed) == len(FAMILIES)
+    for name, (kind, _) in FAMILIES.items():
+        reference = parsed[f"p2p_node_{name.removesuffix('_total') if kind == 'counter' else name}"]
+        assert reference.type == kind, name
+        assert [(s.name, s.labels) for s in reference.samples] == [(n, labels) for n, labels, _ in exposed[name].samples]
