@@ -335,9 +335,17 @@ class OuterLoop:
             if base is None or (update.base, update.round) != (base.id, base.round + 1):
                 continue  # a round already closed, or an update no merge of ours can use
             assert self.receipt is not None
-            with contextlib.suppress(FetchFailed, MissingContent, Invalid, ValueError):
+            try:
                 await self.receipt.fetch_update(update)
                 await self.receipt.measure(update.artifact)
+            except (FetchFailed, MissingContent, Invalid, ValueError):
+                pass  # the merge fetches it again, or leaves it out for the reason it gives
+            except Exception as exc:
+                # Fetching ahead only saves the merge time: whatever fails here (a peer's stream
+                # that never closes, a local fault) must not stop the fetchers, or the daemon.
+                if (held := self._crashes.due(f"early fetch: {type(exc).__name__}: {exc}")) is not None:
+                    log.error("early_fetch_failed", update=update.artifact, error=f"{type(exc).__name__}: {exc}",
+                              repeated=held)
 
     async def _rounds(self) -> None:
         assert self.heads is not None

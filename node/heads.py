@@ -248,6 +248,12 @@ class Heads:
                 prefetch.cancel()
                 await asyncio.gather(prefetch, return_exceptions=True)
         await self._reconsider()
+        if self.adopted != head.id and not self.index.is_ancestor(head.id, self.adopted):
+            # A valid head on another branch that weighs less (or ties and ranks lower): the
+            # operator's clue when peers keep building on branches of their own.
+            log.info("head_not_adopted", head=head.id, round=head.round, weight=self.index.weight(head.id),
+                     authors=len(self.index.authors(head.id)), canonical=self.adopted,
+                     canonical_weight=self.index.weight(self.adopted))
 
     async def _verify_chain(self, chain: list[HeadRecord], tip: HeadRecord, author: str) -> bool:
         """Verify and link ``chain`` (oldest first, ending at ``tip`` unless the tip is trusted);

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import contextvars
 import enum
 import logging
@@ -519,10 +520,15 @@ class FramedStream:
         return FrameWriter(self._bridge, self._stream, max_pending_bytes)
 
     async def close(self) -> None:
-        await self._bridge.call(_close_quietly, self._stream, timeout=5.0)
+        """Close our end; never raises. A close the peer does not let finish in time (a frozen
+        or vanished peer) is given up: the stream goes with its connection."""
+        with contextlib.suppress(TimeoutError, BridgeError):
+            await self._bridge.call(_close_quietly, self._stream, timeout=5.0)
 
     async def reset(self) -> None:
-        await self._bridge.call(_reset_quietly, self._stream, timeout=5.0)
+        """Reset the stream; never raises (see ``close``)."""
+        with contextlib.suppress(TimeoutError, BridgeError):
+            await self._bridge.call(_reset_quietly, self._stream, timeout=5.0)
 
 
 class _Inbox(Generic[T]):

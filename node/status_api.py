@@ -78,7 +78,7 @@ class StatusApi:
         self.app.route(
             "DELETE", "/fetches/{id}", self.cancel_fetch, summary="Cancel an in-flight fetch", mutating=True
         )
-        # Operator surfaces (issue 6); their logic lives in node/metrics.py, dashboard.py and openapi.py.
+        # Operator surfaces; their logic lives in node/metrics.py, dashboard.py and openapi.py.
         dashboard = Dashboard(self)
         self.app.route("GET", "/", dashboard.index, summary="The dashboard page")
         self.app.route("GET", "/static/{name}", dashboard.asset, summary="The dashboard's scripts and styles")

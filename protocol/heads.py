@@ -416,6 +416,10 @@ class HeadIndex:
         """The canonical head id, per ``choose_head`` under the rollback in force."""
         return choose_head(self._heads.values(), self.rollback, self._authors)
 
+    def weight(self, head_id_: str) -> int:
+        """What the fork choice weighs a known head by: the authors it and its known ancestors merged."""
+        return _weights(self._heads, self._authors).get(head_id_, 0)
+
     def ancestors(self, head_id_: str) -> Iterator[HeadRecord]:
         """The head itself, then its parent, and so on back to the root."""
         current = self._heads.get(head_id_)

@@ -28,7 +28,7 @@ HOSTILE_TRAINING = 'codec = "fp32"'
 WARM_UP_ROUND = 2  # the swarm trains this far before the first phase
 PHASE_ROUNDS = 5  # rounds each phase runs
 PHASE_TIMEOUT_S = 45.0
-SETTLE_AFTER_S = 30.0  # for the honest peers to hold one head again after a phase
+SETTLE_AFTER_S = 30.0  # for the honest peers' chains to hold one head at the agreed round after a phase
 EXAMPLES_PER_MICROSHARD = TinyConfig().examples_per_microshard
 # A phase's validation loss may exceed the clean phase's by this much (absolute, relative):
 # runs with a fourth trainer or another round layout differ by a few hundredths on tiny.
@@ -241,7 +241,7 @@ class AdversarialSwarm:
             for peer in self.swarm.peers:
                 if peer.log_path.exists():
                     Path(keep).mkdir(parents=True, exist_ok=True)
-                    shutil.copy(peer.log_path, Path(keep) / f"adversarial-{peer.name}.log")
+                    shutil.copy(peer.log_path, Path(keep) / f"{self.root.name}-{peer.name}.log")
         shutil.rmtree(self.root, ignore_errors=True)
 
     # ---- views -----------------------------------------------------------------------
@@ -252,6 +252,20 @@ class AdversarialSwarm:
         if len(heads) == 1 and all(row.get("head_round", -1) >= min_round for row in rows):
             return heads.pop()
         return None
+
+    def _round_of(self, head_id: str) -> int | None:
+        view = head_view(self.honest[0], head_id)
+        return None if view is None else view.round
+
+    def _chains_agree_at(self, round_: int | None) -> bool:
+        """Whether every honest peer's canonical chain holds one and the same head at ``round_``."""
+        if round_ is None:
+            return True
+        at_round = set()
+        for peer in self.honest:
+            body = peer.get("/chain?limit=200", timeout=10) or {"chain": []}
+            at_round.add(next((row["id"] for row in body["chain"] if row["round"] == round_), None))
+        return len(at_round) == 1 and None not in at_round
 
     def min_head_round(self) -> int:
         return min(training(p).get("head_round", -1) for p in self.honest)
@@ -324,9 +338,13 @@ class AdversarialSwarm:
             if judged is not None:
                 # The agreed head is the newest, and a heavier sibling of it may still be on its
                 # way to some, each side building on its own until it has verified the other's:
-                # the chains are read once the peers hold one head again.
+                # the chains are read once the peers' chains hold one head at the agreed round.
+                # (Holding one head at once is not enough: it is true at once, before the sibling
+                # arrives, and the chains are read one peer after another.)
+                agreed_round = self._round_of(judged)
                 with contextlib.suppress(AssertionError):
-                    wait_until(lambda: self.agreed(0), SETTLE_AFTER_S, interval=0.1, what="agreement after the phase")
+                    wait_until(lambda: self._chains_agree_at(agreed_round), SETTLE_AFTER_S, interval=0.5,
+                               what="one head at the agreed round on every chain")
             with contextlib.suppress(AssertionError):
                 wait_until(lambda: all(self._judged_loss(p, judged) is not None for p in self.honest if p.alive), 10,
                            what="own evaluations")

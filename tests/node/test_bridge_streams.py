@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 
 import pytest
+import trio
 
 from node.libp2p_bridge import BridgeError, FramedStream, FrameTooLarge, Libp2pBridge, StreamClosed
 
@@ -331,3 +333,30 @@ def test_tcp_reads_count_the_bytes_that_were_waiting_for_them():
     assert read == 8 * TCP_READ_AHEAD_BYTES and waiting >= read / 2, (read, waiting)
     read, waiting = trio.run(transfer, 20, 1024, 0.01, 0.0)
     assert read == 20 * 1024 and waiting == 0, (read, waiting)
+
+
+def test_a_close_or_reset_the_peer_never_lets_finish_is_given_up_without_raising() -> None:
+    """A frozen peer can leave our close (or reset) waiting on the connection: the daemon's
+    callers (a fetch worker's cleanup) must not fail for it, so both give up after their limit."""
+    async def idle(stream: FramedStream) -> None:
+        await asyncio.sleep(30)
+
+    async def hang(*args: object) -> None:
+        await trio.sleep(60)
+
+    async def scenario() -> list[float]:
+        server, client, stream = await pair(idle)
+        took = []
+        try:
+            stream._stream.close = hang  # what a write stuck behind a frozen peer's full window does
+            stream._stream.reset = hang
+            for end in (stream.close, stream.reset):
+                started = time.monotonic()
+                await end()
+                took.append(time.monotonic() - started)
+        finally:
+            await stop(client, server)
+        return took
+
+    took = asyncio.run(scenario())
+    assert all(4.0 < t < 15.0 for t in took), took
