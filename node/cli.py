@@ -408,7 +408,7 @@ def _cmd_heads(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
-    from node.download import DownloadError, download_head
+    from node.download import DownloadError, download_head, partial_path
 
     base = resolve_url(args)
     if base is None:
@@ -424,8 +424,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
             print(f"p2p-node: {exc}", file=sys.stderr)
             return EXIT_FAILED
         except KeyboardInterrupt:
-            # node.download writes to .<name>.part and renames it when complete.
-            output.with_name(f".{output.name}.part").unlink(missing_ok=True)
+            partial_path(output).unlink(missing_ok=True)
             if terminal:
                 sys.stderr.write("\n")
             raise

@@ -42,11 +42,16 @@ def resolve_head(url: str, head: str) -> str:
         raise DownloadError(f"cannot ask {url} for its canonical head: {exc}") from None
 
 
+def partial_path(output: Path) -> Path:
+    """Where a download to ``output`` is written until it is complete (then renamed to ``output``)."""
+    return output.with_name(f".{output.name}.part")
+
+
 def download_head(url: str, head: str, output: Path, out: IO[str] = sys.stderr) -> Path:
     """Download ``head``'s weights to ``output`` atomically; the file is standard safetensors."""
     head_id = resolve_head(url, head)
     source = f"{url.rstrip('/')}/heads/{head_id}/weights"
-    temp = output.with_name(f".{output.name}.part")
+    temp = partial_path(output)
     started = time.monotonic()
     try:
         with urllib.request.urlopen(source, timeout=60) as response, open(temp, "wb") as sink:

@@ -12,8 +12,11 @@ from collections import Counter
 
 import pytest
 
+from node.config import TrainingSection
+from protocol.leases import STRIKES_TO_EXCLUDE
 from tests.adversary import (
     EXAMPLES_PER_MICROSHARD,
+    PHASE_TIMEOUT_S,
     AdversarialSwarm,
     PhaseResult,
     PhaseRun,
@@ -26,8 +29,8 @@ from tests.adversary import (
 pytestmark = pytest.mark.slow
 
 
-def run_mode(swarm: AdversarialSwarm, mode: str) -> tuple[PhaseResult, PhaseRun]:
-    with swarm.phase(mode) as run:
+def run_mode(swarm: AdversarialSwarm, mode: str, timeout_s: float = PHASE_TIMEOUT_S) -> tuple[PhaseResult, PhaseRun]:
+    with swarm.phase(mode, timeout_s=timeout_s) as run:
         pass
     assert run.result is not None
     return run.result, run
@@ -110,7 +113,10 @@ def test_nan_updates(adversarial_swarm: AdversarialSwarm, clean: PhaseResult) ->
 
 
 def test_lease_flood_claiming_every_microshard(adversarial_swarm: AdversarialSwarm, clean: PhaseResult) -> None:
-    result, run = run_mode(adversarial_swarm, "lease_flood")
+    # A flooder whose lease holds an epoch's last shards and never trains them stalls the swarm
+    # until it is struck out: one round deadline per strike. That bound is what this allows.
+    stall_s = STRIKES_TO_EXCLUDE * (TrainingSection().min_round_deadline_s + 1.0)
+    result, run = run_mode(adversarial_swarm, "lease_flood", timeout_s=PHASE_TIMEOUT_S + stall_s)
     assert result.reported("lease_flood"), "the hostile peer claimed nothing"
     assert_honest_outcome(result, run, clean)
 

@@ -257,15 +257,24 @@ class AdversarialSwarm:
         view = head_view(self.honest[0], head_id)
         return None if view is None else view.round
 
-    def _chains_agree_at(self, round_: int | None) -> bool:
-        """Whether every honest peer's canonical chain holds one and the same head at ``round_``."""
-        if round_ is None:
-            return True
-        at_round = set()
-        for peer in self.honest:
-            body = peer.get("/chain?limit=200", timeout=10) or {"chain": []}
-            at_round.add(next((row["id"] for row in body["chain"] if row["round"] == round_), None))
-        return len(at_round) == 1 and None not in at_round
+    def _settled_chains(self, judged: str | None) -> dict[str, list[HeadView]]:
+        """The live honest peers' canonical chains, read again (for up to ``SETTLE_AFTER_S``) until they
+        hold one head at the round of the ``judged`` head.
+
+        The agreed head is the newest, and a heavier sibling of it may still be on its way to some
+        peers, each side building on its own until it has verified the other's. Agreement on one head
+        at one moment does not settle that (it holds at once, before the sibling arrives), and the
+        chains are read one peer after another: so the very chains the phase is judged on are read
+        until they agree, or the time is up and the assertion shows how they part.
+        """
+        round_ = self._round_of(judged) if judged is not None else None
+        deadline = time.monotonic() + SETTLE_AFTER_S
+        while True:
+            chains = {p.name: canonical_chain(p) for p in self.honest if p.alive}
+            at_round = {next((h.id for h in chain if h.round == round_), None) for chain in chains.values()}
+            if round_ is None or (len(at_round) == 1 and None not in at_round) or time.monotonic() > deadline:
+                return chains
+            time.sleep(0.5)
 
     def min_head_round(self) -> int:
         return min(training(p).get("head_round", -1) for p in self.honest)
@@ -335,16 +344,6 @@ class AdversarialSwarm:
                 run.timed_out = f"{exc}; {self.describe()}\n{self.lagging_logs()}"
             # Each peer's own loss of its head: an evaluation is published shortly after adoption.
             judged = run.agreed if isinstance(run.agreed, str) else None
-            if judged is not None:
-                # The agreed head is the newest, and a heavier sibling of it may still be on its
-                # way to some, each side building on its own until it has verified the other's:
-                # the chains are read once the peers' chains hold one head at the agreed round.
-                # (Holding one head at once is not enough: it is true at once, before the sibling
-                # arrives, and the chains are read one peer after another.)
-                agreed_round = self._round_of(judged)
-                with contextlib.suppress(AssertionError):
-                    wait_until(lambda: self._chains_agree_at(agreed_round), SETTLE_AFTER_S, interval=0.5,
-                               what="one head at the agreed round on every chain")
             with contextlib.suppress(AssertionError):
                 wait_until(lambda: all(self._judged_loss(p, judged) is not None for p in self.honest if p.alive), 10,
                            what="own evaluations")
@@ -352,7 +351,7 @@ class AdversarialSwarm:
                 mode=mode, base=start_head, start_losses=start_losses, seconds=time.monotonic() - started,
                 crashed=[p.name for p in self.honest if not p.alive],
                 silent=[p.name for p in self.honest if p.alive and p.get("/status", timeout=10) is None],
-                chains={p.name: canonical_chain(p) for p in self.honest if p.alive},
+                chains=self._settled_chains(judged),
                 losses={p.name: self._judged_loss(p, judged) for p in self.honest if p.alive},
                 rss_growth={p.name: p.rss_bytes() - rss[p.name] for p in self.honest if p.alive},
                 store_growth={p.name: p.store_bytes() - store[p.name] for p in self.honest if p.alive},
