@@ -142,6 +142,7 @@ class OuterLoop:
         self.current_settings: dict[str, Any] = {}
         self._state: RoundState | None = None
         self._catch_up_base: str | None = None
+        self._catch_up_given_up: str | None = None  # the base the last wait gave up on (logged once)
         self._on_other_base: set[str] = set()  # peers whose update this round has the wrong base
         self._early: asyncio.Queue[UpdateRecord] = asyncio.Queue(EARLY_FETCH_QUEUE)
         self._catch_up_since = 0.0
@@ -555,6 +556,10 @@ class OuterLoop:
         if not (self.heads.verifying and self.heads.heard_round >= base.round + 2):
             return False
         if time.monotonic() - self._catch_up_since > CATCH_UP_MAX_S:
+            if self._catch_up_given_up != base.id:
+                self._catch_up_given_up = base.id
+                log.warning("catch_up_gave_up", base_round=base.round, heard_round=self.heads.heard_round,
+                            waited_s=round(time.monotonic() - self._catch_up_since, 1))
             return False
         self.view = RoundView(round=base.round + 1, phase="catching_up", base=base.id)
         self.heads.changed.clear()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -33,6 +34,7 @@ MAX_REJECTED_IDS = 4096  # heads remembered as invalid; the oldest is forgotten 
 # Rejections that may not hold later: the inputs or ancestors could not be had this time.
 TRANSIENT = frozenset({"inputs_unavailable", "unknown_parent", "ancestor_inputs_unavailable", "weights_unavailable",
                        "ancestor_weights_unavailable"})
+SLOW_VERIFY_S = 5.0  # a verification taking longer is logged
 MAX_EVAL_REPORTS = 1024  # peers' evaluations kept per head; a head's evaluators are its swarm's peers
 
 Verifier = Callable[[HeadRecord], Awaitable[str | None]]  # None: valid; else the reason it is not
@@ -183,9 +185,14 @@ class Heads:
             # announces a head of a higher round every round, and each can take a fetch timeout
             # to fail, which would starve the verification of the swarm's heads.
             head, author = pending.pop(min(pending.values(), key=self._verify_order)[0].id)
+            started = time.monotonic()
             try:
                 if head.id not in self.index and head.round > self.index.root.round:
                     await self._accept(head, author)
+                    if (took := time.monotonic() - started) > SLOW_VERIFY_S:
+                        # Heads heard meanwhile wait behind this one: the clue when a peer falls behind.
+                        log.info("head_verify_slow", head=head.id, round=head.round, author=author,
+                                 seconds=round(took, 1), adopted=head.id == self.adopted, waiting=len(pending))
             except Exception as exc:
                 # A fault of this peer's (a full disk, an I/O error), not of the head: it is not
                 # held against the author, and the head is verified again when it is announced
