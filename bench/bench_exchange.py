@@ -4,7 +4,7 @@
    verified and fsynced into the store);
 2. the same bytes over one bare py-libp2p stream (noise + yamux), raw trio, no bridge: once
    with py-libp2p as it ships and once with the daemon's changes to its transport
-   (``node.libp2p_bridge.tune_transport``);
+   (``node.libp2p.patches.apply``);
 3. the same bytes over one libp2p stream through ``Libp2pBridge`` frames (the daemon's path);
 4. the same bytes over plain asyncio + uvloop TCP on loopback;
 5. a daemon fetching the artifact from three daemons at once;
@@ -98,20 +98,20 @@ def _raw_libp2p_host(seed: bytes, tuned: bool):
     from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX
     from libp2p.stream_muxer.yamux.yamux import Yamux
 
-    from node.libp2p_bridge import YAMUX_TUNING, tune_transport
+    from node.libp2p import patches
 
     if tuned:
-        tune_transport()
+        patches.apply()
         frame = os.environ.get(FRAME_SWEEP_ENV)
         if frame:  # --frame-sweep: this run's yamux frame size instead of the daemon's
             from libp2p.stream_muxer.yamux import yamux as yamux_module
 
             yamux_module.MAX_MESSAGE_SIZE = int(frame)
     else:
-        for name in YAMUX_TUNING:
+        for name in patches.YAMUX_TUNING:
             os.environ.pop(name, None)
     key_pair = create_new_key_pair(seed)
-    # The daemon's transport choices (see node/libp2p_bridge.py): noise only, yamux only; with
+    # The daemon's transport choices (see node/libp2p/bridge.py): noise only, yamux only; with
     # ``tuned``, its changes to py-libp2p's transport as well, else py-libp2p as it ships.
     return new_host(
         key_pair=key_pair,
@@ -176,7 +176,7 @@ def client_raw_libp2p(addr: str, total: int, tuned: bool = False) -> tuple[float
 def serve_bridge(total: int) -> None:
     import uvloop
 
-    from node.libp2p_bridge import FramedStream, Libp2pBridge
+    from node.libp2p import FramedStream, Libp2pBridge
 
     async def main() -> None:
         bridge = Libp2pBridge(b"s" * 32, ["/ip4/127.0.0.1/tcp/0"], kademlia=False)
@@ -203,7 +203,7 @@ def serve_bridge(total: int) -> None:
 def client_bridge(addr: str, total: int) -> tuple[float, float]:
     import uvloop
 
-    from node.libp2p_bridge import Libp2pBridge
+    from node.libp2p import Libp2pBridge
 
     async def main() -> tuple[float, float]:
         bridge = Libp2pBridge(b"c" * 32, ["/ip4/127.0.0.1/tcp/0"], kademlia=False)

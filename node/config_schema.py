@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 ENV_PREFIX = "P2P_NODE_"
-# Prefixed variables that are not config keys (the CLI reads them itself); everything
-# else with the prefix must name a key, because a mistyped variable in a container
-# would otherwise be ignored without a word.
-RESERVED_ENV = frozenset({"P2P_NODE_CONFIG", "P2P_NODE_URL"})
+# Prefixed variables that are not config keys (the CLI reads the first two itself, the libp2p
+# layer the last: ``node.libp2p.patches.UNCHECKED_ENV``); everything else with the prefix must
+# name a key, because a mistyped variable in a container would otherwise be ignored without a word.
+RESERVED_ENV = frozenset({"P2P_NODE_CONFIG", "P2P_NODE_URL", "P2P_NODE_LIBP2P_UNCHECKED"})
 
 T = TypeVar("T")
 Schema = TypeVar("Schema")

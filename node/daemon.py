@@ -23,7 +23,7 @@ from node.exchange import Exchange, ExchangeSettings
 from node.fetch_journal import FetchJournal
 from node.gossip import Gossip
 from node.keys import KEY_FILE, load_or_create_key, read_key
-from node.libp2p_bridge import BridgeError, GossipSettings, Libp2pBridge, ListenFailed
+from node.libp2p import BridgeError, GossipSettings, Libp2pBridge, ListenFailed, UnsupportedLibp2p
 from node.logs import get_logger
 from node.membership import Membership
 from node.status_api import StatusApi
@@ -235,8 +235,9 @@ class Node:
         try:
             try:
                 started = await self._start_unless_stopped()
-            except (OSError, ListenFailed) as exc:
-                # A local fault (a full or read-only disk, a port in use): one clear line, exit 1.
+            except (OSError, ListenFailed, UnsupportedLibp2p) as exc:
+                # A local fault (a full or read-only disk, a port in use, another py-libp2p
+                # release installed): one clear line, exit 1.
                 error = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
                 log.error("node_start_failed", during=self.starting, error=error)
                 self.exit_code = 1

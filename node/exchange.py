@@ -23,8 +23,7 @@ from typing import Any
 from node.availability import Availability
 from node.fanout import NARROW, WIDE, FanOut, FanOutSettings, ReceiverLoad, Verdict, process_demand_s
 from node.fetch_journal import FetchJournal
-from node.libp2p_bridge import (
-    TCP_READS,
+from node.libp2p import (
     BridgeError,
     FramedStream,
     FrameWriter,
@@ -261,12 +260,6 @@ class ChunkServer:
             return wire.bitfield([self._store.has(ref.cid) for ref in manifest.chunks])
 
         return HaveAnswer(await asyncio.to_thread(holdings)).encode()
-
-
-def receiver_load() -> ReceiverLoad:
-    """This process's load as a fetch's fan-out reads it: the cores it wanted, and what its TCP
-    reads found waiting."""
-    return ReceiverLoad(process_demand_s(), TCP_READS.bytes, TCP_READS.waiting_bytes)
 
 
 class _Drop(Exception):
@@ -578,13 +571,19 @@ class Exchange:
         # Fetches too short to compare widths (most pseudo-gradients) follow the last answer
         # only while it is fresh: conditions change, and only a long fetch would notice.
         if learnt is None or now - learnt[2] > FanOutSettings().retry_max_s:
-            return FanOut(load=receiver_load)
+            return FanOut(load=self._receiver_load)
         verdict, measured_on, _ = learnt
         if measured_on == providers and now < verdict.until:
             # The same providers, their answer not yet due for a check (a head's weights, then
             # its momentum): a comparison now would only cost the losing width's windows again.
-            return FanOut(verdict=verdict, load=receiver_load)
-        return FanOut(start=verdict.width, load=receiver_load)
+            return FanOut(verdict=verdict, load=self._receiver_load)
+        return FanOut(start=verdict.width, load=self._receiver_load)
+
+    def _receiver_load(self) -> ReceiverLoad:
+        """This process's load as a fetch's fan-out reads it: the cores it wanted, and what its
+        TCP reads found waiting."""
+        reads = self.bridge.tcp_reads()
+        return ReceiverLoad(process_demand_s(), reads.bytes, reads.waiting_bytes)
 
     def _prune_finished(self, keep: int = 64) -> None:
         """Forget the oldest finished fetches beyond ``keep``: a long-running peer fetches every head."""

@@ -257,7 +257,7 @@ class FanOut:
 class ReceiverLoad:
     """The receiver's counters, each a total since it started: ``demand_s`` from
     ``process_demand_s``; ``read_bytes`` its TCP reads took, ``waiting_bytes`` of them by reads
-    that found more waiting than they could take (``node.libp2p_bridge.TcpReadFill``)."""
+    that found more waiting than they could take (``Libp2pBridge.tcp_reads``)."""
 
     demand_s: float
     read_bytes: int

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from node.libp2p_bridge import BridgeError, Libp2pBridge, PublisherRate
+from node.libp2p import BridgeError, Libp2pBridge, PublisherRate
 from node.logs import Repeats, get_logger
 from protocol.errors import Invalid
 from protocol.identity import SigningKey

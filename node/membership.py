@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from node.gossip import Gossip, now_ms
-from node.libp2p_bridge import BridgeError, Libp2pBridge
+from node.libp2p import BridgeError, Libp2pBridge
 from node.logs import get_logger
 from protocol.errors import Invalid
 from protocol.membership import (

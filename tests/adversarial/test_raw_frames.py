@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from node.libp2p_bridge import BridgeError, Libp2pBridge
+from node.libp2p import BridgeError, Libp2pBridge
 from tests.adversary import AdversarialSwarm, Daemon, PhaseResult, assert_agreed, assert_exactly_once, assert_loss_near, assert_survived
 
 pytestmark = pytest.mark.slow

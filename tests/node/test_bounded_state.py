@@ -16,7 +16,7 @@ from node.daemon import NODE_RECORDS
 from node.distribution import MAX_VARIANT_ANNOUNCERS, MAX_VARIANT_HEADS, MAX_VARIANT_MANIFESTS, Distribution
 from node.exchange import MAX_PEER_STATS, ExchangeStats
 from node.gossip import Gossip, now_ms
-from node.libp2p_bridge import GossipSettings, Libp2pBridge
+from node.libp2p import GossipSettings, Libp2pBridge
 from node.membership import Membership
 from node.operator import MAX_OPERATOR_RECORDS, Operations
 from node.store import ContentStore
@@ -219,7 +219,7 @@ RSS_GROWTH_LIMIT_MIB = 45
 SENDER = """
 import asyncio, sys
 from node.gossip import now_ms, records_topic
-from node.libp2p_bridge import GossipSettings, Libp2pBridge
+from node.libp2p import GossipSettings, Libp2pBridge
 from protocol.identity import SigningKey
 from protocol.membership import HEARTBEAT_KIND, Heartbeat
 from protocol.records import sign_record

@@ -15,7 +15,7 @@ import time
 import pytest
 import trio
 
-from node.libp2p_bridge import BridgeError, FramedStream, FrameTooLarge, Libp2pBridge, StreamClosed
+from node.libp2p import BridgeError, FramedStream, FrameTooLarge, Libp2pBridge, StreamClosed
 
 PROTOCOL = "/p2p-node/test-frames/1.0.0"
 
@@ -62,10 +62,13 @@ def test_read_frames_yields_a_run_of_frames_in_order_and_the_stream_stays_usable
     async def scenario() -> None:
         server, client, stream = await pair(serve_frames)
         try:
+            reads_before = client.tcp_reads()
             for count, size in ((40, 65536), (3, 1 << 20), (1, 0)):
                 await stream.write_frame(f"{count} {size}".encode(), timeout=10)
                 got = [f async for f in stream.read_frames(count, 1 << 21, timeout=30)]
                 assert got == [frame(i, size) for i in range(count)]
+            # What the fetch fan-out reads: every byte the frames came in was read through TCP.
+            assert client.tcp_reads().bytes - reads_before.bytes >= 40 * 65536 + 3 * (1 << 20)
             # The single-frame path still works on the same stream afterwards.
             await stream.write_frame(b"1 8", timeout=10)
             assert await stream.read_frame(64, timeout=10) == frame(0, 8)
@@ -260,7 +263,7 @@ def test_tcp_read_ahead_returns_the_bytes_in_order_and_never_more_than_asked():
     import trio
     from libp2p.io.trio import TrioTCPStream
 
-    from node.libp2p_bridge import TCP_READ_AHEAD_BYTES, buffer_tcp_reads
+    from node.libp2p.patches import TCP_READ_AHEAD_BYTES, buffer_tcp_reads
 
     buffer_tcp_reads()
     payload = os.urandom(3 * TCP_READ_AHEAD_BYTES + 1234)
@@ -295,13 +298,13 @@ def test_tcp_read_ahead_returns_the_bytes_in_order_and_never_more_than_asked():
 
 
 def test_tcp_reads_count_the_bytes_that_were_waiting_for_them():
-    """``TCP_READS`` over a real TCP connection on 127.0.0.1: a reader that lags behind its
+    """``tcp_read_fill`` over a real TCP connection on 127.0.0.1: a reader that lags behind its
     writer finds full buffers (the bytes were waiting); one that keeps up with a trickle finds
     what just came."""
     import trio
     from libp2p.io.trio import TrioTCPStream
 
-    from node.libp2p_bridge import TCP_READ_AHEAD_BYTES, TCP_READS, buffer_tcp_reads
+    from node.libp2p.patches import TCP_READ_AHEAD_BYTES, buffer_tcp_reads, tcp_read_fill
 
     buffer_tcp_reads()
 
@@ -310,7 +313,7 @@ def test_tcp_reads_count_the_bytes_that_were_waiting_for_them():
         port = listeners[0].socket.getsockname()[1]
         writer = await trio.open_tcp_stream("127.0.0.1", port)
         reader = TrioTCPStream(await listeners[0].accept())
-        before = (TCP_READS.bytes, TCP_READS.waiting_bytes)
+        before = tcp_read_fill()
         async with trio.open_nursery() as nursery:
 
             async def send() -> None:
@@ -327,7 +330,8 @@ def test_tcp_reads_count_the_bytes_that_were_waiting_for_them():
                 await trio.sleep(lag_s / 100)  # a slow reader stays slow
             assert got == pieces * piece
         await listeners[0].aclose()
-        return TCP_READS.bytes - before[0], TCP_READS.waiting_bytes - before[1]
+        after = tcp_read_fill()
+        return after.bytes - before.bytes, after.waiting_bytes - before.waiting_bytes
 
     read, waiting = trio.run(transfer, 8, TCP_READ_AHEAD_BYTES, 0.0, 0.3)
     assert read == 8 * TCP_READ_AHEAD_BYTES and waiting >= read / 2, (read, waiting)

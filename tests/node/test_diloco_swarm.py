@@ -286,7 +286,7 @@ def forgeries(peer: Peer) -> list[HeadRecord]:
 
 
 async def _publish_forgeries(target: Peer, topic: str, swarm_name: str) -> set[str]:
-    from node.libp2p_bridge import GossipSettings, Libp2pBridge
+    from node.libp2p import GossipSettings, Libp2pBridge
 
     forger = SigningKey.generate()
     bridge = Libp2pBridge(forger.seed, ["/ip4/127.0.0.1/tcp/0"], kademlia=False,

@@ -20,7 +20,7 @@ import torch
 
 from node.artifacts import load_artifact, store_artifact
 from node.gossip import now_ms, records_topic
-from node.libp2p_bridge import BridgeError, FramedStream, GossipSettings, Libp2pBridge
+from node.libp2p import BridgeError, FramedStream, GossipSettings, Libp2pBridge
 from node.store import ContentStore
 from protocol import exchange as wire
 from protocol.availability import ANNOUNCE_KIND, ANNOUNCE_VERSION, Announce

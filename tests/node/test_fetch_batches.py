@@ -14,7 +14,7 @@ import torch
 from node.artifacts import store_artifact
 from node.exchange import Exchange, ExchangeSettings, FetchProgress, _FetchRun
 from node.fanout import NARROW, WIDE, FanOut, Verdict
-from node.libp2p_bridge import Libp2pBridge
+from node.libp2p import Libp2pBridge
 from node.store import ContentStore
 
 MIB = 1 << 20

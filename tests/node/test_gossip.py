@@ -6,7 +6,7 @@ import time
 
 from node.daemon import NODE_RECORDS
 from node.gossip import Gossip, records_topic
-from node.libp2p_bridge import Libp2pBridge
+from node.libp2p import Libp2pBridge
 from protocol.identity import SigningKey
 from protocol.kinds import record_kinds
 from protocol.membership import HEARTBEAT_KIND, Heartbeat

@@ -14,7 +14,7 @@ import pytest
 
 from node.daemon import NODE_RECORDS
 from node.gossip import Gossip
-from node.libp2p_bridge import Libp2pBridge
+from node.libp2p import Libp2pBridge
 from node.logs import configure_logging
 from protocol.identity import SigningKey
 from protocol.kinds import record_kinds

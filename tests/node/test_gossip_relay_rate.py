@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from node.libp2p_bridge import FLOOD_FACTOR, GossipSettings, Libp2pBridge, PublisherRate, Verdict
+from node.libp2p import GossipSettings, Libp2pBridge, PublisherRate, Verdict
+from node.libp2p.publisher_rate import FLOOD_FACTOR
 from protocol.identity import SigningKey
 
 TOPIC = "/p2p-node/relay-rate/1"

@@ -14,7 +14,7 @@ from node.daemon import NODE_RECORDS
 from node.exchange import Exchange
 from node.gossip import Gossip
 from node.heads import STATE_FILE, Heads
-from node.libp2p_bridge import Libp2pBridge
+from node.libp2p import Libp2pBridge
 from node.merge import outer_rule
 from node.store import ContentStore
 from protocol import canonical

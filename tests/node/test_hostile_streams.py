@@ -13,8 +13,7 @@ import pytest
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.utils import encode_varint_prefixed
 
-from node import libp2p_bridge, libp2p_guards
-from node.libp2p_bridge import BridgeError, FramedStream, GossipSettings, Libp2pBridge
+from node.libp2p import BridgeError, FramedStream, GossipMessage, GossipSettings, Libp2pBridge, faults, patches
 
 TOPIC = "/p2p-node/test/hostile"
 CHUNKS = "/p2p-node/test-chunks/1.0.0"
@@ -58,7 +57,7 @@ async def until(condition: Callable[[], bool], what: str, host: Libp2pBridge | N
         await asyncio.sleep(0.05)
 
 
-async def gossip_reaches(sender: Libp2pBridge, inbox: asyncio.Queue[libp2p_bridge.GossipMessage]) -> None:
+async def gossip_reaches(sender: Libp2pBridge, inbox: asyncio.Queue[GossipMessage]) -> None:
     """Publish from ``sender`` until one of its messages lands in ``inbox`` (gossip is lossy
     until the mesh has formed)."""
     data = os.urandom(16)
@@ -77,7 +76,7 @@ async def gossip_reaches(sender: Libp2pBridge, inbox: asyncio.Queue[libp2p_bridg
 def test_malformed_streams_on_every_protocol_drop_only_themselves(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(libp2p_guards, "_warnings", libp2p_guards._FaultWarnings())
+    monkeypatch.setattr(faults, "_warnings", faults._FaultWarnings())
     caplog.set_level(logging.WARNING, logger="p2p_node.libp2p")
 
     async def read_one_frame(stream: FramedStream) -> None:
@@ -138,7 +137,7 @@ def test_malformed_streams_on_every_protocol_drop_only_themselves(
 def test_a_bug_in_the_projects_own_code_still_ends_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
     """The guard contains remote peers' faults, not this project's bugs: one raised in the
     bridge's own pubsub patch (here a TypeError in its record cache) ends the run loudly."""
-    monkeypatch.setattr(libp2p_bridge, "SEEN_RECORD_REUSE_S", "soon")
+    monkeypatch.setattr(patches, "SEEN_RECORD_REUSE_S", "soon")
 
     async def scenario() -> tuple[BaseException | None, dict[str, int]]:
         victim, peer = bridge(), bridge()
@@ -158,20 +157,6 @@ def test_a_bug_in_the_projects_own_code_still_ends_the_run(monkeypatch: pytest.M
     error, faults = asyncio.run(scenario())
     assert isinstance(error, BridgeError) and "TypeError" in str(error), error
     assert faults == {}  # a bug is not counted as a peer's fault
-
-
-def test_a_libp2p_release_other_than_the_pinned_one_is_warned_about_once(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    assert libp2p_guards.installed_libp2p_version() == libp2p_guards.PINNED_LIBP2P_VERSION
-    assert libp2p_guards.libp2p_version_warning(libp2p_guards.PINNED_LIBP2P_VERSION) is None
-    monkeypatch.setattr(libp2p_guards, "installed_libp2p_version", lambda: "0.9.0")
-    monkeypatch.setattr(libp2p_guards, "_version_checked", False)
-    caplog.set_level(logging.WARNING, logger="p2p_node.libp2p")
-    libp2p_bridge.tune_transport()
-    libp2p_bridge.tune_transport()
-    warnings = [r.getMessage() for r in caplog.records if "0.9.0" in r.getMessage()]
-    assert len(warnings) == 1 and "0.8.1" in warnings[0], warnings
 
 
 def test_banning_a_peer_whose_pubsub_stream_dies_meanwhile_leaves_the_host_running() -> None:

@@ -11,7 +11,8 @@ import time
 import pytest
 from libp2p.pubsub.gossipsub import GossipSub
 
-from node.libp2p_bridge import IDONTWANT_MIN_BYTES, GossipSettings, Libp2pBridge
+from node.libp2p import GossipSettings, Libp2pBridge
+from node.libp2p.patches import IDONTWANT_MIN_BYTES
 
 TOPIC = "/p2p-node/test/idontwant"
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from node.daemon import NODE_RECORDS
 from node.gossip import Gossip, now_ms
 from node.leasing import LEASE_VERSION, MAX_PENDING_FUTURE, Leasing
-from node.libp2p_bridge import Libp2pBridge
+from node.libp2p import Libp2pBridge
 from node.membership import Membership
 from protocol.cid import content_id
 from protocol.identity import SigningKey

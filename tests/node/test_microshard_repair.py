@@ -10,7 +10,7 @@ from node.availability import Availability
 from node.daemon import NODE_RECORDS
 from node.exchange import Exchange
 from node.gossip import Gossip
-from node.libp2p_bridge import Libp2pBridge
+from node.libp2p import Libp2pBridge
 from node.microshards import MicroshardSource
 from node.store import ContentStore
 from protocol.cid import content_id

@@ -96,7 +96,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 async def _publish_as_stranger(target: Peer, topic: str, swarm_name: str, body: dict[str, Any]) -> None:
     """A raw libp2p host with a key no config lists publishes a rollback straight onto the topic."""
-    from node.libp2p_bridge import Libp2pBridge
+    from node.libp2p import Libp2pBridge
 
     stranger = SigningKey.generate()
     bridge = Libp2pBridge(stranger.seed, ["/ip4/127.0.0.1/tcp/0"], kademlia=False)

@@ -11,7 +11,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerstore import create_signed_peer_record
 from libp2p.pubsub.pb.rpc_pb2 import RPC
 
-from node.libp2p_bridge import _cached_consume_record, _cached_record_to_send
+from node.libp2p.patches import _cached_consume_record, _cached_record_to_send
 
 
 def signed_record(seed: bytes, port: int) -> tuple[ID, bytes]:

@@ -167,7 +167,7 @@ def test_a_full_or_read_only_disk_fails_the_start_with_one_clear_line(swarm):
 
 
 async def _publish_hostile(target_addr: str, topic: str, swarm_name: str) -> None:
-    from node.libp2p_bridge import GossipSettings, Libp2pBridge
+    from node.libp2p import GossipSettings, Libp2pBridge
 
     attacker = SigningKey.generate()
     bridge = Libp2pBridge(

@@ -12,9 +12,10 @@ from types import CoroutineType
 from typing import Any
 
 import trio
+from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH as NOISE_MAX_PLAINTEXT
 from libp2p.security.noise.io import NoiseTransportReadWriter
 
-from node.libp2p_bridge import NOISE_MAX_PLAINTEXT, BridgeError, FramedStream, Libp2pBridge
+from node.libp2p import BridgeError, FramedStream, Libp2pBridge
 from tests.node.test_bridge_streams import pair
 
 PAYLOAD = 1 << 20
