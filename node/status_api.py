@@ -32,7 +32,7 @@ from node.operator import Operations, PublishFailed, classify
 from node.metrics import NodeMetrics
 from node.openapi import OpenApi
 from protocol.cid import is_content_id
-from protocol.control import SETTINGS, PatchRecord, Temperature
+from protocol.control import PatchRecord, check_warm_round
 from protocol.errors import Invalid
 from protocol.identity import public_key_from_peer_id
 
@@ -372,23 +372,11 @@ class StatusApi:
             self._check_effective_round(record.body.as_dict(), record.body.effective_round)
 
     def _check_effective_round(self, settings: dict[str, Any], effective: int) -> None:
-        """Refuse a warm setting whose round may already have begun somewhere: peers would split on it.
-
-        A warm setting enters heads (outer lr, momentum) or rounds (inner steps), so every peer
-        must apply it at the same round; a round is under way on some peer from the moment the
-        canonical head is one round before it, so the first safe round is canonical + 2.
-        """
-        warm = [k for k in settings if (spec := SETTINGS.get(k)) is not None and spec.temperature is Temperature.WARM]
+        """Refuse a warm setting whose round may already have begun somewhere (``check_warm_round``)."""
         outer = self.node.outer
-        if not warm or outer is None or outer.heads is None:
+        if outer is None or outer.heads is None:
             return
-        earliest = outer.heads.canonical().round + 2
-        if effective < earliest:
-            raise Invalid(
-                "too_soon",
-                f"{', '.join(sorted(warm))} must take effect at round {earliest} or later: "
-                f"round {earliest - 1} may be under way already",
-            )
+        check_warm_round(settings, effective, outer.heads.canonical().round)
 
     async def rollback(self, request: Request) -> Response:
         async def sign(operations: Operations, body: dict[str, Any]) -> dict[str, Any]:

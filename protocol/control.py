@@ -170,3 +170,22 @@ def settings_at(
     for patch in sorted(due, key=lambda p: (p.effective_round, p.issued_ms, p.id)):
         result.update(patch.settings)
     return result
+
+
+def earliest_warm_round(canonical_round: int) -> int:
+    """The first round a warm setting may take effect at, seen from a peer whose canonical head is
+    of ``canonical_round``: the next round may be under way on some peer already (it begins as soon
+    as a peer holds the head before it), so every peer applies the setting alike only after that."""
+    return canonical_round + 2
+
+
+def check_warm_round(settings: Iterable[str], effective_round: int, canonical_round: int) -> None:
+    """Refuse (Invalid ``too_soon``) a patch whose warm settings would take effect at a round that
+    may already have begun somewhere: peers would split on it. Hot settings may take effect at once."""
+    warm = sorted(k for k in settings if (spec := SETTINGS.get(k)) is not None and spec.temperature is Temperature.WARM)
+    earliest = earliest_warm_round(canonical_round)
+    if warm and effective_round < earliest:
+        raise Invalid(
+            "too_soon",
+            f"{', '.join(warm)} must take effect at round {earliest} or later: round {earliest - 1} may be under way already",
+        )

@@ -16,6 +16,8 @@ from protocol.control import (
     PatchRecord,
     RollbackRecord,
     Temperature,
+    check_warm_round,
+    earliest_warm_round,
     is_operator,
     latest_rollback,
     settings_at,
@@ -230,3 +232,15 @@ def test_body_parsers_refuse_a_valid_body_with_one_field_garbled(
     except Invalid:
         return
     assert parsed.to_wire() == {**valid, key: garbage}  # only an equally valid value gets through
+
+
+def test_a_warm_setting_takes_effect_two_rounds_past_the_canonical_head_at_the_earliest() -> None:
+    # Canonical head of round 7: round 8 may be under way somewhere, so round 9 is the first safe one.
+    assert earliest_warm_round(7) == 9
+    check_warm_round({"outer_lr": 0.5}, 9, 7)
+    with pytest.raises(Invalid) as refused:
+        check_warm_round({"outer_lr": 0.5, "inner_lr": 0.01}, 8, 7)
+    assert refused.value.reason == "too_soon" and "outer_lr" in refused.value.detail and "inner_lr" not in refused.value.detail
+    # Hot settings apply as soon as their round begins, even the current one.
+    check_warm_round({"inner_lr": 0.01, "round_deadline_s": 30}, 0, 7)
+    check_warm_round({}, 0, 7)
