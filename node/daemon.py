@@ -318,12 +318,12 @@ class Node:
             for gone in reported.keys() - fetches.keys():
                 del reported[gone]  # as bounded as the exchange's own list of fetches
             for manifest_id, progress in fetches.items():
-                if progress.state in ("done", "failed", "cancelled") and reported.get(manifest_id) == progress.state:
+                if progress.state.ended and reported.get(manifest_id) == progress.state:
                     continue
                 reported[manifest_id] = progress.state
                 view = progress.view()
                 self.events.emit(
-                    "fetch_progress", manifest=manifest_id, state=progress.state, progress=view["progress"],
+                    "fetch_progress", manifest=manifest_id, state=progress.state.value, progress=view["progress"],
                     rate_bytes_per_s=view["rate_bytes_per_s"], error=progress.error,
                 )
 

@@ -46,7 +46,7 @@ from protocol.evals import EVAL_KIND, EVAL_VERSION, EvalRecord
 from protocol.heads import MAX_HEAD_UPDATES, AggregationRule, HeadRecord, genesis_head
 from protocol.kinds import UPDATE
 from protocol.records import Record
-from protocol.rounds import Offer, RoundState, adaptive_deadline_ms, inner_budget, measured_speeds
+from protocol.rounds import Offer, Phase, RoundState, adaptive_deadline_ms, inner_budget, measured_speeds
 from protocol.updates import InnerMetrics, UpdateRecord, update_binding
 
 log = get_logger("diloco")
@@ -74,7 +74,7 @@ def _ignore(kind: str, **data: Any) -> None:
 @dataclass
 class RoundView:
     round: int = 0
-    phase: str = "starting"
+    phase: Phase = Phase.STARTING
     base: str | None = None
     leased: int = 0
     expected: list[str] | None = None
@@ -124,7 +124,7 @@ class OuterLoop:
         self.is_trainer = config.training.role == "trainer"
         self.chunking = FixedChunking(config.exchange.chunk_bytes)
         self._view = RoundView()
-        self.phase_seconds: dict[str, float] = {}  # wall time of the round loop per phase
+        self.phase_seconds: dict[Phase, float] = {}  # wall time of the round loop per phase
         self._phase_since = time.monotonic()
         self.eval_seconds = 0.0
         self._eval_next: HeadRecord | None = None
@@ -172,7 +172,7 @@ class OuterLoop:
         self._account()
         self._view = view
 
-    def _enter(self, phase: str) -> None:
+    def _enter(self, phase: Phase) -> None:
         """Switch the round loop to ``phase``, adding the time spent in the last one to ``phase_seconds``."""
         self._account()
         self._view.phase = phase
@@ -186,7 +186,7 @@ class OuterLoop:
     def phase_totals(self) -> dict[str, float]:
         """Seconds spent in each phase so far, the current one included."""
         self._account()
-        return {phase: round(seconds, 3) for phase, seconds in self.phase_seconds.items()}
+        return {phase.value: round(seconds, 3) for phase, seconds in self.phase_seconds.items()}
 
     # ---- start-up --------------------------------------------------------------------
 
@@ -358,7 +358,7 @@ class OuterLoop:
                 if base.id != handled:
                     # Hooks run on every adoption (a rollback re-adopts an old head); evaluation once per head.
                     handled = base.id
-                    self._enter("loading")
+                    self._enter(Phase.LOADING)
                     await self._ensure_state(base)
                     await self._retain(base)
                     if self.leasing is not None:
@@ -388,7 +388,7 @@ class OuterLoop:
     async def _sync(self) -> None:
         """Listen for the swarm's canonical head before training on a stale one."""
         assert self.heads is not None
-        self._enter("syncing")
+        self._enter(Phase.SYNCING)
         listen_s = self.config.training.head_reannounce_s * 1.5
         started = time.monotonic()
         # A head that arrived is still being verified (backfill, fetch, recompute): wait for the
@@ -404,7 +404,7 @@ class OuterLoop:
 
     async def _follow(self, base: HeadRecord) -> None:
         assert self.heads is not None
-        self.view = RoundView(round=base.round, phase="following", base=base.id)
+        self.view = RoundView(round=base.round, phase=Phase.FOLLOWING, base=base.id)
         await self._ensure_state(base)
         self.heads.changed.clear()
         await self.heads.changed.wait()
@@ -430,7 +430,7 @@ class OuterLoop:
         settings = self.round_settings(round_no)
         self.current_settings = settings
         ledger = self._ledger(base)
-        self.view = RoundView(round=round_no, phase="leasing", base=base.id)
+        self.view = RoundView(round=round_no, phase=Phase.LEASING, base=base.id)
         live_trainers = [p for p in self.membership.table.live()
                          if self._is_trainer_peer(p) and not self.leasing.excluded(p)]
         speeds = self._swarm_speeds(base, live_trainers)
@@ -493,7 +493,7 @@ class OuterLoop:
                 self._set_aside(round_no, exc.excluded)
             if head is not None and base.id in (self.heads.adopted, self.heads.canonical().parent):
                 # Ours, or a sibling of the head adopted meanwhile: fork choice keeps the heavier.
-                self._enter("adopting")
+                self._enter(Phase.ADOPTING)
                 await self.heads.add_own(head)
             if head is not None:
                 # Updates no merge can use count against their authors like updates that never came.
@@ -561,7 +561,7 @@ class OuterLoop:
                 log.warning("catch_up_gave_up", base_round=base.round, heard_round=self.heads.heard_round,
                             waited_s=round(time.monotonic() - self._catch_up_since, 1))
             return False
-        self.view = RoundView(round=base.round + 1, phase="catching_up", base=base.id)
+        self.view = RoundView(round=base.round + 1, phase=Phase.CATCHING_UP, base=base.id)
         self.heads.changed.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.heads.changed.wait(), 1.0)
@@ -598,7 +598,7 @@ class OuterLoop:
     ) -> bool:
         """Train the round on ``shards`` from ``base`` and publish the update; whether it was published."""
         assert self.source is not None and self.leasing is not None
-        self._enter("training")
+        self._enter(Phase.TRAINING)
         try:
             data = await self.source.bytes_of(shards)
         except MicroshardUnavailable as exc:
@@ -653,7 +653,7 @@ class OuterLoop:
                                  inner_ms=int(result.metrics.seconds * 1000)),
             peer=self.peer_id,
         )
-        self._enter("publishing")
+        self._enter(Phase.PUBLISHING)
         raw = await self.gossip.publish(UPDATE, UPDATE_VERSION, update.to_wire())
         if raw is not None:
             record = self.gossip.validate(raw)
@@ -739,7 +739,7 @@ class OuterLoop:
     async def _finish_ahead(self, base: HeadRecord, ahead: Ahead, weights: dict[str, torch.Tensor]) -> bool:
         """Rebase the round trained ahead onto ``base`` (its base head), let it finish, publish it."""
         assert ahead.task is not None and self.leasing is not None
-        self._enter("training")
+        self._enter(Phase.TRAINING)
         self.trainer.rebase(weights)
         done = asyncio.Event()
         watcher = asyncio.create_task(self._abort_if_superseded(base, done))
@@ -786,7 +786,7 @@ class OuterLoop:
 
     async def _wait_for_close(self, base: HeadRecord, state: RoundState, claim_window_ms: int) -> None:
         assert self.heads is not None and self.leasing is not None
-        self._enter("waiting")
+        self._enter(Phase.WAITING)
         while self.heads.adopted == base.id:
             claimants = self.leasing.participants()
             for peer in claimants:
@@ -989,7 +989,7 @@ class OuterLoop:
             "head": head.id if head else None,
             "round": head.round if head else 0,
             "device": self.config.workload.device,
-            "capabilities": {"steps_per_s_milli": int(self.speed * 1000), "phase": self.view.phase},
+            "capabilities": {"steps_per_s_milli": int(self.speed * 1000), "phase": self.view.phase.value},
         }
 
     def utilisation(self) -> float:

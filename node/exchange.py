@@ -36,7 +36,7 @@ from node.store import ContentStore
 from protocol import exchange as wire
 from protocol.cid import matches
 from protocol.errors import Invalid
-from protocol.exchange import GetRequest, HaveAnswer, HaveRequest, Item
+from protocol.exchange import FetchState, GetRequest, HaveAnswer, HaveRequest, Item
 from protocol.leases import rendezvous_weight
 from protocol.manifest import Manifest, parse_manifest
 
@@ -118,7 +118,7 @@ class FetchFailed(RuntimeError):
 @dataclass
 class FetchProgress:
     manifest_id: str
-    state: str = "starting"
+    state: FetchState = FetchState.STARTING
     total_chunks: int = 0
     total_bytes: int = 0
     have_chunks: int = 0
@@ -138,7 +138,7 @@ class FetchProgress:
         remaining = self.total_bytes - self.have_bytes
         return {
             "manifest_id": self.manifest_id,
-            "state": self.state,
+            "state": self.state.value,
             "total_chunks": self.total_chunks,
             "have_chunks": self.have_chunks,
             "total_bytes": self.total_bytes,
@@ -528,10 +528,10 @@ class Exchange:
             run.pending = set(await asyncio.to_thread(self.store.missing, list(run.sizes)))
             progress.have_chunks = progress.total_chunks - len(run.pending)
             progress.have_bytes = progress.total_bytes - sum(run.sizes[c] for c in run.pending)
-            progress.state = "fetching"
+            progress.state = FetchState.FETCHING
             if run.pending:
                 await self._run(run, hints)
-            progress.state = "done"
+            progress.state = FetchState.DONE
             verdict = run.fan_out.standing()
             providers = frozenset(p for p in run.has if p not in run.dropped)
             if verdict is not None and providers:
@@ -543,18 +543,18 @@ class Exchange:
             return manifest
         except asyncio.CancelledError:
             # Cancelled by an operator: forget it. Cancelled by shutdown: resume on restart.
-            progress.state = "cancelled"
+            progress.state = FetchState.CANCELLED
             if manifest_id in self._cancelled:
                 await asyncio.shield(self._settle_journal(manifest_id))
             raise
         except FetchFailed as exc:
-            progress.state, progress.error = "failed", str(exc)
+            progress.state, progress.error = FetchState.FAILED, str(exc)
             log.warning("fetch_failed", manifest=manifest_id, error=str(exc))
             await self._settle_journal(manifest_id)
             raise
         except Exception as exc:
             # A bug or a local fault (disk full): visible as failed, kept in the journal to resume.
-            progress.state, progress.error = "failed", f"{type(exc).__name__}: {str(exc)[:200]}"
+            progress.state, progress.error = FetchState.FAILED, f"{type(exc).__name__}: {str(exc)[:200]}"
             log.exception("fetch_crashed", manifest=manifest_id)
             raise
         finally:
@@ -587,7 +587,7 @@ class Exchange:
 
     def _prune_finished(self, keep: int = 64) -> None:
         """Forget the oldest finished fetches beyond ``keep``: a long-running peer fetches every head."""
-        finished = [m for m, p in self.fetches.items() if p.state in ("done", "failed", "cancelled")]
+        finished = [m for m, p in self.fetches.items() if p.state.ended]
         for manifest_id in finished[: max(len(finished) - keep, 0)]:
             del self.fetches[manifest_id]
 

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from node.http import Request, Response, text_response
+from protocol.exchange import FetchState
 
 if TYPE_CHECKING:
     from node.daemon import Node
@@ -25,8 +26,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "p2p_node_"
 FETCH_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 RATE_WINDOW_S = 60.0
-ENDED_FETCH_STATES = ("done", "failed")
-LIVE_FETCH_STATES = ("starting", "fetching")
+ENDED_FETCH_STATES = (FetchState.DONE, FetchState.FAILED)  # a cancelled fetch has no duration worth a bucket
+LIVE_FETCH_STATES = (FetchState.STARTING, FetchState.FETCHING)
 
 Rows = Iterable[tuple[Sequence[str], float]]
 Family = TypeVar("Family", GaugeMetricFamily, CounterMetricFamily)
@@ -97,7 +98,7 @@ class FetchDurations:
     """Durations of ended fetches, taken from the exchange's fetch table (which keeps ended fetches)."""
 
     def __init__(self) -> None:
-        self.by_outcome: dict[str, Histogram] = {outcome: Histogram() for outcome in ENDED_FETCH_STATES}
+        self.by_outcome: dict[str, Histogram] = {outcome.value: Histogram() for outcome in ENDED_FETCH_STATES}
         self._seen: set[tuple[str, float]] = set()
 
     def update(self, fetches: Iterable[FetchProgress]) -> None:
@@ -109,7 +110,7 @@ class FetchDurations:
                 continue
             self._seen.add(key)
             duration = max(0.0, progress.finished - progress.started)
-            self.by_outcome[progress.state].observe(duration)
+            self.by_outcome[progress.state.value].observe(duration)
         # A fetch replaced in the table (restarted for the same manifest) cannot come back.
         self._seen &= current
 

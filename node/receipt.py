@@ -31,6 +31,7 @@ from protocol.coverage import EpochLedger, select_updates
 from protocol.errors import Invalid
 from protocol.heads import AggregationRule, HeadRecord, reference_norm
 from protocol.kinds import UPDATE
+from protocol.rounds import Phase
 from protocol.updates import UpdateRecord, credit, update_binding
 
 log = get_logger("diloco")
@@ -81,7 +82,7 @@ class Receipt:
         chunking: Chunking,
         plan_sizes: dict[str, tuple[int, int]],
         ledger: Callable[[HeadRecord], EpochLedger],
-        on_phase: Callable[[str], None],
+        on_phase: Callable[[Phase], None],
         trust_weights: bool = False,
     ) -> None:
         """``ledger`` gives the epoch's coverage as of a head; ``on_phase`` hears the round
@@ -164,7 +165,7 @@ class Receipt:
                 records[update_id] = update
         ledger = self._ledger(base)
         if own_round:
-            self._on_phase("fetching")
+            self._on_phase(Phase.FETCHING)
         while True:
             # Select as a verifier will: without the updates found unavailable, whose shards stay free.
             selection = select_updates(ledger, records)
@@ -194,7 +195,7 @@ class Receipt:
             await self.stored(state_id)
         bound = reference_norm(self._heads.index.ancestors(base.id))
         if own_round:
-            self._on_phase("merging")
+            self._on_phase(Phase.MERGING)
         self.merges += 1
         try:
             result = await asyncio.to_thread(

@@ -169,7 +169,7 @@ class StatusApi:
             "role": outer.config.training.role,
             "workload": outer.config.workload.name,
             "round": view.round,
-            "phase": view.phase,
+            "phase": view.phase.value,
             "head": head.id,
             "head_round": head.round,
             "epoch": head.epoch,

@@ -8,6 +8,7 @@ request asks which chunks of a manifest the server holds, as a bitfield.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,22 @@ MAX_IDS_PER_REQUEST = 64
 MAX_REQUEST_BYTES = 16 * 1024
 MAX_ITEM_BYTES = 16 * 1024 * 1024 + 1024
 CONTENT_KINDS = frozenset({"chunk", "manifest", "record"})
+
+
+
+class FetchState(enum.StrEnum):
+    """Where one fetch of an artifact stands, as ``/fetches`` and the metrics name it (the value)."""
+
+    STARTING = "starting"  # reading the manifest, finding providers
+    FETCHING = "fetching"  # chunks on the wire
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # nobody waits for it any more
+
+    @property
+    def ended(self) -> bool:
+        return self in (FetchState.DONE, FetchState.FAILED, FetchState.CANCELLED)
+
 
 _REQUEST_LIMITS = canonical.Limits(max_size=MAX_REQUEST_BYTES, max_array_len=MAX_IDS_PER_REQUEST)
 

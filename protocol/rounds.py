@@ -12,6 +12,23 @@ from dataclasses import dataclass
 from protocol.updates import UpdateRecord
 
 
+class Phase(enum.StrEnum):
+    """What a peer's round loop is doing, as ``/status`` and heartbeats name it (the value)."""
+
+    STARTING = "starting"  # the daemon is starting
+    SYNCING = "syncing"  # listening for the swarm's canonical head before training
+    LOADING = "loading"  # reading a head's weights
+    FOLLOWING = "following"  # a peer that does not train: adopting heads as they come
+    CATCHING_UP = "catching_up"  # waiting for the verdict on a head rounds ahead
+    LEASING = "leasing"  # claiming the round's microshards
+    TRAINING = "training"  # the inner loop
+    PUBLISHING = "publishing"  # storing and announcing the round's update
+    WAITING = "waiting"  # for the other peers' updates
+    FETCHING = "fetching"  # the round's updates
+    MERGING = "merging"  # the outer step
+    ADOPTING = "adopting"  # linking the merged head
+
+
 class Offer(enum.Enum):
     """What became of an update offered to a round."""
 

@@ -12,7 +12,7 @@ from protocol import exchange as wire
 from protocol.availability import Announce
 from protocol.cid import content_id
 from protocol.errors import Invalid
-from protocol.exchange import GetRequest, HaveAnswer, HaveRequest, Item
+from protocol.exchange import FetchState, GetRequest, HaveAnswer, HaveRequest, Item
 
 cids = st.binary(min_size=0, max_size=16).map(content_id)
 kinds = st.sampled_from(sorted(wire.CONTENT_KINDS))
@@ -282,3 +282,9 @@ def test_any_announce_body_is_an_announce_or_invalid(value):
     except Invalid:
         return
     assert announce.to_wire() == value
+
+
+def test_fetch_states_are_their_wire_names_and_three_of_them_end_a_fetch() -> None:
+    assert [s.value for s in FetchState] == ["starting", "fetching", "done", "failed", "cancelled"]
+    assert {s for s in FetchState if s.ended} == {FetchState.DONE, FetchState.FAILED, FetchState.CANCELLED}
+    assert FetchState.DONE == "done"

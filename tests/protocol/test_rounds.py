@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.cid import content_id
 from protocol.identity import SigningKey
-from protocol.rounds import CloseReason, Offer, RoundState, adaptive_deadline_ms, inner_budget, measured_speeds
+from protocol.rounds import CloseReason, Offer, Phase, RoundState, adaptive_deadline_ms, inner_budget, measured_speeds
 from protocol.updates import InnerMetrics, UpdateRecord
 
 PEERS = [SigningKey(bytes([i + 20]) * 32).peer_id for i in range(5)]
@@ -126,3 +128,11 @@ def test_time_mode_budgets_what_the_median_peer_takes_and_caps_fast_peers_at_twi
 def test_measured_speeds_count_updates_of_two_steps_or_more_only() -> None:
     merged = [("a", 20, 4000), ("b", 1, 100), ("c", 10, 0), ("d", 2, 500)]
     assert measured_speeds(merged) == {"a": 5.0, "d": 4.0}
+
+
+def test_phases_are_their_wire_names() -> None:
+    # /status and heartbeats carry the plain names; a StrEnum member compares and encodes as one.
+    assert [p.value for p in Phase][:3] == ["starting", "syncing", "loading"]
+    assert Phase.CATCHING_UP == "catching_up"
+    assert json.dumps({"phase": Phase.WAITING.value}) == '{"phase": "waiting"}'
+    assert len({p.value for p in Phase}) == len(Phase)
