@@ -30,6 +30,7 @@ MAX_BACKFILL = 10_000
 MAX_ROLLBACKS = 1024  # operator rollbacks remembered (and saved); the earliest issued go first
 MAX_PENALISED = 4096  # authors whose rejected heads are counted; the oldest is forgotten first
 MAX_PENDING_VERIFY = 512  # heads heard and waiting for verification; the least promising go first
+MAX_OUTWEIGHED = 4096  # heads remembered as unable to outweigh the canonical one; the oldest is forgotten first
 MAX_REJECTED_IDS = 4096  # heads remembered as invalid; the oldest is forgotten first
 # Rejections that may not hold later: the inputs or ancestors could not be had this time.
 TRANSIENT = frozenset({"inputs_unavailable", "unknown_parent", "ancestor_inputs_unavailable", "weights_unavailable",
@@ -79,6 +80,7 @@ class Heads:
         self.eval: dict[str, dict[str, Any]] = {}  # validation loss by head, then by peer: heads in the index only
         self.rollbacks: dict[str, RollbackRecord] = {}
         self._verifying: set[str] = set()
+        self._outweighed: dict[str, int] = {}  # heads set aside as unable to win: the most each could weigh
         self._rejected_ids: dict[str, None] = {}  # heads found invalid: their re-announcements are not verified again
         self._candidates: asyncio.Queue[tuple[HeadRecord, str]] = asyncio.Queue(256)
         self._lock = asyncio.Lock()
@@ -226,6 +228,8 @@ class Heads:
             self._heard[head.id] = head.round
 
     async def _accept(self, head: HeadRecord, author: str) -> None:
+        if head.id not in self._trusted and self._outweighed_now(head, self._quick_bound(head)):
+            return  # a branch that cannot win, known without a fetch
         ancestors, missing = await self._unknown_ancestors(head)
         if missing is not None:
             # Its author announced a head whose history it does not serve: held against it like
@@ -233,10 +237,15 @@ class Heads:
             self._reject(head, author, "unknown_parent")
             log.info("head_parent_unavailable", head=head.id, missing=missing)
             return
+        chain = [*ancestors, head]
+        if not any(h.id in self._trusted for h in chain):
+            parent = chain[0].parent
+            bound = (self.index.weight(parent) if parent is not None else 0) + sum(len(set(h.updates)) for h in chain)
+            if self._outweighed_now(head, bound):
+                return
         # A head the operator named in ``training.trusted_heads`` is linked with its ancestors
         # unverified: the operator's word stands in for the history a peer far behind can no
         # longer recompute (the swarm keeps only recent rounds' updates).
-        chain = [*ancestors, head]
         anchor = max((i for i, h in enumerate(chain) if h.id in self._trusted), default=-1)
         trusted, checked = chain[: anchor + 1], chain[anchor + 1 :]
         for known in trusted:
@@ -261,6 +270,37 @@ class Heads:
             log.info("head_not_adopted", head=head.id, round=head.round, weight=self.index.weight(head.id),
                      authors=len(self.index.authors(head.id)), canonical=self.adopted,
                      canonical_weight=self.index.weight(self.adopted))
+
+    def _quick_bound(self, head: HeadRecord) -> int | None:
+        """The most ``head`` can weigh, from its parent's weight (known, or a bound already worked
+        out for it) without fetching anything; None when the parent is neither."""
+        if head.parent is None:
+            return None
+        if head.parent in self.index:
+            base = self.index.weight(head.parent)
+        elif (known := self._outweighed.get(head.parent)) is not None:
+            base = known
+        else:
+            return None
+        return base + len(set(head.updates))
+
+    def _outweighed_now(self, head: HeadRecord, bound: int | None) -> bool:
+        """Whether a branch whose tip can weigh at most ``bound`` loses to the canonical head
+        whatever its verification says; such a head is set aside unverified (and remembered with
+        its bound, so a head built on it is weighed without a fetch).
+
+        A head weighs the distinct authors of its updates, so no more than its update count:
+        summed along the branch that bounds the branch. Verifying heads that cannot win (a lone
+        peer's branch, one head per round) is what kept a peer back from a freeze from ever
+        reaching the swarm's tip: each took seconds, and there were more every second.
+        """
+        if bound is None or bound >= self.index.weight(self.adopted):
+            return False  # a tie may still win on rank
+        self.rejected["cannot_outweigh"] += 1
+        self._outweighed[head.id] = bound
+        while len(self._outweighed) > MAX_OUTWEIGHED:
+            del self._outweighed[next(iter(self._outweighed))]
+        return True
 
     async def _verify_chain(self, chain: list[HeadRecord], tip: HeadRecord, author: str) -> bool:
         """Verify and link ``chain`` (oldest first, ending at ``tip`` unless the tip is trusted);

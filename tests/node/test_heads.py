@@ -233,3 +233,56 @@ def test_a_trusted_head_is_linked_with_its_ancestors_unverified_and_later_heads_
                     await runner
 
     asyncio.run(run())
+
+
+def test_a_branch_that_cannot_outweigh_the_canonical_head_is_set_aside_unverified(tmp_path):
+    """A head weighs the distinct authors of its updates, so at most its update count: a lone
+    peer's branch (one update a head) that cannot reach the canonical head's weight is not worth
+    a recompute, nor is a head built on it worth a fetch of its parent."""
+    def merged(parent: HeadRecord, tag: str, authors: int) -> HeadRecord:
+        head = child(parent, 100, tag)
+        return dataclasses.replace(head, updates=tuple(sorted(content_id(f"{tag} {i}".encode()) for i in range(authors))))
+
+    swarm_head = merged(GENESIS, "swarm", 3)
+    lone = merged(GENESIS, "lone", 1)
+    lone_next = merged(lone, "lone next", 1)
+    heavier = merged(GENESIS, "heavier", 4)
+    authors = {h.id: frozenset(f"peer {i}" for i in range(len(h.updates))) for h in (swarm_head, lone, lone_next, heavier)}
+    verified: list[str] = []
+
+    async def verifier(head: HeadRecord) -> str | None:
+        verified.append(head.id)
+        return None
+
+    async def run() -> None:
+        async with components(tmp_path) as (_key, gossip, store, exchange):
+            heads = Heads(GENESIS, gossip, store, exchange, tmp_path, 60.0, 200)
+            heads.verifier = verifier
+            heads.authors_of = lambda head: authors.get(head.id, frozenset())
+            author = SigningKey.generate()
+
+            async def hear(head: HeadRecord) -> None:
+                raw = sign_record(author, HEAD, 1, SWARM, head.to_wire(), int(time.time() * 1000))
+                await gossip.handle_message(raw, author.peer_id)
+                while heads.verifying:
+                    await asyncio.sleep(0.01)
+
+            runner = asyncio.create_task(heads.run())
+            try:
+                await asyncio.wait_for(hear(swarm_head), 10)
+                assert heads.adopted == swarm_head.id and heads.index.weight(swarm_head.id) == 3, heads.rejected
+                await asyncio.wait_for(hear(lone), 10)
+                # Its parent is not even in the store or the swarm: weighed from the bound of ``lone``.
+                await asyncio.wait_for(hear(lone_next), 10)
+                assert verified == [swarm_head.id]
+                assert heads.rejected == {"cannot_outweigh": 2}
+                assert not heads.penalties
+                await asyncio.wait_for(hear(heavier), 10)
+                assert verified == [swarm_head.id, heavier.id]
+                assert heads.adopted == heavier.id
+            finally:
+                runner.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await runner
+
+    asyncio.run(run())
