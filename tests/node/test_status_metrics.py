@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from node.exchange import FetchProgress
 from node.metrics import FetchDurations, Histogram, counter, gauge, histogram
+from protocol.exchange import FetchState
 from tests.swarm_harness import Swarm, shared_swarm, training_swarm
 
 # ---------------------------------------------------------------- a strict reader of the format
@@ -151,21 +152,21 @@ def test_histogram_buckets_are_cumulative_with_sum_and_count() -> None:
 
 def test_fetch_durations_count_each_ended_fetch_once() -> None:
     durations = FetchDurations()
-    done = FetchProgress("b3:" + "a" * 64, state="done", started=100.0, finished=100.3)
-    failed = FetchProgress("b3:" + "b" * 64, state="failed", started=100.0, finished=107.0)
-    running = FetchProgress("b3:" + "c" * 64, state="fetching", started=100.0)
+    done = FetchProgress("b3:" + "a" * 64, state=FetchState.DONE, started=100.0, finished=100.3)
+    failed = FetchProgress("b3:" + "b" * 64, state=FetchState.FAILED, started=100.0, finished=107.0)
+    running = FetchProgress("b3:" + "c" * 64, state=FetchState.FETCHING, started=100.0)
     for _ in range(3):  # every scrape sees the same table
         durations.update([done, failed, running])
     by_outcome = durations.by_outcome
     assert (by_outcome["done"].count, by_outcome["done"].sum) == (1, pytest.approx(0.3))
     assert (by_outcome["failed"].count, by_outcome["failed"].sum) == (1, pytest.approx(7.0))
     # The same manifest fetched again is a new fetch.
-    durations.update([FetchProgress(done.manifest_id, state="done", started=200.0, finished=200.1), failed])
+    durations.update([FetchProgress(done.manifest_id, state=FetchState.DONE, started=200.0, finished=200.1), failed])
     assert by_outcome["done"].count == 2
 
 
 def test_an_ended_fetch_keeps_the_rate_of_its_own_duration() -> None:
-    done = FetchProgress("b3:" + "a" * 64, state="done", started=100.0, finished=102.0, fetched_bytes=8 << 20)
+    done = FetchProgress("b3:" + "a" * 64, state=FetchState.DONE, started=100.0, finished=102.0, fetched_bytes=8 << 20)
     assert done.view()["rate_bytes_per_s"] == 4 << 20  # not diluted by the time since it ended
     assert done.view()["eta_s"] is None
 
