@@ -322,7 +322,8 @@ def test_forged_heads_are_rejected_by_recompute_and_training_goes_on(swarm):
         wait_until(rejected_everywhere, 20, what="every peer rejects forgeries by recomputing them")
         for peer in peers:
             rejections = training(peer)["head_rejections"]
-            assert set(rejections) == {"recompute_mismatch"}, rejections
+            # A forgery on a branch that could not win anyway is set aside unverified.
+            assert set(rejections) <= {"recompute_mismatch", "cannot_outweigh"}, rejections
         before = training(peers[0])["head_round"]
         after = wait_agreed(peers, before + 2, 30, what="training goes on")
         for peer in peers:
