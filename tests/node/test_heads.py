@@ -38,6 +38,19 @@ def child(parent: HeadRecord, samples: int, tag: str) -> HeadRecord:
     )
 
 
+async def announce(gossip: Gossip, author: SigningKey, *batch: HeadRecord) -> None:
+    """Hand ``batch`` to gossip as head records signed by ``author``, as if heard from the swarm."""
+    for head in batch:
+        raw = sign_record(author, HEAD, 1, SWARM, head.to_wire(), int(time.time() * 1000))
+        await gossip.handle_message(raw, author.peer_id)
+
+
+async def settled(heads: Heads) -> None:
+    """Until every head heard has had its verdict."""
+    while heads.verifying:
+        await asyncio.sleep(0.01)
+
+
 @contextlib.asynccontextmanager
 async def components(data_dir: Path):
     """A real host (no peers), gossip, store and exchange, as the daemon wires them for Heads."""
@@ -106,27 +119,21 @@ def test_heads_heard_are_verified_best_first_and_rejections_counted(tmp_path):
             author = SigningKey.generate()
 
             async def hear(*batch: HeadRecord) -> None:
-                for head in batch:
-                    raw = sign_record(author, HEAD, 1, SWARM, head.to_wire(), int(time.time() * 1000))
-                    await gossip.handle_message(raw, author.peer_id)
-
-            async def settled() -> None:
-                while heads.verifying:
-                    await asyncio.sleep(0.01)
+                await announce(gossip, author, *batch)
 
             runner = asyncio.create_task(heads.run())
             try:
                 # Queued together: the forged head (more samples) ranks first and is rejected,
                 # then the honest one, then the low one: valid, linked, and outranked.
                 await hear(low, honest, forged)
-                await asyncio.wait_for(settled(), 10)
+                await asyncio.wait_for(settled(heads), 10)
                 assert verified == [forged.id, honest.id, low.id]
                 assert heads.adopted == honest.id
                 assert heads.rejected == {"recompute_mismatch": 1}
                 assert heads.penalties[author.peer_id] == 1
                 assert forged.id not in heads.index and low.id in heads.index
                 await hear(next_round, forged)
-                await asyncio.wait_for(settled(), 10)
+                await asyncio.wait_for(settled(heads), 10)
                 assert heads.adopted == next_round.id
                 assert verified[3:] == [next_round.id]  # the forged head is not recomputed twice
                 assert heads.rejected == {"recompute_mismatch": 1, "rejected_before": 1}
@@ -161,10 +168,8 @@ def test_unknown_ancestors_are_verified_oldest_first_before_a_tip_is_adopted(tmp
             author = SigningKey.generate()
 
             async def hear(head: HeadRecord) -> None:
-                raw = sign_record(author, HEAD, 1, SWARM, head.to_wire(), int(time.time() * 1000))
-                await gossip.handle_message(raw, author.peer_id)
-                while heads.verifying:
-                    await asyncio.sleep(0.01)
+                await announce(gossip, author, head)
+                await settled(heads)
 
             runner = asyncio.create_task(heads.run())
             try:
@@ -215,16 +220,10 @@ def test_a_trusted_head_is_linked_with_its_ancestors_unverified_and_later_heads_
             for body in (old, anchor, after):
                 store.put_record(canonical.encode(body.to_wire()), body.id)
             author = SigningKey.generate()
-            raw = sign_record(author, HEAD, 1, SWARM, tip.to_wire(), int(time.time() * 1000))
             runner = asyncio.create_task(heads.run())
             try:
-                await gossip.handle_message(raw, author.peer_id)
-
-                async def settled() -> None:
-                    while heads.verifying:
-                        await asyncio.sleep(0.01)
-
-                await asyncio.wait_for(settled(), 10)
+                await announce(gossip, author, tip)
+                await asyncio.wait_for(settled(heads), 10)
                 assert heads.adopted == tip.id
                 assert verified == [after.id, tip.id]  # nothing up to the anchor was recomputed
             finally:
@@ -262,10 +261,8 @@ def test_a_branch_that_cannot_outweigh_the_canonical_head_is_set_aside_unverifie
             author = SigningKey.generate()
 
             async def hear(head: HeadRecord) -> None:
-                raw = sign_record(author, HEAD, 1, SWARM, head.to_wire(), int(time.time() * 1000))
-                await gossip.handle_message(raw, author.peer_id)
-                while heads.verifying:
-                    await asyncio.sleep(0.01)
+                await announce(gossip, author, head)
+                await settled(heads)
 
             runner = asyncio.create_task(heads.run())
             try:
