@@ -228,8 +228,11 @@ class Heads:
             self._heard[head.id] = head.round
 
     async def _accept(self, head: HeadRecord, author: str) -> None:
-        if head.id not in self._trusted and self._outweighed_now(head, self._quick_bound(head)):
-            return  # a branch that cannot win, known without a fetch
+        on_outweighed = self._outweighed.get(head.parent) if head.parent is not None else None
+        if head.id not in self._trusted and on_outweighed is not None:
+            # Built on a head already set aside: weighed from that head's bound, without a fetch.
+            if self._outweighed_now(head, on_outweighed + len(set(head.updates))):
+                return
         ancestors, missing = await self._unknown_ancestors(head)
         if missing is not None:
             # Its author announced a head whose history it does not serve: held against it like
@@ -271,20 +274,7 @@ class Heads:
                      authors=len(self.index.authors(head.id)), canonical=self.adopted,
                      canonical_weight=self.index.weight(self.adopted))
 
-    def _quick_bound(self, head: HeadRecord) -> int | None:
-        """The most ``head`` can weigh, from its parent's weight (known, or a bound already worked
-        out for it) without fetching anything; None when the parent is neither."""
-        if head.parent is None:
-            return None
-        if head.parent in self.index:
-            base = self.index.weight(head.parent)
-        elif (known := self._outweighed.get(head.parent)) is not None:
-            base = known
-        else:
-            return None
-        return base + len(set(head.updates))
-
-    def _outweighed_now(self, head: HeadRecord, bound: int | None) -> bool:
+    def _outweighed_now(self, head: HeadRecord, bound: int) -> bool:
         """Whether a branch whose tip can weigh at most ``bound`` loses to the canonical head
         whatever its verification says; such a head is set aside unverified (and remembered with
         its bound, so a head built on it is weighed without a fetch).
@@ -294,7 +284,7 @@ class Heads:
         peer's branch, one head per round) is what kept a peer back from a freeze from ever
         reaching the swarm's tip: each took seconds, and there were more every second.
         """
-        if bound is None or bound >= self.index.weight(self.adopted):
+        if bound >= self.index.weight(self.adopted):
             return False  # a tie may still win on rank
         self.rejected["cannot_outweigh"] += 1
         self._outweighed[head.id] = bound
