@@ -8,7 +8,7 @@ from typing import Any
 
 from node.exchange import Exchange
 from protocol.membership import PeerTable
-from protocol.exchange import FetchState
+from protocol.exchange import FETCH_OUTCOMES
 
 # Heartbeat capability keys this module writes and reads.
 FETCH = "fetch"  # "<manifest id>" of the fetch in flight, if any
@@ -34,7 +34,7 @@ def fetch_capabilities(exchange: Exchange) -> dict[str, int | str]:
             FETCH_RATE: int(view["rate_bytes_per_s"]),
             FETCH_LEFT: max(progress.total_bytes - progress.have_bytes, 0),
         }
-    ended = [p for p in exchange.fetches.values() if p.state in (FetchState.DONE, FetchState.FAILED) and p.finished is not None]
+    ended = [p for p in exchange.fetches.values() if p.state in FETCH_OUTCOMES and p.finished is not None]
     latest = max(ended, key=lambda p: p.finished or 0.0, default=None)
     fresh = latest is not None and time.monotonic() - (latest.finished or 0.0) < FETCH_ERROR_FRESH_S
     if latest is not None and latest.state == "failed" and fresh:

@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from node.http import Request, Response, text_response
-from protocol.exchange import FetchState
+from protocol.exchange import FETCH_OUTCOMES
 
 if TYPE_CHECKING:
     from node.daemon import Node
@@ -26,8 +26,6 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "p2p_node_"
 FETCH_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 RATE_WINDOW_S = 60.0
-ENDED_FETCH_STATES = (FetchState.DONE, FetchState.FAILED)  # a cancelled fetch has no duration worth a bucket
-LIVE_FETCH_STATES = (FetchState.STARTING, FetchState.FETCHING)
 
 Rows = Iterable[tuple[Sequence[str], float]]
 Family = TypeVar("Family", GaugeMetricFamily, CounterMetricFamily)
@@ -98,7 +96,7 @@ class FetchDurations:
     """Durations of ended fetches, taken from the exchange's fetch table (which keeps ended fetches)."""
 
     def __init__(self) -> None:
-        self.by_outcome: dict[str, Histogram] = {outcome.value: Histogram() for outcome in ENDED_FETCH_STATES}
+        self.by_outcome: dict[str, Histogram] = {outcome.value: Histogram() for outcome in FETCH_OUTCOMES}
         self._seen: set[tuple[str, float]] = set()
 
     def update(self, fetches: Iterable[FetchProgress]) -> None:
@@ -106,7 +104,7 @@ class FetchDurations:
         for progress in fetches:
             key = (progress.manifest_id, progress.started)
             current.add(key)
-            if progress.state not in ENDED_FETCH_STATES or progress.finished is None or key in self._seen:
+            if progress.state not in FETCH_OUTCOMES or progress.finished is None or key in self._seen:
                 continue
             self._seen.add(key)
             duration = max(0.0, progress.finished - progress.started)
@@ -255,7 +253,7 @@ class NodeCollector(Collector):
                       labels=["peer"], rows=by_key(stats.timeouts_by_peer))
         fetches = list(exchange.fetches.values())
         yield gauge("fetches_in_flight", "Fetches starting or running.",
-                    sum(1 for p in fetches if p.state in LIVE_FETCH_STATES))
+                    sum(1 for p in fetches if not p.state.ended))
         self.fetch_durations.update(fetches)
         yield histogram("fetch_duration_seconds", "Wall time of ended fetches, by outcome.", "outcome",
                         self.fetch_durations.by_outcome)

@@ -40,6 +40,10 @@ class FetchState(enum.StrEnum):
         return self in (FetchState.DONE, FetchState.FAILED, FetchState.CANCELLED)
 
 
+# How an ended fetch came out, where its duration says something (a cancelled one was given up).
+FETCH_OUTCOMES = (FetchState.DONE, FetchState.FAILED)
+
+
 _REQUEST_LIMITS = canonical.Limits(max_size=MAX_REQUEST_BYTES, max_array_len=MAX_IDS_PER_REQUEST)
 
 
