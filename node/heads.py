@@ -228,11 +228,13 @@ class Heads:
             self._heard[head.id] = head.round
 
     async def _accept(self, head: HeadRecord, author: str) -> None:
-        on_outweighed = self._outweighed.get(head.parent) if head.parent is not None else None
-        if head.id not in self._trusted and on_outweighed is not None:
-            # Built on a head already set aside: weighed from that head's bound, without a fetch.
-            if self._outweighed_now(head, on_outweighed + len(set(head.updates))):
-                return
+        # Set aside before (its author re-announces it every few seconds), or built on a head that
+        # was: weighed from the bound remembered, without fetching its ancestors again.
+        remembered = self._outweighed.get(head.id)
+        if remembered is None and head.parent is not None and (base := self._outweighed.get(head.parent)) is not None:
+            remembered = base + len(set(head.updates))
+        if head.id not in self._trusted and remembered is not None and self._outweighed_now(head, remembered):
+            return
         ancestors, missing = await self._unknown_ancestors(head)
         if missing is not None:
             # Its author announced a head whose history it does not serve: held against it like

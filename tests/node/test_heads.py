@@ -16,7 +16,7 @@ from node.gossip import Gossip
 from node.heads import STATE_FILE, Heads
 from node.libp2p import Libp2pBridge
 from node.merge import outer_rule
-from node.store import ContentStore
+from node.store import RECORDS, ContentStore
 from protocol import canonical
 from protocol.cid import content_id
 from protocol.heads import HeadRecord, genesis_head
@@ -274,6 +274,15 @@ def test_a_branch_that_cannot_outweigh_the_canonical_head_is_set_aside_unverifie
                 assert verified == [swarm_head.id]
                 assert heads.rejected == {"cannot_outweigh": 2}
                 assert not heads.penalties
+                # A branch whose ancestors had to be read: announced again (as its author does every
+                # few seconds), it is weighed from the bound remembered, not from its ancestors again.
+                far_parent = merged(GENESIS, "far parent", 1)
+                far = merged(far_parent, "far tip", 1)
+                store.put_record(canonical.encode(far_parent.to_wire()), far_parent.id)
+                await asyncio.wait_for(hear(far), 10)
+                store._path(RECORDS, far_parent.id).unlink()  # had it been read again, it would be missing
+                await asyncio.wait_for(hear(far), 10)
+                assert heads.rejected == {"cannot_outweigh": 4} and not heads.penalties, heads.rejected
                 await asyncio.wait_for(hear(heavier), 10)
                 assert verified == [swarm_head.id, heavier.id]
                 assert heads.adopted == heavier.id
